@@ -1,0 +1,1 @@
+"""thinkforge.jobs"""

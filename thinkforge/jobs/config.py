@@ -1,0 +1,249 @@
+"""Job configuration and the dataset record formats: the contract between control plane and jobs.
+
+Pure pydantic (no torch, Ray or database imports), so the control plane can validate a
+request or an uploaded file with exactly the rules the training job will apply.
+
+    cfg = SFTConfig.from_yaml("recipes/tiny-cpu.yaml", overrides=["hyperparameters.n_epochs=2"])
+    example = parse_record({"question": ..., "solution": ..., "answer": ...}, DatasetFormat.AUTO)
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+TINY_MODEL = "thinkforge/tiny"
+
+
+class DatasetFormat(StrEnum):
+    AUTO = "auto"
+    CHAT = "chat"
+    S1K = "s1k"
+    LIMO = "limo"
+
+
+class TemplateFamily(StrEnum):
+    """Chat-template families and where their thinking starts and ends."""
+
+    S1 = "s1"
+    R1 = "r1"
+    QWEN3 = "qwen3"
+
+    @property
+    def delimiters(self) -> tuple[str, str]:
+        if self is TemplateFamily.S1:
+            return "<|im_start|>think\n", "<|im_start|>answer\n"
+        return "<think>\n", "</think>\n"
+
+
+class Hyperparameters(BaseModel):
+    """SFT hyperparameters; defaults are the s1 paper's (App. C, train/sft.sh)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    learning_rate: float = Field(default=1e-5, gt=0, le=1)
+    n_epochs: int = Field(default=5, ge=1, le=1000)
+    batch_size: int = Field(default=16, ge=1, le=65536, description="global batch size")
+    micro_batch_size: int = Field(default=1, ge=1, le=4096, description="per worker per step")
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(default=1e-4, ge=0, le=1)
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    adam_beta2: float = Field(default=0.95, ge=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many steps")
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_workers: int = Field(default=1, ge=1, le=1024)
+    gpus_per_worker: float = Field(default=0, ge=0, le=16)
+    cpus_per_worker: float = Field(default=1, gt=0, le=256)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    @model_validator(mode="after")
+    def _fsdp_needs_gpus(self) -> Resources:
+        if self.strategy == "fsdp" and self.gpus_per_worker == 0:
+            raise ValueError("strategy 'fsdp' needs gpus_per_worker > 0; use 'ddp' on CPU")
+        return self
+
+
+class SFTConfig(BaseModel):
+    """One fine-tune job, resolved: what the job entrypoint receives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        default=TINY_MODEL,
+        description="local path, Hugging Face id, models:/name@alias, models:/name/N or thinkforge/tiny",
+    )
+    dataset: str = Field(default="", description="path of a JSONL file")
+    validation_dataset: str | None = None
+    format: DatasetFormat = DatasetFormat.AUTO
+    template: TemplateFamily = TemplateFamily.S1
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    resources: Resources = Field(default_factory=Resources)
+    block_size: int = Field(default=32768, ge=16, le=1_048_576)
+    overlong: Literal["truncate", "drop"] = "drop"
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
+    checkpoint_every_steps: int = Field(default=0, ge=0, description="0: only at the end")
+    max_failures: int = Field(default=0, ge=-1)
+    seed: int = Field(default=42, ge=0)
+    registered_model_name: str | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> SFTConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.model_validate(apply_overrides(data, overrides or []))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key.path=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a mapping")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+# ---------------------------------------------------------------- dataset records
+
+
+class RecordError(ValueError):
+    """One record is not in an accepted format; ``field`` names the offending field."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+    reasoning_content: str | None = None
+
+
+class ReasoningExample(BaseModel):
+    """A record in the one shape training uses: prompt turns, then thinking and answer."""
+
+    prompt: list[Message]
+    thinking: str
+    answer: str
+
+
+_S1K_THINKING = ("thinking_trajectories", "deepseek_thinking_trajectory", "gemini_thinking_trajectory")
+_S1K_ANSWER = ("attempt", "deepseek_attempt", "gemini_attempt")
+
+
+def detect_format(obj: dict[str, Any]) -> DatasetFormat:
+    if "messages" in obj:
+        return DatasetFormat.CHAT
+    if any(k in obj for k in _S1K_THINKING):
+        return DatasetFormat.S1K
+    if "solution" in obj:
+        return DatasetFormat.LIMO
+    raise RecordError(
+        "cannot tell the format: expected 'messages' (chat), 'thinking_trajectories' (s1K) "
+        "or 'solution' (LIMO)",
+        field=None,
+    )
+
+
+def _text(obj: dict[str, Any], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise RecordError(f"'{key}' must be a non-empty string", field=key)
+    return value
+
+
+def parse_record(obj: Any, fmt: DatasetFormat = DatasetFormat.AUTO) -> ReasoningExample:
+    """Validate one JSON record and normalise it; raises RecordError naming the field."""
+    if not isinstance(obj, dict):
+        raise RecordError(f"a record must be a JSON object, not {type(obj).__name__}")
+    if fmt is DatasetFormat.AUTO:
+        fmt = detect_format(obj)
+    if fmt is DatasetFormat.CHAT:
+        return _parse_chat(obj)
+    if fmt is DatasetFormat.S1K:
+        return _parse_s1k(obj)
+    return ReasoningExample(
+        prompt=[Message(role="user", content=_text(obj, "question"))],
+        thinking=_text(obj, "solution"),
+        answer=_text(obj, "answer"),
+    )
+
+
+def _parse_s1k(obj: dict[str, Any]) -> ReasoningExample:
+    question = _text(obj, "question")
+    thinking = None
+    for key in _S1K_THINKING:
+        if key in obj:
+            value = obj[key]
+            if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+                value = "\n".join(value)
+            if not isinstance(value, str) or not value.strip():
+                raise RecordError(f"'{key}' must be a non-empty string or list of strings", key)
+            thinking = value
+            break
+    if thinking is None:
+        raise RecordError("missing the thinking trace ('thinking_trajectories')", "thinking_trajectories")
+    for key in _S1K_ANSWER:
+        if key in obj:
+            answer = _text(obj, key)
+            break
+    else:
+        raise RecordError("missing the answer ('attempt')", "attempt")
+    return ReasoningExample(prompt=[Message(role="user", content=question)], thinking=thinking, answer=answer)
+
+
+def _parse_chat(obj: dict[str, Any]) -> ReasoningExample:
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RecordError("'messages' must be a non-empty list", "messages")
+    parsed = []
+    for i, raw in enumerate(messages):
+        try:
+            parsed.append(Message.model_validate(raw))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise RecordError(f"messages[{i}].{loc}: {err['msg']}", f"messages[{i}].{loc}") from None
+    last = parsed[-1]
+    if last.role != "assistant":
+        raise RecordError("the last message must be the assistant's", f"messages[{len(parsed) - 1}].role")
+    if not any(m.role == "user" for m in parsed[:-1]):
+        raise RecordError("there must be a user message before the assistant's", "messages")
+    return ReasoningExample(prompt=parsed[:-1], thinking=last.reasoning_content or "", answer=last.content)
+
+
+def iter_jsonl(path: str | Path, fmt: DatasetFormat = DatasetFormat.AUTO):
+    """Yield (line number, example) for every non-blank line; raises RecordError with the line."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RecordError(f"line {lineno}: not valid JSON ({exc.msg})") from None
+            try:
+                yield lineno, parse_record(obj, fmt)
+            except RecordError as exc:
+                raise RecordError(f"line {lineno}: {exc}", exc.field) from None

@@ -1,0 +1,101 @@
+"""The control plane's settings: one validated class, read from ``THINKFORGE_*`` variables.
+
+Everything has a working default for the embedded stack (local Ray, SQLite, file-backed
+MLflow under ``./.thinkforge``). ``env=production`` refuses to start with default secrets.
+
+    settings = Settings()                      # from the environment
+    settings = Settings(data_dir=tmp_path)     # tests: everything under tmp_path
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SECRET_KEY = "thinkforge-dev-insecure-secret"  # noqa: S105 - refused in production
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="THINKFORGE_", env_file=None, extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    data_dir: Path = Path(".thinkforge")
+
+    # System of record. Empty means a SQLite file under data_dir.
+    database_url: str = ""
+    # MLflow. Empty means a SQLite store and an artifact folder under data_dir.
+    mlflow_tracking_uri: str = ""
+    mlflow_artifact_root: str = ""
+
+    # Ray. Empty address means: start (or join) a local cluster owned by this process.
+    ray_address: str = ""
+    ray_num_cpus: int | None = Field(default=None, ge=1)
+    ray_dashboard_port: int = 8265
+    ray_auth_token: SecretStr | None = None
+    # Where Ray Train keeps checkpoints (a local folder or an s3:// URI). Empty: data_dir/checkpoints.
+    storage_path: str = ""
+    # Dataset URIs given to jobs must lie under one of these. Empty: data_dir/datasets.
+    dataset_roots: list[Path] = Field(default_factory=list)
+
+    # HTTP.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    serve_port: int = Field(default=8100, ge=1, le=65535)
+
+    # Auth. API keys are stored as HMAC-SHA256 digests keyed by secret_key.
+    secret_key: SecretStr = SecretStr(DEFAULT_SECRET_KEY)
+    bootstrap_api_key: SecretStr | None = None
+
+    # Limits.
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1)
+    max_page_size: int = Field(default=100, ge=1)
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
+
+    # Background loops.
+    reconcile_interval_s: float = Field(default=2.0, gt=0)
+    migrate_on_start: bool = True
+    start_reconciler: bool = True
+
+    @model_validator(mode="after")
+    def _derive_and_check(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().absolute()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'thinkforge.db'}"
+        if not self.mlflow_tracking_uri:
+            self.mlflow_tracking_uri = f"sqlite:///{self.data_dir / 'mlflow.db'}"
+        if not self.mlflow_artifact_root:
+            self.mlflow_artifact_root = str(self.data_dir / "mlartifacts")
+        if not self.storage_path:
+            self.storage_path = str(self.data_dir / "checkpoints")
+        if not self.dataset_roots:
+            self.dataset_roots = [self.data_dir / "datasets"]
+        self.dataset_roots = [p.expanduser().absolute() for p in self.dataset_roots]
+        if self.env == "production":
+            self._check_production()
+        return self
+
+    def _check_production(self) -> None:
+        problems = []
+        if self.secret_key.get_secret_value() == DEFAULT_SECRET_KEY:
+            problems.append("set THINKFORGE_SECRET_KEY to a random value of 32+ characters")
+        elif len(self.secret_key.get_secret_value()) < 32:
+            problems.append("THINKFORGE_SECRET_KEY must be at least 32 characters")
+        key = self.bootstrap_api_key
+        if key is not None and len(key.get_secret_value()) < 32:
+            problems.append("THINKFORGE_BOOTSTRAP_API_KEY must be at least 32 characters")
+        if self.database_url.startswith("sqlite"):
+            problems.append("set THINKFORGE_DATABASE_URL to a PostgreSQL URL")
+        if problems:
+            raise ValueError("unsafe production settings: " + "; ".join(problems))
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"

@@ -1,0 +1,1 @@
+"""thinkforge.serve"""
