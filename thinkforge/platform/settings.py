@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     storage_path: str = ""
     # Dataset URIs given to jobs must lie under one of these. Empty: data_dir/datasets.
     dataset_roots: list[Path] = Field(default_factory=list)
+    # Recipes a job may name (``recipe: tiny-cpu`` reads recipes_dir/tiny-cpu.yaml).
+    recipes_dir: Path = Path("recipes")
 
     # HTTP.
     host: str = "127.0.0.1"
@@ -74,6 +76,7 @@ class Settings(BaseSettings):
         if not self.dataset_roots:
             self.dataset_roots = [self.data_dir / "datasets"]
         self.dataset_roots = [p.expanduser().absolute() for p in self.dataset_roots]
+        self.recipes_dir = self.recipes_dir.expanduser().absolute()
         if self.env == "production":
             self._check_production()
         return self

@@ -1,0 +1,52 @@
+"""Fixtures for control-plane tests: a live API per database, with a fake launcher."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import LiveServer
+from tests.platform.fakes import FakeLauncher
+from thinkforge.platform.app import create_app
+from thinkforge.platform.settings import Settings
+
+BOOTSTRAP_KEY = "tf-bootstrap-key-for-tests-0123456789abcdef"
+
+
+@dataclass
+class Api:
+    url: str
+    client: httpx.Client
+    settings: Settings
+    launcher: FakeLauncher
+    app: object
+
+    def keyed(self, key: str) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def make_settings(tmp_path: Path, database_url: str, **overrides: object) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        bootstrap_api_key=BOOTSTRAP_KEY,  # type: ignore[arg-type]
+        start_reconciler=False,
+        dataset_roots=[tmp_path / "datasets"],
+        recipes_dir=Path(__file__).resolve().parents[2] / "recipes",
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def api(tmp_path: Path, database_url: str) -> Iterator[Api]:
+    settings = make_settings(tmp_path, database_url)
+    launcher = FakeLauncher()
+    app = create_app(settings, launcher=launcher)
+    with LiveServer(app) as server, httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {BOOTSTRAP_KEY}"}, timeout=30
+    ) as client:
+        yield Api(server.url, client, settings, launcher, app)

@@ -1,0 +1,39 @@
+"""An in-memory JobLauncher for unit and API tests: scripted states, recorded calls."""
+
+from __future__ import annotations
+
+import threading
+
+from thinkforge.platform.launcher import LaunchSpec, LaunchState, LaunchStatus
+
+
+class FakeLauncher:
+    def __init__(self) -> None:
+        self.submissions: list[LaunchSpec] = []
+        self.cancelled: list[str] = []
+        self.states: dict[str, LaunchStatus] = {}
+        self.fail_submit: Exception | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, spec: LaunchSpec) -> None:
+        if self.fail_submit is not None:
+            raise self.fail_submit
+        with self._lock:
+            if spec.job_id in self.states:
+                return
+            self.submissions.append(spec)
+            self.states[spec.job_id] = LaunchStatus(LaunchState.PENDING)
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            self.cancelled.append(job_id)
+            if job_id in self.states:
+                self.states[job_id] = LaunchStatus(LaunchState.STOPPED)
+
+    def status(self, job_id: str) -> LaunchStatus:
+        with self._lock:
+            return self.states.get(job_id, LaunchStatus(LaunchState.UNKNOWN))
+
+    def set(self, job_id: str, state: LaunchState, message: str | None = None) -> None:
+        with self._lock:
+            self.states[job_id] = LaunchStatus(state, message)

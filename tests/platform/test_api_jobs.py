@@ -1,0 +1,228 @@
+"""Fine-tuning jobs API over real HTTP, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import httpx
+import pytest
+
+from tests.platform.conftest import Api
+from tests.platform.data import S1K, jsonl
+from tests.platform.test_api_files import assert_error, upload
+from thinkforge.platform.launcher import LaunchState
+from thinkforge.platform.reconciler import reconcile_once
+
+
+@pytest.fixture
+def file_id(api: Api) -> str:
+    return str(upload(api, jsonl(S1K, S1K)).json()["id"])
+
+
+def create(api: Api, file_id: str, **fields: object) -> httpx.Response:
+    body = {"model": "thinkforge/tiny", "training_file": file_id, **fields}
+    return api.client.post("/v1/fine_tuning/jobs", json=body)
+
+
+def reconcile(api: Api) -> None:
+    ctx = api.app.state.ctx  # type: ignore[attr-defined]
+    reconcile_once(ctx.sessions, ctx.launcher)
+
+
+def test_create_get_and_defaults(api: Api, file_id: str) -> None:
+    resp = create(api, file_id, suffix="math", metadata={"team": "nlp"}, seed=7)
+    assert resp.status_code == 200, resp.text
+    job = resp.json()
+    assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
+    assert job["status"] in ("validating_files", "queued")
+    assert job["finished_at"] is None and job["seed"] == 7
+    hp = job["method"]["supervised"]["hyperparameters"]
+    assert (hp["learning_rate"], hp["n_epochs"], hp["batch_size"]) == (1e-5, 5, 16)
+    assert (hp["adam_beta1"], hp["adam_beta2"], hp["weight_decay"]) == (0.9, 0.95, 1e-4)
+    assert job["config"]["registered_model_name"] == "math"
+    reconcile(api)
+    got = api.client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert got["status"] == "queued"
+    assert [s.job_id for s in api.launcher.submissions] == [job["id"]]
+    events = api.client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()
+    messages = [e["message"] for e in events["data"]]
+    assert any("queued" in m for m in messages) and any("Validating" in m for m in messages)
+
+
+def test_lifecycle_to_succeeded_and_terminal_is_final(api: Api, file_id: str) -> None:
+    job_id = create(api, file_id).json()["id"]
+    reconcile(api)
+    api.launcher.set(job_id, LaunchState.RUNNING)
+    reconcile(api)
+    running = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert running["status"] == "running" and running["started_at"] is not None
+    api.launcher.set(job_id, LaunchState.SUCCEEDED)
+    reconcile(api)
+    done = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert done["status"] == "succeeded" and done["finished_at"] is not None
+    api.launcher.set(job_id, LaunchState.FAILED, "late failure")
+    reconcile(api)
+    assert api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json() == done
+    assert_error(api.client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel"), 409)
+
+
+def test_failed_run_records_error(api: Api, file_id: str) -> None:
+    job_id = create(api, file_id).json()["id"]
+    reconcile(api)
+    api.launcher.set(job_id, LaunchState.FAILED, "worker OOM")
+    reconcile(api)
+    job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["finished_at"] is not None
+    assert job["error"]["code"] == "training_failed" and "worker OOM" in job["error"]["message"]
+
+
+def test_launch_failure_fails_the_job(api: Api, file_id: str) -> None:
+    api.launcher.fail_submit = RuntimeError("cluster unreachable")
+    job_id = create(api, file_id).json()["id"]
+    reconcile(api)
+    job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "launch_failed"
+
+
+def test_cancel_before_and_after_launch(api: Api, file_id: str) -> None:
+    first = create(api, file_id).json()["id"]
+    reconcile(api)
+    api.launcher.set(first, LaunchState.RUNNING)
+    reconcile(api)
+    resp = api.client.post(f"/v1/fine_tuning/jobs/{first}/cancel")
+    assert resp.status_code == 200 and resp.json()["status"] == "cancelling"
+    assert api.launcher.cancelled == [first]
+    reconcile(api)
+    job = api.client.get(f"/v1/fine_tuning/jobs/{first}").json()
+    assert job["status"] == "cancelled" and job["finished_at"] is not None
+
+
+def test_pagination_and_metadata_filter(api: Api, file_id: str) -> None:
+    ids = [create(api, file_id, metadata={"n": str(i % 2)}).json()["id"] for i in range(5)]
+    newest_first = list(reversed(ids))
+    page1 = api.client.get("/v1/fine_tuning/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in page1["data"]] == newest_first[:2] and page1["has_more"] is True
+    page2 = api.client.get(
+        "/v1/fine_tuning/jobs", params={"limit": 2, "after": page1["data"][-1]["id"]}
+    ).json()
+    assert [j["id"] for j in page2["data"]] == newest_first[2:4] and page2["has_more"] is True
+    page3 = api.client.get(
+        "/v1/fine_tuning/jobs", params={"limit": 2, "after": page2["data"][-1]["id"]}
+    ).json()
+    assert [j["id"] for j in page3["data"]] == newest_first[4:] and page3["has_more"] is False
+    odd = api.client.get("/v1/fine_tuning/jobs", params={"metadata[n]": "1"}).json()
+    assert [j["id"] for j in odd["data"]] == [ids[3], ids[1]]
+    assert_error(api.client.get("/v1/fine_tuning/jobs", params={"after": "ftjob-nope"}), 400, "after")
+    assert_error(api.client.get("/v1/fine_tuning/jobs", params={"limit": 0}), 400, "limit")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate": -1}}}},
+         "method.supervised.hyperparameters.learning_rate"),
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+        ({"hyperparameters": {"bogus": 1}}, "hyperparameters.bogus"),
+        ({"resources": {"num_workers": 2, "strategy": "fsdp"}}, "resources"),
+        ({"seed": -3}, "seed"),
+        ({"suffix": "has space"}, "suffix"),
+        ({"config": {"block_size": 1}}, "config.block_size"),
+        ({"config": {"format": "limo"}}, "config.format"),
+        ({"training_file": "file-doesnotexist"}, "training_file"),
+        ({"training_file": "/etc/passwd"}, "training_file"),
+        ({"training_file": "relative/path.jsonl"}, "training_file"),
+        ({"model": ""}, "model"),
+    ],
+)
+def test_bad_job_requests_write_nothing(api: Api, file_id: str, fields: dict, param: str) -> None:
+    resp = create(api, file_id, **fields)
+    assert_error(resp, 400, param)
+    assert api.client.get("/v1/fine_tuning/jobs").json()["data"] == []
+    assert api.launcher.submissions == []
+
+
+def test_dataset_uri_under_allowed_root(api: Api) -> None:
+    root = api.settings.dataset_roots[0]
+    root.mkdir(parents=True)
+    (root / "train.jsonl").write_bytes(jsonl(S1K))
+    (root / "bad.jsonl").write_bytes(b"not json\n")
+    ok = create(api, "", training_file=str(root / "train.jsonl"))
+    assert ok.status_code == 200, ok.text
+    bad = create(api, "", training_file=f"file://{root / 'bad.jsonl'}").json()
+    reconcile(api)
+    assert api.client.get(f"/v1/fine_tuning/jobs/{ok.json()['id']}").json()["status"] == "queued"
+    failed = api.client.get(f"/v1/fine_tuning/jobs/{bad['id']}").json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_file"
+    assert "line 1" in failed["error"]["message"]
+    escape = create(api, "", training_file=str(root / ".." / "datasets-evil" / "x.jsonl"))
+    assert_error(escape, 400, "training_file")
+
+
+def test_auth(api: Api, file_id: str) -> None:
+    from thinkforge.platform.auth import create_key
+
+    job_id = create(api, file_id).json()["id"]
+    with httpx.Client(base_url=api.url) as anon:
+        assert_error(anon.get("/v1/fine_tuning/jobs"), 401)
+        assert_error(anon.post("/v1/fine_tuning/jobs", json={}), 401)
+        assert anon.get("/healthz").status_code == 200
+        assert anon.get("/readyz").status_code == 200
+    with api.keyed("tf-wrong") as wrong:
+        assert_error(wrong.get("/v1/fine_tuning/jobs"), 401)
+    with api.app.state.ctx.sessions.begin() as session:  # type: ignore[attr-defined]
+        secret = api.settings.secret_key.get_secret_value()
+        other = create_key(session, secret, project_id="other")
+        same = create_key(session, secret, project_id="default")
+    with api.keyed(other) as client:
+        assert_error(client.get(f"/v1/fine_tuning/jobs/{job_id}"), 404)
+        assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel"), 404)
+        assert_error(client.get(f"/v1/fine_tuning/jobs/{job_id}/events"), 404)
+        assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+        assert_error(create_with(client, file_id), 400, "training_file")
+    with api.keyed(same) as client:
+        assert client.get(f"/v1/fine_tuning/jobs/{job_id}").status_code == 200
+
+
+def create_with(client: httpx.Client, file_id: str) -> httpx.Response:
+    return client.post("/v1/fine_tuning/jobs", json={"model": "m", "training_file": file_id})
+
+
+def test_idempotency(api: Api, file_id: str) -> None:
+    body = {"model": "thinkforge/tiny", "training_file": file_id}
+    first = api.client.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "k1"})
+    again = api.client.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "k1"})
+    assert first.status_code == again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    other = api.client.post(
+        "/v1/fine_tuning/jobs", json={**body, "seed": 1}, headers={"Idempotency-Key": "k1"}
+    )
+    assert_error(other, 422, "Idempotency-Key")
+    rejected = api.client.post(
+        "/v1/fine_tuning/jobs", json={**body, "seed": -1}, headers={"Idempotency-Key": "k2"}
+    )
+    assert_error(rejected, 400)
+    fixed = api.client.post(
+        "/v1/fine_tuning/jobs", json={**body, "seed": 2}, headers={"Idempotency-Key": "k2"}
+    )
+    assert fixed.status_code == 200, "a rejected request must not keep its key"
+    assert len(api.client.get("/v1/fine_tuning/jobs").json()["data"]) == 2
+
+
+def test_fifty_concurrent_posts_with_one_key_make_one_job(api: Api, file_id: str) -> None:
+    body = {"model": "thinkforge/tiny", "training_file": file_id}
+
+    def post(_: int) -> httpx.Response:
+        with api.keyed("tf-bootstrap-key-for-tests-0123456789abcdef") as client:
+            return client.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "same"})
+
+    with cf.ThreadPoolExecutor(max_workers=50) as pool:
+        responses = list(pool.map(post, range(50)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 409}, codes
+    ids = {r.json()["id"] for r in responses if r.status_code == 200}
+    assert len(ids) == 1
+    for r in responses:
+        if r.status_code == 409:
+            assert r.json()["error"]["code"] == "idempotency_in_flight"
+    listed = api.client.get("/v1/fine_tuning/jobs").json()["data"]
+    assert [j["id"] for j in listed] == list(ids)

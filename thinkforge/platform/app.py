@@ -1,0 +1,152 @@
+"""The control plane's FastAPI application: ``create_app(settings)``, no import-time globals.
+
+    app = create_app(Settings(data_dir=tmp), launcher=FakeLauncher())
+    uvicorn.run(app)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from thinkforge.platform.auth import ensure_project
+from thinkforge.platform.db import make_engine, make_sessionmaker
+from thinkforge.platform.deps import AppContext, CtxDep
+from thinkforge.platform.errors import PlatformError, error_body
+from thinkforge.platform.launcher import JobLauncher
+from thinkforge.platform.middleware import BodyLimitMiddleware
+from thinkforge.platform.migrations import upgrade
+from thinkforge.platform.models import DEFAULT_PROJECT
+from thinkforge.platform.reconciler import Reconciler
+from thinkforge.platform.routes import files, jobs
+from thinkforge.platform.schemas import Health
+from thinkforge.platform.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+}
+
+
+def create_app(settings: Settings | None = None, *, launcher: JobLauncher | None = None) -> FastAPI:
+    settings = settings or Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url)
+    ctx = AppContext(
+        settings=settings,
+        engine=engine,
+        sessions=make_sessionmaker(engine),
+        launcher=launcher or _default_launcher(settings),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.migrate_on_start:
+            upgrade(settings.database_url)
+        with ctx.sessions.begin() as session:
+            ensure_project(session, DEFAULT_PROJECT)
+        reconciler = Reconciler(ctx.sessions, ctx.launcher, interval_s=settings.reconcile_interval_s)
+        if settings.start_reconciler:
+            reconciler.start()
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            reconciler.stop()
+            engine.dispose()
+
+    app = FastAPI(
+        title="thinkforge",
+        version="0.1.0",
+        description="Fine-tune reasoning models on Ray and serve them with budget forcing.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    app.state.ready = False
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default_limit=settings.max_request_bytes,
+        upload_limit=settings.max_upload_bytes + 64 * 1024,
+        upload_paths=("/v1/files",),
+    )
+    _install_error_handlers(app)
+    app.include_router(_health_router())
+    app.include_router(files.router)
+    app.include_router(jobs.router)
+    return app
+
+
+def _default_launcher(settings: Settings) -> JobLauncher:
+    from thinkforge.platform.ray_launcher import RayJobLauncher
+
+    return RayJobLauncher(settings)
+
+
+def _health_router():  # type: ignore[no-untyped-def]
+    from fastapi import APIRouter
+
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz", response_model=Health)
+    def healthz() -> Health:
+        return Health(status="ok")
+
+    @router.get("/readyz", response_model=Health)
+    def readyz(request: Request, ctx: CtxDep) -> JSONResponse:
+        checks = {}
+        try:
+            with ctx.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:  # readiness reports any failure, it never raises
+            checks["database"] = f"error: {exc.__class__.__name__}"
+        ready = bool(request.app.state.ready) and all(v == "ok" for v in checks.values())
+        body = Health(status="ok" if ready else "unavailable", checks=checks)
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+    return router
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PlatformError)
+    async def _platform_error(_: Request, exc: PlatformError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        param = ".".join(loc) or None
+        message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
+        return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = _STATUS_TYPES.get(exc.status_code, "server_error")
+        return JSONResponse(
+            error_body(str(exc.detail), kind, None, None), exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(
+            error_body("internal error; the server log has details", "server_error"), 500
+        )

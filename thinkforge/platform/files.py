@@ -1,0 +1,169 @@
+"""Uploaded datasets: stored under the data dir, validated line by line before they count.
+
+    info = validate_dataset(path)                 # raises InvalidFile naming line and field
+    row = store_upload(session, settings, project_id=..., filename=..., purpose=..., stream=fh)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from thinkforge.jobs.config import DatasetFormat, RecordError, detect_format, parse_record
+from thinkforge.platform.errors import (
+    Conflict,
+    InvalidFile,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+)
+from thinkforge.platform.models import File, Job, new_id
+from thinkforge.platform.status import JobStatus
+from thinkforge.platform.settings import Settings
+
+PURPOSES = ("fine-tune",)
+MAX_REPORTED_ERRORS = 10
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    format: DatasetFormat
+    num_records: int
+    sha256: str
+    bytes: int
+
+
+def validate_dataset(path: Path, fmt: DatasetFormat = DatasetFormat.AUTO) -> DatasetInfo:
+    """Check every line of a JSONL dataset; all records must share one accepted format."""
+    errors: list[str] = []
+    first_field: str | None = None
+    seen: DatasetFormat | None = None if fmt is DatasetFormat.AUTO else fmt
+    count = 0
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            digest.update(raw)
+            if not raw.strip():
+                continue
+            problem, field, detected = _check_line(raw, seen)
+            if problem is None:
+                count += 1
+                seen = seen or detected
+                continue
+            first_field = first_field or field
+            if len(errors) < MAX_REPORTED_ERRORS:
+                errors.append(f"line {lineno}: {problem}")
+    if errors:
+        more = "" if len(errors) < MAX_REPORTED_ERRORS else " (further errors not shown)"
+        raise InvalidFile(
+            "invalid training data; fix these lines and upload again: " + "; ".join(errors) + more,
+            param=first_field or "file",
+        )
+    if count == 0 or seen is None:
+        raise InvalidFile("the file has no records: upload one JSON object per line", param="file")
+    return DatasetInfo(format=seen, num_records=count, sha256=digest.hexdigest(), bytes=path.stat().st_size)
+
+
+def _check_line(
+    raw: bytes, expected: DatasetFormat | None
+) -> tuple[str | None, str | None, DatasetFormat | None]:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "not UTF-8 text", None, None
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc.msg} at column {exc.colno})", None, None
+    try:
+        detected = _detect(obj) if expected is None else expected
+        parse_record(obj, detected)
+    except RecordError as exc:
+        where = f"field '{exc.field}': " if exc.field else ""
+        return f"{where}{exc}", exc.field, None
+    return None, None, detected
+
+
+def _detect(obj: object) -> DatasetFormat:
+    if not isinstance(obj, dict):
+        raise RecordError(f"a record must be a JSON object, not {type(obj).__name__}")
+    return detect_format(obj)
+
+
+def store_upload(
+    session: Session,
+    settings: Settings,
+    *,
+    project_id: str,
+    filename: str,
+    purpose: str,
+    stream: BinaryIO,
+) -> File:
+    if purpose not in PURPOSES:
+        raise InvalidRequest(f"purpose must be one of {', '.join(PURPOSES)}", param="purpose")
+    if not filename.endswith(".jsonl"):
+        raise InvalidRequest("upload a JSON Lines file ending in .jsonl", param="file")
+    folder = settings.files_dir / project_id
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=folder, suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            _copy_limited(stream, out, settings.max_upload_bytes)
+        info = validate_dataset(tmp)
+        file_id = new_id("file")
+        dest = folder / f"{file_id}.jsonl"
+        row = File(
+            id=file_id,
+            project_id=project_id,
+            filename=Path(filename).name[:512],
+            purpose=purpose,
+            bytes=info.bytes,
+            sha256=info.sha256,
+            path=str(dest),
+            format=info.format.value,
+            num_records=info.num_records,
+        )
+        session.add(row)
+        session.flush()
+        tmp.rename(dest)
+        return row
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _copy_limited(src: BinaryIO, dst: BinaryIO, limit: int) -> None:
+    total = 0
+    while chunk := src.read(CHUNK):
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLarge(f"the file is larger than the {limit}-byte upload limit")
+        dst.write(chunk)
+
+
+def get_file(session: Session, *, project_id: str, file_id: str) -> File:
+    row = session.scalar(select(File).where(File.id == file_id, File.project_id == project_id))
+    if row is None:
+        raise NotFound(f"no file {file_id!r} in this project: list files with GET /v1/files", param="file_id")
+    return row
+
+
+def delete_file(session: Session, *, project_id: str, file_id: str) -> None:
+    row = get_file(session, project_id=project_id, file_id=file_id)
+    active = [s.value for s in JobStatus if not s.is_terminal()]
+    user = session.scalar(
+        select(Job.id).where(Job.training_file == file_id, Job.status.in_(active)).limit(1)
+    )
+    if user is not None:
+        raise Conflict(f"file {file_id!r} is in use by job {user}; cancel it or wait", param="file_id")
+    path = Path(row.path)
+    session.delete(row)
+    session.flush()
+    path.unlink(missing_ok=True)

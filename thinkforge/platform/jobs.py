@@ -1,0 +1,318 @@
+"""Fine-tune jobs: creation, listing, cancellation and every status change, in one place.
+
+Routes call these keyword-only functions inside a transaction; launching happens after
+the commit (``advance_job``), from the request's background task or the reconciler,
+whichever comes first: both claim the job with a conditional update.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from thinkforge.jobs.config import SFTConfig
+from thinkforge.platform.errors import Conflict, InvalidFile, InvalidRequest, NotFound
+from thinkforge.platform.files import get_file, validate_dataset
+from thinkforge.platform.launcher import JobLauncher, LaunchSpec
+from thinkforge.platform.models import Checkpoint, Job, JobEvent, new_id, utcnow
+from thinkforge.platform.pagination import page
+from thinkforge.platform.recipes import load_recipe
+from thinkforge.platform.schemas import JobCreate
+from thinkforge.platform.settings import Settings
+from thinkforge.platform.status import FailureKind, JobStatus
+
+log = logging.getLogger(__name__)
+
+
+def create_job(
+    session: Session, settings: Settings, *, project_id: str, spec: JobCreate
+) -> Job:
+    dataset_path, dataset_sha, file_format = _resolve_training_file(
+        session, settings, project_id=project_id, ref=spec.training_file
+    )
+    if spec.validation_file is not None:
+        _resolve_training_file(
+            session, settings, project_id=project_id, ref=spec.validation_file, param="validation_file"
+        )
+    config = _resolve_config(settings, spec, dataset_path)
+    if config.format.value not in ("auto", file_format):
+        raise InvalidRequest(
+            f"config.format is {config.format.value!r} but the training file is {file_format!r}",
+            param="config.format",
+        )
+    job = Job(
+        id=new_id("ftjob"),
+        project_id=project_id,
+        status=JobStatus.VALIDATING_FILES.value,
+        model=spec.model,
+        training_file=spec.training_file,
+        validation_file=spec.validation_file,
+        dataset_path=dataset_path,
+        dataset_sha256=dataset_sha,
+        suffix=spec.suffix,
+        seed=config.seed,
+        user_metadata=spec.metadata,
+        recipe=spec.recipe,
+        config=config.model_dump(mode="json"),
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, "Validating training file", dedupe_key="created")
+    return job
+
+
+def _resolve_training_file(
+    session: Session, settings: Settings, *, project_id: str, ref: str, param: str = "training_file"
+) -> tuple[str, str, str]:
+    """Return (path, sha256, format) for a file id, or (path, '', 'auto') for a dataset URI."""
+    if ref.startswith("file-"):
+        try:
+            row = get_file(session, project_id=project_id, file_id=ref)
+        except NotFound:
+            raise InvalidRequest(
+                f"{param} {ref!r} is not a file of this project: upload it with POST /v1/files",
+                param=param,
+                code="file_not_found",
+            ) from None
+        return row.path, row.sha256, row.format
+    path = Path(ref.removeprefix("file://")).expanduser()
+    if not path.is_absolute():
+        raise InvalidRequest(f"{param} must be a file id or an absolute dataset path", param=param)
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root.resolve()) for root in settings.dataset_roots):
+        roots = ", ".join(str(r) for r in settings.dataset_roots)
+        raise InvalidRequest(
+            f"{param} {ref!r} is outside the allowed dataset roots ({roots})", param=param
+        )
+    if not resolved.is_file():
+        raise InvalidRequest(f"{param} {ref!r} does not exist", param=param, code="file_not_found")
+    return str(resolved), "", "auto"
+
+
+def _resolve_config(settings: Settings, spec: JobCreate, dataset_path: str) -> SFTConfig:
+    if spec.method is not None and spec.hyperparameters is not None:
+        raise InvalidRequest(
+            "give hyperparameters in method.supervised.hyperparameters or at the top level, not both",
+            param="hyperparameters",
+        )
+    data: dict[str, Any] = load_recipe(settings, spec.recipe) if spec.recipe else {}
+    data.update(spec.config or {})
+    data["model"] = spec.model
+    data["dataset"] = dataset_path
+    hyper = spec.hyperparameters or (spec.method.supervised.hyperparameters if spec.method else None)
+    if hyper is not None:
+        data["hyperparameters"] = {
+            **data.get("hyperparameters", {}),
+            **hyper.model_dump(exclude_unset=True),
+        }
+    if spec.resources is not None:
+        data["resources"] = spec.resources.model_dump()
+    if spec.seed is not None:
+        data["seed"] = spec.seed
+    if spec.suffix is not None:
+        data["registered_model_name"] = spec.suffix
+    try:
+        return SFTConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise InvalidRequest(f"{loc}: {err['msg']}", param=_param_for(loc, spec)) from None
+
+
+def _param_for(loc: str, spec: JobCreate) -> str:
+    if loc.startswith("hyperparameters") and spec.method is not None:
+        return f"method.supervised.{loc}"
+    if loc.startswith(("hyperparameters", "resources", "model", "seed")):
+        return loc
+    return f"config.{loc}"
+
+
+def get_job(session: Session, *, project_id: str, job_id: str, lock: bool = False) -> Job:
+    stmt = select(Job).where(Job.id == job_id, Job.project_id == project_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    job = session.scalar(stmt)
+    if job is None:
+        raise NotFound(f"no fine-tuning job {job_id!r} in this project", param="fine_tuning_job_id")
+    return job
+
+
+def list_jobs(
+    session: Session,
+    *,
+    project_id: str,
+    after: str | None,
+    limit: int,
+    metadata: dict[str, str] | None = None,
+) -> tuple[list[Job], bool]:
+    stmt = select(Job).where(Job.project_id == project_id)
+    for key, value in (metadata or {}).items():
+        stmt = stmt.where(Job.user_metadata[key].as_string() == value)
+    return page(session, stmt, Job, after=after, limit=limit)
+
+
+def list_events(
+    session: Session, *, project_id: str, job_id: str, after: str | None, limit: int
+) -> tuple[list[JobEvent], bool]:
+    get_job(session, project_id=project_id, job_id=job_id)
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id)
+    return page(session, stmt, JobEvent, after=after, limit=limit)
+
+
+def list_checkpoints(
+    session: Session, *, project_id: str, job_id: str, after: str | None, limit: int
+) -> tuple[list[Checkpoint], bool]:
+    get_job(session, project_id=project_id, job_id=job_id)
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    return page(session, stmt, Checkpoint, after=after, limit=limit)
+
+
+def add_event(
+    session: Session,
+    job_id: str,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+    dedupe_key: str | None = None,
+) -> None:
+    if dedupe_key is not None:
+        exists = session.scalar(
+            select(JobEvent.seq).where(JobEvent.job_id == job_id, JobEvent.dedupe_key == dedupe_key)
+        )
+        if exists is not None:
+            return
+    session.add(
+        JobEvent(
+            id=new_id("ftevent"),
+            job_id=job_id,
+            level=level,
+            type=type,
+            message=message,
+            data=data,
+            dedupe_key=dedupe_key,
+        )
+    )
+
+
+def set_status(
+    session: Session,
+    job: Job,
+    target: JobStatus,
+    *,
+    message: str,
+    error: dict[str, Any] | None = None,
+) -> bool:
+    """Move ``job`` to ``target`` if the status machine allows it; returns whether it moved."""
+    current = JobStatus(job.status)
+    if current == target:
+        return False
+    if not current.can_become(target):
+        log.info("job %s: ignoring %s -> %s", job.id, current, target)
+        return False
+    now = utcnow()
+    job.status = target.value
+    if target is JobStatus.RUNNING and job.started_at is None:
+        job.started_at = now
+    if target.is_terminal():
+        job.finished_at = now
+        job.error = error if target is JobStatus.FAILED else None
+    add_event(
+        session,
+        job.id,
+        message,
+        level="error" if target is JobStatus.FAILED else "info",
+        data={"status": target.value, **({"error": error} if error else {})},
+        dedupe_key=f"status:{target.value}",
+    )
+    return True
+
+
+def cancel_job(session: Session, *, project_id: str, job_id: str) -> tuple[Job, bool]:
+    """Cancel a job; returns the job and whether a launched run must be stopped."""
+    job = get_job(session, project_id=project_id, job_id=job_id, lock=True)
+    status = JobStatus(job.status)
+    if status.is_terminal():
+        raise Conflict(f"job {job_id} already ended ({status.value}); nothing to cancel", param="fine_tuning_job_id")
+    if status is JobStatus.CANCELLING:
+        return job, True
+    if job.submitted_at is None:
+        set_status(session, job, JobStatus.CANCELLED, message="Job cancelled before it was launched")
+        return job, False
+    set_status(session, job, JobStatus.CANCELLING, message="Cancellation requested; stopping the run")
+    return job, True
+
+
+def fail(session: Session, job: Job, kind: FailureKind, message: str, param: str | None = None) -> None:
+    set_status(
+        session,
+        job,
+        JobStatus.FAILED,
+        message=f"Job failed: {message}",
+        error={"code": kind.value, "message": message, "param": param},
+    )
+
+
+def advance_job(sessions: sessionmaker[Session], launcher: JobLauncher, job_id: str) -> None:
+    """Validate and launch a new job. Safe to call any number of times, from anywhere."""
+    with sessions.begin() as session:
+        job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+        if job is not None and job.status == JobStatus.VALIDATING_FILES.value:
+            _validate_job_dataset(session, job)
+    with sessions.begin() as session:
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.submitted_at.is_(None))
+            .values(submitted_at=utcnow())
+        ).rowcount
+        job = session.scalar(select(Job).where(Job.id == job_id))
+    if claimed and job is not None:
+        submit(sessions, launcher, job)
+
+
+def _validate_job_dataset(session: Session, job: Job) -> None:
+    path = Path(job.dataset_path)
+    try:
+        if not path.is_file():
+            raise InvalidFile(f"the training data at {path} is gone", param="training_file")
+        info = validate_dataset(path)
+        if job.dataset_sha256 and info.sha256 != job.dataset_sha256:
+            raise InvalidFile("the training file changed after upload", param="training_file")
+    except InvalidFile as exc:
+        fail(session, job, FailureKind.INVALID_FILE, exc.message, exc.param)
+        return
+    job.dataset_sha256 = info.sha256
+    set_status(
+        session,
+        job,
+        JobStatus.QUEUED,
+        message=f"Training file validated ({info.num_records} {info.format.value} records); job queued",
+    )
+
+
+def submit(sessions: sessionmaker[Session], launcher: JobLauncher, job: Job) -> None:
+    resources = job.config.get("resources", {})
+    spec = LaunchSpec(
+        job_id=job.id,
+        config=job.config,
+        num_workers=int(resources.get("num_workers", 1)),
+        gpus_per_worker=float(resources.get("gpus_per_worker", 0)),
+        cpus_per_worker=float(resources.get("cpus_per_worker", 1)),
+    )
+    try:
+        launcher.submit(spec)
+    except Exception as exc:  # any launcher failure ends the job, with the reason kept
+        log.exception("job %s: launch failed", job.id)
+        with sessions.begin() as session:
+            row = session.scalar(select(Job).where(Job.id == job.id).with_for_update())
+            if row is not None:
+                fail(session, row, FailureKind.LAUNCH_FAILED, f"could not start the run: {exc}")
+        return
+    with sessions.begin() as session:
+        add_event(session, job.id, "Submitted to the cluster", dedupe_key="submitted")

@@ -1,0 +1,48 @@
+"""How the control plane starts, stops and asks after training runs: the JobLauncher Protocol.
+
+The API and the reconciler only speak to this Protocol. ``RayJobLauncher`` (in
+``thinkforge.platform.ray_launcher``) submits Ray Jobs; unit tests use an in-memory fake.
+Submissions are idempotent on the job id, so asking twice never starts two runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+
+class LaunchState(StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+    UNKNOWN = "UNKNOWN"  # the launcher has no record of this job
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    job_id: str
+    config: dict[str, Any]  # a resolved SFTConfig, as JSON
+    num_workers: int = 1
+    gpus_per_worker: float = 0
+    cpus_per_worker: float = 1
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LaunchStatus:
+    state: LaunchState
+    message: str | None = None
+    log_tail: str | None = None
+
+
+class JobLauncher(Protocol):
+    def submit(self, spec: LaunchSpec) -> None:
+        """Start the run; a second call for the same job id does nothing."""
+
+    def cancel(self, job_id: str) -> None:
+        """Ask the run to stop; safe to call for a run that already ended."""
+
+    def status(self, job_id: str) -> LaunchStatus: ...

@@ -1,0 +1,30 @@
+"""Alembic environment: runs migrations on the engine thinkforge itself would use."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from thinkforge.platform.db import make_engine
+from thinkforge.platform.models import Base
+
+target_metadata = Base.metadata
+
+
+def run() -> None:
+    url = context.config.get_main_option("sqlalchemy.url")
+    assert url, "sqlalchemy.url is not set"
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            context.configure(
+                connection=connection,
+                target_metadata=target_metadata,
+                render_as_batch=connection.dialect.name == "sqlite",
+            )
+            with context.begin_transaction():
+                context.run_migrations()
+    finally:
+        engine.dispose()
+
+
+run()

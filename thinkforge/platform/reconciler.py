@@ -1,0 +1,139 @@
+"""The reconciler: brings every unfinished job's row in line with what the cluster says.
+
+The database is the record; the launcher (Ray) and the tracker (MLflow, checkpoints) are
+asked again on every pass and never trusted to remember. After a control-plane restart
+the first pass picks every non-terminal job up again; submissions are idempotent on the
+job id, so none is started twice.
+
+    reconciler = Reconciler(sessions, launcher, tracker=tracker, interval_s=2.0)
+    reconciler.start(); ...; reconciler.stop()
+    reconcile_once(sessions, launcher)          # one pass, for tests and the CLI
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from thinkforge.platform.jobs import advance_job, fail, set_status, submit
+from thinkforge.platform.launcher import JobLauncher, LaunchState, LaunchStatus
+from thinkforge.platform.models import Job
+from thinkforge.platform.status import FailureKind, JobStatus
+
+log = logging.getLogger(__name__)
+
+
+class ProgressTracker(Protocol):
+    """Turns a run's metrics, checkpoints and registered model into rows for one job."""
+
+    def sync(self, session: Session, job: Job, *, final: bool) -> None: ...
+
+
+def reconcile_once(
+    sessions: sessionmaker[Session], launcher: JobLauncher, tracker: ProgressTracker | None = None
+) -> None:
+    active = [s.value for s in JobStatus if not s.is_terminal()]
+    with sessions() as session:
+        pending = list(
+            session.scalars(select(Job.id).where(Job.status.in_(active)).order_by(Job.seq))
+        )
+    for job_id in pending:
+        try:
+            _reconcile_job(sessions, launcher, tracker, job_id)
+        except Exception:  # one bad job must not stop the others
+            log.exception("reconciling job %s failed", job_id)
+
+
+def _reconcile_job(
+    sessions: sessionmaker[Session],
+    launcher: JobLauncher,
+    tracker: ProgressTracker | None,
+    job_id: str,
+) -> None:
+    with sessions() as session:
+        job = session.scalar(select(Job).where(Job.id == job_id))
+        if job is None:
+            return
+        submitted = job.submitted_at is not None
+    if not submitted:
+        advance_job(sessions, launcher, job_id)
+        return
+    status = launcher.status(job_id)
+    if status.state is LaunchState.UNKNOWN and job.status == JobStatus.QUEUED.value:
+        submit(sessions, launcher, job)  # claimed but never reached the cluster: submit again
+        return
+    if job.status == JobStatus.CANCELLING.value and status.state in (
+        LaunchState.PENDING,
+        LaunchState.RUNNING,
+    ):
+        launcher.cancel(job_id)
+    with sessions.begin() as session:
+        row = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+        if row is None or JobStatus(row.status).is_terminal():
+            return
+        _apply(session, row, status, tracker)
+
+
+def _apply(
+    session: Session, job: Job, status: LaunchStatus, tracker: ProgressTracker | None
+) -> None:
+    state = status.state
+    final = state in (LaunchState.SUCCEEDED, LaunchState.FAILED, LaunchState.STOPPED)
+    if tracker is not None and state is not LaunchState.PENDING:
+        tracker.sync(session, job, final=final)
+    if state is LaunchState.RUNNING:
+        set_status(session, job, JobStatus.RUNNING, message="Training started")
+    elif state is LaunchState.SUCCEEDED:
+        set_status(session, job, JobStatus.SUCCEEDED, message="Job succeeded")
+    elif state is LaunchState.FAILED:
+        detail = status.message or "the run failed"
+        if status.log_tail:
+            detail = f"{detail}\n{status.log_tail}"
+        fail(session, job, FailureKind.TRAINING_FAILED, detail)
+    elif state is LaunchState.STOPPED:
+        set_status(session, job, JobStatus.CANCELLED, message="Job cancelled; the run was stopped")
+    elif state is LaunchState.UNKNOWN:
+        if job.status == JobStatus.CANCELLING.value:
+            set_status(session, job, JobStatus.CANCELLED, message="Job cancelled")
+        else:
+            fail(session, job, FailureKind.LOST, "the cluster has no record of this run")
+
+
+class Reconciler:
+    """Runs ``reconcile_once`` every ``interval_s`` seconds in a daemon thread."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        launcher: JobLauncher,
+        *,
+        tracker: ProgressTracker | None = None,
+        interval_s: float = 2.0,
+    ) -> None:
+        self._sessions = sessions
+        self._launcher = launcher
+        self._tracker = tracker
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="thinkforge-reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                reconcile_once(self._sessions, self._launcher, self._tracker)
+            except Exception:  # the loop outlives any single failure
+                log.exception("reconcile pass failed")
+            self._stop.wait(self._interval)

@@ -1,0 +1,82 @@
+"""/v1/files: upload, list, get and delete training datasets."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated
+
+from fastapi import APIRouter, Form, UploadFile
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+
+from thinkforge.platform import files
+from thinkforge.platform.deps import AfterQuery, CtxDep, IdempotencyKeyDep, LimitQuery, PrincipalDep
+from thinkforge.platform.errors import InvalidRequest
+from thinkforge.platform.idempotency import fingerprint, run_idempotent
+from thinkforge.platform.models import File
+from thinkforge.platform.pagination import page
+from thinkforge.platform.schemas import FileDeleted, FileObject, ListResponse
+from thinkforge.platform.views import file_view
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+
+@router.post("", response_model=FileObject)
+def upload_file(
+    ctx: CtxDep,
+    principal: PrincipalDep,
+    file: UploadFile,
+    purpose: Annotated[str, Form(max_length=64)],
+    idempotency_key: IdempotencyKeyDep = None,
+) -> JSONResponse:
+    filename = file.filename or ""
+    if not filename:
+        raise InvalidRequest("the upload has no file name", param="file")
+    digest = hashlib.sha256()
+    while chunk := file.file.read(1 << 20):
+        digest.update(chunk)
+    file.file.seek(0)
+
+    def handler(session):  # type: ignore[no-untyped-def]
+        row = files.store_upload(
+            session, ctx.settings, project_id=principal.project_id, filename=filename,
+            purpose=purpose, stream=file.file,
+        )
+        return 200, file_view(row).model_dump(mode="json")
+
+    status, body = run_idempotent(
+        ctx.sessions,
+        project_id=principal.project_id,
+        key=idempotency_key,
+        method="POST",
+        path="/v1/files",
+        request_fingerprint=fingerprint(digest.hexdigest(), purpose, filename),
+        ttl_s=ctx.settings.idempotency_ttl_s,
+        handler=handler,
+    )
+    return JSONResponse(body, status_code=status)
+
+
+@router.get("", response_model=ListResponse[FileObject])
+def list_files(
+    ctx: CtxDep, principal: PrincipalDep, after: AfterQuery = None, limit: LimitQuery = 20
+) -> ListResponse[FileObject]:
+    with ctx.sessions() as session:
+        stmt = select(File).where(File.project_id == principal.project_id)
+        rows, more = page(session, stmt, File, after=after, limit=limit)
+        data = [file_view(r) for r in rows]
+    return ListResponse.of(data, more)
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def get_file(ctx: CtxDep, principal: PrincipalDep, file_id: str) -> FileObject:
+    with ctx.sessions() as session:
+        return file_view(files.get_file(session, project_id=principal.project_id, file_id=file_id))
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(ctx: CtxDep, principal: PrincipalDep, file_id: str) -> FileDeleted:
+    with ctx.sessions.begin() as session:
+        files.delete_file(session, project_id=principal.project_id, file_id=file_id)
+    return FileDeleted(id=file_id)
+

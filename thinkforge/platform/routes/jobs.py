@@ -1,0 +1,133 @@
+"""/v1/fine_tuning/jobs: create, list, get, cancel, events and checkpoints."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, BackgroundTasks, Request
+from fastapi.responses import JSONResponse
+
+from thinkforge.platform import jobs
+from thinkforge.platform.deps import AfterQuery, CtxDep, IdempotencyKeyDep, LimitQuery, PrincipalDep
+from thinkforge.platform.errors import InvalidRequest
+from thinkforge.platform.idempotency import fingerprint, run_idempotent
+from thinkforge.platform.schemas import (
+    CheckpointObject,
+    FineTuningJob,
+    JobCreate,
+    JobEventObject,
+    ListResponse,
+)
+from thinkforge.platform.views import checkpoint_view, event_view, job_view
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+
+@router.post("", response_model=FineTuningJob)
+def create_job(
+    ctx: CtxDep,
+    principal: PrincipalDep,
+    spec: JobCreate,
+    background: BackgroundTasks,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> JSONResponse:
+    def handler(session):  # type: ignore[no-untyped-def]
+        job = jobs.create_job(session, ctx.settings, project_id=principal.project_id, spec=spec)
+        return 200, job_view(job).model_dump(mode="json")
+
+    status, body = run_idempotent(
+        ctx.sessions,
+        project_id=principal.project_id,
+        key=idempotency_key,
+        method="POST",
+        path="/v1/fine_tuning/jobs",
+        request_fingerprint=fingerprint(spec.model_dump(mode="json", exclude_unset=True)),
+        ttl_s=ctx.settings.idempotency_ttl_s,
+        handler=handler,
+    )
+    background.add_task(jobs.advance_job, ctx.sessions, ctx.launcher, body["id"])
+    return JSONResponse(body, status_code=status)
+
+
+@router.get("", response_model=ListResponse[FineTuningJob])
+def list_jobs(
+    request: Request,
+    ctx: CtxDep,
+    principal: PrincipalDep,
+    after: AfterQuery = None,
+    limit: LimitQuery = 20,
+) -> ListResponse[FineTuningJob]:
+    metadata = _metadata_filter(request)
+    with ctx.sessions() as session:
+        rows, more = jobs.list_jobs(
+            session, project_id=principal.project_id, after=after, limit=limit, metadata=metadata
+        )
+        data = [job_view(r) for r in rows]
+    return ListResponse.of(data, more)
+
+
+def _metadata_filter(request: Request) -> dict[str, str]:
+    """``?metadata[team]=nlp`` (OpenAI's form) filters on one metadata key."""
+    found = {}
+    for name, value in request.query_params.multi_items():
+        if name.startswith("metadata[") and name.endswith("]"):
+            key = name[len("metadata[") : -1]
+            if not key or len(key) > 64 or "\x00" in key + value:
+                raise InvalidRequest("metadata filter keys are 1 to 64 characters", param=name)
+            found[key] = value
+    return found
+
+
+@router.get("/{job_id}", response_model=FineTuningJob)
+def get_job(ctx: CtxDep, principal: PrincipalDep, job_id: str) -> FineTuningJob:
+    with ctx.sessions() as session:
+        return job_view(jobs.get_job(session, project_id=principal.project_id, job_id=job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=FineTuningJob)
+def cancel_job(
+    ctx: CtxDep, principal: PrincipalDep, job_id: str, idempotency_key: IdempotencyKeyDep = None
+) -> JSONResponse:
+    must_stop = False
+
+    def handler(session):  # type: ignore[no-untyped-def]
+        nonlocal must_stop
+        job, must_stop = jobs.cancel_job(session, project_id=principal.project_id, job_id=job_id)
+        return 200, job_view(job).model_dump(mode="json")
+
+    status, body = run_idempotent(
+        ctx.sessions,
+        project_id=principal.project_id,
+        key=idempotency_key,
+        method="POST",
+        path=f"/v1/fine_tuning/jobs/{job_id}/cancel",
+        request_fingerprint=fingerprint(job_id),
+        ttl_s=ctx.settings.idempotency_ttl_s,
+        handler=handler,
+    )
+    if must_stop:
+        ctx.launcher.cancel(job_id)
+    return JSONResponse(body, status_code=status)
+
+
+@router.get("/{job_id}/events", response_model=ListResponse[JobEventObject])
+def list_events(
+    ctx: CtxDep, principal: PrincipalDep, job_id: str, after: AfterQuery = None, limit: LimitQuery = 20
+) -> ListResponse[JobEventObject]:
+    with ctx.sessions() as session:
+        rows, more = jobs.list_events(
+            session, project_id=principal.project_id, job_id=job_id, after=after, limit=limit
+        )
+        data = [event_view(r) for r in rows]
+    return ListResponse.of(data, more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=ListResponse[CheckpointObject])
+def list_checkpoints(
+    ctx: CtxDep, principal: PrincipalDep, job_id: str, after: AfterQuery = None, limit: LimitQuery = 20
+) -> ListResponse[CheckpointObject]:
+    with ctx.sessions() as session:
+        rows, more = jobs.list_checkpoints(
+            session, project_id=principal.project_id, job_id=job_id, after=after, limit=limit
+        )
+        data = [checkpoint_view(r) for r in rows]
+    return ListResponse.of(data, more)
+

@@ -1,0 +1,167 @@
+"""API shapes, one per direction: ``…Create`` comes in, the public shape goes out.
+
+They follow OpenAI's fine-tuning API (object names, unix timestamps, list envelopes) so
+existing clients fit; thinkforge's own fields (recipe, resources, config) are additions.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from thinkforge.jobs.config import Hyperparameters, Resources
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+SafeStr = Annotated[str, AfterValidator(_no_nul)]
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+T = TypeVar("T")
+
+
+class ListResponse(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+    @classmethod
+    def of(cls, data: list[Any], has_more: bool) -> ListResponse[Any]:
+        first = getattr(data[0], "id", None) if data else None
+        last = getattr(data[-1], "id", None) if data else None
+        return cls(data=data, has_more=has_more, first_id=first, last_id=last)
+
+
+# ---------------------------------------------------------------- files
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"] = "processed"
+    status_details: str | None = None
+    format: str
+    num_records: int
+    sha256: str
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+# ---------------------------------------------------------------- jobs
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod = Field(default_factory=SupervisedMethod)
+
+
+Metadata = Annotated[
+    dict[
+        Annotated[SafeStr, StringConstraints(min_length=1, max_length=64)],
+        Annotated[SafeStr, StringConstraints(max_length=512)],
+    ],
+    Field(max_length=16),
+]
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[SafeStr, StringConstraints(min_length=1, max_length=512)]
+    training_file: Annotated[SafeStr, StringConstraints(min_length=1, max_length=2048)]
+    validation_file: Annotated[SafeStr, StringConstraints(min_length=1, max_length=2048)] | None = (
+        None
+    )
+    suffix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")] | None = (
+        None
+    )
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    metadata: Metadata | None = None
+    method: Method | None = None
+    hyperparameters: Hyperparameters | None = Field(
+        default=None, description="deprecated OpenAI form; prefer method.supervised.hyperparameters"
+    )
+    recipe: Name | None = Field(default=None, description="name of a recipe known to the server")
+    resources: Resources | None = None
+    config: dict[str, Any] | None = Field(
+        default=None, description="further SFTConfig fields: template, format, block_size, ..."
+    )
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    model: str
+    created_at: int
+    finished_at: int | None
+    started_at: int | None
+    fine_tuned_model: str | None
+    organization_id: str
+    result_files: list[str] = Field(default_factory=list)
+    status: str
+    validation_file: str | None
+    training_file: str
+    hyperparameters: Hyperparameters
+    method: Method
+    trained_tokens: int | None
+    error: JobError | None
+    user_provided_suffix: str | None
+    seed: int
+    metadata: dict[str, str] | None
+    recipe: str | None
+    resources: Resources
+    config: dict[str, Any]
+    mlflow_run_id: str | None
+
+
+class JobEventObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None
+
+
+class CheckpointObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuning_job_id: str
+    fine_tuned_model_checkpoint: str
+    step_number: int
+    metrics: dict[str, Any]
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)
