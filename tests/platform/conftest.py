@@ -26,7 +26,9 @@ class Api:
     app: object
 
     def keyed(self, key: str) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )
 
 
 def make_settings(tmp_path: Path, database_url: str, **overrides: object) -> Settings:
@@ -46,7 +48,10 @@ def api(tmp_path: Path, database_url: str) -> Iterator[Api]:
     settings = make_settings(tmp_path, database_url)
     launcher = FakeLauncher()
     app = create_app(settings, launcher=launcher)
-    with LiveServer(app) as server, httpx.Client(
-        base_url=server.url, headers={"Authorization": f"Bearer {BOOTSTRAP_KEY}"}, timeout=30
-    ) as client:
+    with (
+        LiveServer(app) as server,
+        httpx.Client(
+            base_url=server.url, headers={"Authorization": f"Bearer {BOOTSTRAP_KEY}"}, timeout=30
+        ) as client,
+    ):
         yield Api(server.url, client, settings, launcher, app)

@@ -9,8 +9,8 @@ import pytest
 
 from tests.conftest import LiveServer
 from tests.platform.conftest import BOOTSTRAP_KEY, Api, make_settings
-from tests.platform.fakes import FakeLauncher
 from tests.platform.data import CHAT, LIMO, S1K, jsonl
+from tests.platform.fakes import FakeLauncher
 from thinkforge.platform.app import create_app
 
 
@@ -59,7 +59,11 @@ def test_upload_each_format(api: Api, row: dict, fmt: str) -> None:
         (b"{not json\n", "line 1: not valid JSON", "file"),
         (jsonl(S1K) + b"[1, 2]\n", "line 2", "file"),
         (jsonl(LIMO, {"question": "q", "solution": "s"}), "line 2: field 'answer'", "answer"),
-        (jsonl({"question": "q", "thinking_trajectories": [], "attempt": "a"}), "line 1", "thinking_trajectories"),
+        (
+            jsonl({"question": "q", "thinking_trajectories": [], "attempt": "a"}),
+            "line 1",
+            "thinking_trajectories",
+        ),
         (jsonl({"messages": [{"role": "user", "content": "hi"}]}), "line 1", "messages[0].role"),
         (jsonl(S1K, LIMO), "line 2", "thinking_trajectories"),
         (b"\xff\xfe\n", "line 1: not UTF-8", "file"),
@@ -89,10 +93,14 @@ def test_body_limits_answer_413_and_write_nothing(tmp_path: Path, database_url: 
         big = jsonl(*[S1K] * 100)
         assert 4096 < len(big) * 2 < 4096 + 64 * 1024
         huge = big * 100  # well past the upload limit and its multipart allowance
-        resp = client.post("/v1/files", files={"file": ("t.jsonl", huge)}, data={"purpose": "fine-tune"})
+        resp = client.post(
+            "/v1/files", files={"file": ("t.jsonl", huge)}, data={"purpose": "fine-tune"}
+        )
         assert_error(resp, 413)
         # Past the file limit but under the multipart allowance: caught while copying.
-        resp = client.post("/v1/files", files={"file": ("t.jsonl", big * 2)}, data={"purpose": "fine-tune"})
+        resp = client.post(
+            "/v1/files", files={"file": ("t.jsonl", big * 2)}, data={"purpose": "fine-tune"}
+        )
         assert_error(resp, 413)
 
         def chunks():  # type: ignore[no-untyped-def]
@@ -101,7 +109,9 @@ def test_body_limits_answer_413_and_write_nothing(tmp_path: Path, database_url: 
                 yield b"x" * 100
             yield b'"}'
 
-        resp = client.post("/v1/fine_tuning/jobs", content=chunks(), headers={"Content-Type": "application/json"})
+        resp = client.post(
+            "/v1/fine_tuning/jobs", content=chunks(), headers={"Content-Type": "application/json"}
+        )
         assert_error(resp, 413)
         assert client.get("/v1/files").json()["data"] == []
         assert client.get("/v1/fine_tuning/jobs").json()["data"] == []

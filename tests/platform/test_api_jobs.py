@@ -112,15 +112,24 @@ def test_pagination_and_metadata_filter(api: Api, file_id: str) -> None:
     assert [j["id"] for j in page3["data"]] == newest_first[4:] and page3["has_more"] is False
     odd = api.client.get("/v1/fine_tuning/jobs", params={"metadata[n]": "1"}).json()
     assert [j["id"] for j in odd["data"]] == [ids[3], ids[1]]
-    assert_error(api.client.get("/v1/fine_tuning/jobs", params={"after": "ftjob-nope"}), 400, "after")
+    assert_error(
+        api.client.get("/v1/fine_tuning/jobs", params={"after": "ftjob-nope"}), 400, "after"
+    )
     assert_error(api.client.get("/v1/fine_tuning/jobs", params={"limit": 0}), 400, "limit")
 
 
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate": -1}}}},
-         "method.supervised.hyperparameters.learning_rate"),
+        (
+            {
+                "method": {
+                    "type": "supervised",
+                    "supervised": {"hyperparameters": {"learning_rate": -1}},
+                }
+            },
+            "method.supervised.hyperparameters.learning_rate",
+        ),
         ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
         ({"hyperparameters": {"bogus": 1}}, "hyperparameters.bogus"),
         ({"resources": {"num_workers": 2, "strategy": "fsdp"}}, "resources"),
@@ -213,7 +222,9 @@ def test_fifty_concurrent_posts_with_one_key_make_one_job(api: Api, file_id: str
 
     def post(_: int) -> httpx.Response:
         with api.keyed("tf-bootstrap-key-for-tests-0123456789abcdef") as client:
-            return client.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "same"})
+            return client.post(
+                "/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "same"}
+            )
 
     with cf.ThreadPoolExecutor(max_workers=50) as pool:
         responses = list(pool.map(post, range(50)))

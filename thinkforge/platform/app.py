@@ -1,7 +1,7 @@
 """The control plane's FastAPI application: ``create_app(settings)``, no import-time globals.
 
-    app = create_app(Settings(data_dir=tmp), launcher=FakeLauncher())
-    uvicorn.run(app)
+app = create_app(Settings(data_dir=tmp), launcher=FakeLauncher())
+uvicorn.run(app)
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def create_app(settings: Settings | None = None, *, launcher: JobLauncher | None
             upgrade(settings.database_url)
         with ctx.sessions.begin() as session:
             ensure_project(session, DEFAULT_PROJECT)
-        reconciler = Reconciler(ctx.sessions, ctx.launcher, interval_s=settings.reconcile_interval_s)
+        reconciler = Reconciler(
+            ctx.sessions, ctx.launcher, interval_s=settings.reconcile_interval_s
+        )
         if settings.start_reconciler:
             reconciler.start()
         app.state.ready = True
@@ -135,7 +137,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
         param = ".".join(loc) or None
         message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
-        return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
+        return JSONResponse(
+            error_body(message, "invalid_request_error", param, "invalid_value"), 400
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,7 +1,7 @@
 """API keys: bearer tokens scoped to a project, stored as keyed HMAC digests.
 
-    key = create_key(session, secret, project_id="default", role="admin")   # shown once
-    principal = authenticate(session, settings, "Bearer tf-…")
+key = create_key(session, secret, project_id="default", role="admin")   # shown once
+principal = authenticate(session, settings, "Bearer tf-…")
 """
 
 from __future__ import annotations
@@ -47,7 +47,12 @@ def ensure_project(session: Session, project_id: str) -> Project:
 
 
 def create_key(
-    session: Session, secret: str, *, project_id: str = DEFAULT_PROJECT, name: str = "", role: str = "member"
+    session: Session,
+    secret: str,
+    *,
+    project_id: str = DEFAULT_PROJECT,
+    name: str = "",
+    role: str = "member",
 ) -> str:
     """Create a key in ``project_id`` (created if missing); returns the plain key, shown once."""
     ensure_project(session, project_id)

@@ -33,9 +33,7 @@ def get_ctx(request: Request) -> AppContext:
 CtxDep = Annotated[AppContext, Depends(get_ctx)]
 
 
-def get_principal(
-    ctx: CtxDep, authorization: Annotated[str | None, Header()] = None
-) -> Principal:
+def get_principal(ctx: CtxDep, authorization: Annotated[str | None, Header()] = None) -> Principal:
     with ctx.sessions() as session:
         return authenticate(session, ctx.settings, authorization)
 

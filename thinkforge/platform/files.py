@@ -1,7 +1,7 @@
 """Uploaded datasets: stored under the data dir, validated line by line before they count.
 
-    info = validate_dataset(path)                 # raises InvalidFile naming line and field
-    row = store_upload(session, settings, project_id=..., filename=..., purpose=..., stream=fh)
+info = validate_dataset(path)                 # raises InvalidFile naming line and field
+row = store_upload(session, settings, project_id=..., filename=..., purpose=..., stream=fh)
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from thinkforge.platform.errors import (
     PayloadTooLarge,
 )
 from thinkforge.platform.models import File, Job, new_id
-from thinkforge.platform.status import JobStatus
 from thinkforge.platform.settings import Settings
+from thinkforge.platform.status import JobStatus
 
 PURPOSES = ("fine-tune",)
 MAX_REPORTED_ERRORS = 10
@@ -70,7 +70,9 @@ def validate_dataset(path: Path, fmt: DatasetFormat = DatasetFormat.AUTO) -> Dat
         )
     if count == 0 or seen is None:
         raise InvalidFile("the file has no records: upload one JSON object per line", param="file")
-    return DatasetInfo(format=seen, num_records=count, sha256=digest.hexdigest(), bytes=path.stat().st_size)
+    return DatasetInfo(
+        format=seen, num_records=count, sha256=digest.hexdigest(), bytes=path.stat().st_size
+    )
 
 
 def _check_line(
@@ -151,7 +153,9 @@ def _copy_limited(src: BinaryIO, dst: BinaryIO, limit: int) -> None:
 def get_file(session: Session, *, project_id: str, file_id: str) -> File:
     row = session.scalar(select(File).where(File.id == file_id, File.project_id == project_id))
     if row is None:
-        raise NotFound(f"no file {file_id!r} in this project: list files with GET /v1/files", param="file_id")
+        raise NotFound(
+            f"no file {file_id!r} in this project: list files with GET /v1/files", param="file_id"
+        )
     return row
 
 
@@ -162,7 +166,9 @@ def delete_file(session: Session, *, project_id: str, file_id: str) -> None:
         select(Job.id).where(Job.training_file == file_id, Job.status.in_(active)).limit(1)
     )
     if user is not None:
-        raise Conflict(f"file {file_id!r} is in use by job {user}; cancel it or wait", param="file_id")
+        raise Conflict(
+            f"file {file_id!r} is in use by job {user}; cancel it or wait", param="file_id"
+        )
     path = Path(row.path)
     session.delete(row)
     session.flush()

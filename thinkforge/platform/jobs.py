@@ -29,15 +29,17 @@ from thinkforge.platform.status import FailureKind, JobStatus
 log = logging.getLogger(__name__)
 
 
-def create_job(
-    session: Session, settings: Settings, *, project_id: str, spec: JobCreate
-) -> Job:
+def create_job(session: Session, settings: Settings, *, project_id: str, spec: JobCreate) -> Job:
     dataset_path, dataset_sha, file_format = _resolve_training_file(
         session, settings, project_id=project_id, ref=spec.training_file
     )
     if spec.validation_file is not None:
         _resolve_training_file(
-            session, settings, project_id=project_id, ref=spec.validation_file, param="validation_file"
+            session,
+            settings,
+            project_id=project_id,
+            ref=spec.validation_file,
+            param="validation_file",
         )
     config = _resolve_config(settings, spec, dataset_path)
     if config.format.value not in ("auto", file_format):
@@ -97,14 +99,17 @@ def _resolve_training_file(
 def _resolve_config(settings: Settings, spec: JobCreate, dataset_path: str) -> SFTConfig:
     if spec.method is not None and spec.hyperparameters is not None:
         raise InvalidRequest(
-            "give hyperparameters in method.supervised.hyperparameters or at the top level, not both",
+            "give hyperparameters in method.supervised.hyperparameters or at the top level, "
+            "not both",
             param="hyperparameters",
         )
     data: dict[str, Any] = load_recipe(settings, spec.recipe) if spec.recipe else {}
     data.update(spec.config or {})
     data["model"] = spec.model
     data["dataset"] = dataset_path
-    hyper = spec.hyperparameters or (spec.method.supervised.hyperparameters if spec.method else None)
+    hyper = spec.hyperparameters or (
+        spec.method.supervised.hyperparameters if spec.method else None
+    )
     if hyper is not None:
         data["hyperparameters"] = {
             **data.get("hyperparameters", {}),
@@ -239,17 +244,26 @@ def cancel_job(session: Session, *, project_id: str, job_id: str) -> tuple[Job, 
     job = get_job(session, project_id=project_id, job_id=job_id, lock=True)
     status = JobStatus(job.status)
     if status.is_terminal():
-        raise Conflict(f"job {job_id} already ended ({status.value}); nothing to cancel", param="fine_tuning_job_id")
+        raise Conflict(
+            f"job {job_id} already ended ({status.value}); nothing to cancel",
+            param="fine_tuning_job_id",
+        )
     if status is JobStatus.CANCELLING:
         return job, True
     if job.submitted_at is None:
-        set_status(session, job, JobStatus.CANCELLED, message="Job cancelled before it was launched")
+        set_status(
+            session, job, JobStatus.CANCELLED, message="Job cancelled before it was launched"
+        )
         return job, False
-    set_status(session, job, JobStatus.CANCELLING, message="Cancellation requested; stopping the run")
+    set_status(
+        session, job, JobStatus.CANCELLING, message="Cancellation requested; stopping the run"
+    )
     return job, True
 
 
-def fail(session: Session, job: Job, kind: FailureKind, message: str, param: str | None = None) -> None:
+def fail(
+    session: Session, job: Job, kind: FailureKind, message: str, param: str | None = None
+) -> None:
     set_status(
         session,
         job,
@@ -266,9 +280,11 @@ def advance_job(sessions: sessionmaker[Session], launcher: JobLauncher, job_id: 
         if job is not None and job.status == JobStatus.VALIDATING_FILES.value:
             _validate_job_dataset(session, job)
     with sessions.begin() as session:
-        claimed = session.execute(
+        claimed = session.execute(  # type: ignore[attr-defined]
             update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.submitted_at.is_(None))
+            .where(
+                Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.submitted_at.is_(None)
+            )
             .values(submitted_at=utcnow())
         ).rowcount
         job = session.scalar(select(Job).where(Job.id == job_id))
@@ -292,7 +308,8 @@ def _validate_job_dataset(session: Session, job: Job) -> None:
         session,
         job,
         JobStatus.QUEUED,
-        message=f"Training file validated ({info.num_records} {info.format.value} records); job queued",
+        message=f"Training file validated ({info.num_records} {info.format.value} records); "
+        "job queued",
     )
 
 

@@ -10,14 +10,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from thinkforge.platform.errors import error_body
 
 
-class _BodyTooLarge(BaseException):  # noqa: N818
+class _BodyTooLarge(BaseException):
     """Not an Exception: framework code that parses bodies must not turn it into a 400."""
 
 
 class BodyLimitMiddleware:
     """Reject bodies over the limit: by Content-Length at once, else while they stream in."""
 
-    def __init__(self, app: ASGIApp, *, default_limit: int, upload_limit: int, upload_paths: tuple[str, ...]) -> None:
+    def __init__(
+        self, app: ASGIApp, *, default_limit: int, upload_limit: int, upload_paths: tuple[str, ...]
+    ) -> None:
         self.app = app
         self.default_limit = default_limit
         self.upload_limit = upload_limit
@@ -69,14 +71,20 @@ def _content_length(scope: Scope) -> int | None:
 
 async def _too_large(send: Send, limit: int) -> None:
     body: dict[str, Any] = error_body(
-        f"request body is larger than the {limit}-byte limit", "invalid_request_error", None, "payload_too_large"
+        f"request body is larger than the {limit}-byte limit",
+        "invalid_request_error",
+        None,
+        "payload_too_large",
     )
     payload = json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",
             "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": payload})

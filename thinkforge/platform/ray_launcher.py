@@ -1,4 +1,4 @@
-"""RayJobLauncher: fine-tune jobs as Ray Jobs (submission id = job id). Filled in by the SFT work."""
+"""RayJobLauncher: fine-tune jobs as Ray Jobs, with submission id = job id."""
 
 from __future__ import annotations
 

@@ -21,7 +21,9 @@ def load_recipe(settings: Settings, name: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise InvalidRequest(f"recipe {name!r} on the server is not valid YAML: {exc}", param="recipe") from None
+        raise InvalidRequest(
+            f"recipe {name!r} on the server is not valid YAML: {exc}", param="recipe"
+        ) from None
     if not isinstance(data, dict):
         raise InvalidRequest(f"recipe {name!r} on the server is not a mapping", param="recipe")
     return data

@@ -94,9 +94,9 @@ class JobCreate(BaseModel):
     validation_file: Annotated[SafeStr, StringConstraints(min_length=1, max_length=2048)] | None = (
         None
     )
-    suffix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")] | None = (
-        None
-    )
+    suffix: (
+        Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")] | None
+    ) = None
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     metadata: Metadata | None = None
     method: Method | None = None

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_SECRET_KEY = "thinkforge-dev-insecure-secret"  # noqa: S105 - refused in production
+DEFAULT_SECRET_KEY = "thinkforge-dev-insecure-secret"
 
 
 class Settings(BaseSettings):
@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     ray_num_cpus: int | None = Field(default=None, ge=1)
     ray_dashboard_port: int = 8265
     ray_auth_token: SecretStr | None = None
-    # Where Ray Train keeps checkpoints (a local folder or an s3:// URI). Empty: data_dir/checkpoints.
+    # Where Ray Train keeps checkpoints (local folder or s3:// URI). Empty: data_dir/checkpoints.
     storage_path: str = ""
     # Dataset URIs given to jobs must lie under one of these. Empty: data_dir/datasets.
     dataset_roots: list[Path] = Field(default_factory=list)

@@ -1,6 +1,6 @@
 """Alembic migrations of the control-plane database.
 
-    upgrade(settings.database_url)        # what `thinkforge db upgrade` and server start run
+upgrade(settings.database_url)        # what `thinkforge db upgrade` and server start run
 """
 
 from __future__ import annotations

@@ -39,8 +39,12 @@ def upload_file(
 
     def handler(session):  # type: ignore[no-untyped-def]
         row = files.store_upload(
-            session, ctx.settings, project_id=principal.project_id, filename=filename,
-            purpose=purpose, stream=file.file,
+            session,
+            ctx.settings,
+            project_id=principal.project_id,
+            filename=filename,
+            purpose=purpose,
+            stream=file.file,
         )
         return 200, file_view(row).model_dump(mode="json")
 
@@ -79,4 +83,3 @@ def delete_file(ctx: CtxDep, principal: PrincipalDep, file_id: str) -> FileDelet
     with ctx.sessions.begin() as session:
         files.delete_file(session, project_id=principal.project_id, file_id=file_id)
     return FileDeleted(id=file_id)
-

@@ -110,7 +110,11 @@ def cancel_job(
 
 @router.get("/{job_id}/events", response_model=ListResponse[JobEventObject])
 def list_events(
-    ctx: CtxDep, principal: PrincipalDep, job_id: str, after: AfterQuery = None, limit: LimitQuery = 20
+    ctx: CtxDep,
+    principal: PrincipalDep,
+    job_id: str,
+    after: AfterQuery = None,
+    limit: LimitQuery = 20,
 ) -> ListResponse[JobEventObject]:
     with ctx.sessions() as session:
         rows, more = jobs.list_events(
@@ -122,7 +126,11 @@ def list_events(
 
 @router.get("/{job_id}/checkpoints", response_model=ListResponse[CheckpointObject])
 def list_checkpoints(
-    ctx: CtxDep, principal: PrincipalDep, job_id: str, after: AfterQuery = None, limit: LimitQuery = 20
+    ctx: CtxDep,
+    principal: PrincipalDep,
+    job_id: str,
+    after: AfterQuery = None,
+    limit: LimitQuery = 20,
 ) -> ListResponse[CheckpointObject]:
     with ctx.sessions() as session:
         rows, more = jobs.list_checkpoints(
@@ -130,4 +138,3 @@ def list_checkpoints(
         )
         data = [checkpoint_view(r) for r in rows]
     return ListResponse.of(data, more)
-

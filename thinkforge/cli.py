@@ -1,0 +1,266 @@
+"""The ``thinkforge`` command: run the platform, manage keys, files and fine-tune jobs.
+
+thinkforge up --port 8000                  # API server on the embedded defaults
+thinkforge keys create --project default   # prints the new key alone on its last line
+thinkforge jobs create --recipe recipes/tiny-cpu.yaml hyperparameters.n_epochs=2
+thinkforge jobs events ftjob-… --follow
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Column, Table
+
+from thinkforge.client import APIError, Client
+
+app = typer.Typer(
+    help="thinkforge: fine-tune reasoning models on Ray, serve them with budget forcing.",
+    no_args_is_help=True,
+)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+files_app = typer.Typer(help="Training files.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Fine-tuning jobs.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+app.add_typer(files_app, name="files")
+app.add_typer(jobs_app, name="jobs")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ApiUrl = Annotated[
+    str | None, typer.Option("--api-url", envvar="THINKFORGE_API_URL", help="API base URL")
+]
+ApiKey = Annotated[
+    str | None, typer.Option("--api-key", envvar="THINKFORGE_API_KEY", help="API key")
+]
+DataDir = Annotated[
+    Path | None, typer.Option("--data-dir", help="data directory (THINKFORGE_DATA_DIR)")
+]
+
+
+def main() -> None:
+    try:
+        app()
+    except APIError as exc:
+        err_console.print(f"[red]error[/red] {exc}")
+        raise SystemExit(1) from None
+
+
+def _settings(data_dir: Path | None = None, **overrides: Any):  # type: ignore[no-untyped-def]
+    from thinkforge.platform.settings import Settings
+
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    return Settings(**overrides)
+
+
+def _print(obj: Any) -> None:
+    console.print_json(json.dumps(obj))
+
+
+@app.command()
+def up(
+    host: Annotated[str | None, typer.Option(help="bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="API port")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Run the API server in the foreground until interrupted."""
+    import uvicorn
+
+    from thinkforge.platform.app import create_app
+
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    settings = _settings(data_dir, **overrides)
+    console.print(
+        f"thinkforge API on http://{settings.host}:{settings.port} (data in {settings.data_dir})"
+    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@db_app.command("upgrade")
+def db_upgrade(data_dir: DataDir = None) -> None:
+    """Apply all migrations to the configured database."""
+    from thinkforge.platform.migrations import current, upgrade
+
+    settings = _settings(data_dir)
+    upgrade(settings.database_url)
+    console.print(f"database at revision {current(settings.database_url)}")
+
+
+@keys_app.command("create")
+def keys_create(
+    project: Annotated[
+        str, typer.Option(help="project the key belongs to (created if new)")
+    ] = "default",
+    name: Annotated[str, typer.Option(help="a label for the key")] = "",
+    admin: Annotated[bool, typer.Option(help="an admin key of the project")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Create an API key; the key is printed alone on the last line."""
+    from thinkforge.platform.auth import create_key
+    from thinkforge.platform.db import make_engine, make_sessionmaker
+    from thinkforge.platform.migrations import upgrade
+
+    settings = _settings(data_dir)
+    upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            key = create_key(
+                session,
+                settings.secret_key.get_secret_value(),
+                project_id=project,
+                name=name,
+                role="admin" if admin else "member",
+            )
+    finally:
+        engine.dispose()
+    err_console.print(
+        f"created a {'admin' if admin else 'member'} key for project {project!r}; it is shown once:"
+    )
+    print(key)
+
+
+@files_app.command("upload")
+def files_upload(
+    path: Path, purpose: str = "fine-tune", api_url: ApiUrl = None, api_key: ApiKey = None
+) -> None:
+    """Upload a JSONL training file."""
+    with Client(api_url, api_key) as tf:
+        _print(tf.upload_file(path, purpose))
+
+
+@files_app.command("list")
+def files_list(api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
+    with Client(api_url, api_key) as tf:
+        _print(tf.list_files(limit=100))
+
+
+def job_request(recipe: Path | None, overrides: list[str], **fields: Any) -> dict[str, Any]:
+    """Turn a recipe file plus ``key=value`` overrides into a POST /v1/fine_tuning/jobs body."""
+    from thinkforge.jobs.config import apply_overrides
+
+    data: dict[str, Any] = yaml.safe_load(recipe.read_text()) if recipe else {}
+    data = apply_overrides(data or {}, overrides)
+    for key, value in fields.items():
+        if value is not None:
+            data[key] = value
+    body: dict[str, Any] = {
+        "model": data.pop("model", None),
+        "training_file": data.pop("dataset", None),
+    }
+    if "hyperparameters" in data:
+        body["method"] = {
+            "type": "supervised",
+            "supervised": {"hyperparameters": data.pop("hyperparameters")},
+        }
+    for key in ("resources", "seed", "metadata", "validation_file"):
+        if key in data:
+            body[key] = data.pop(key)
+    if "registered_model_name" in data:
+        body["suffix"] = data.pop("registered_model_name")
+    data.pop("validation_dataset", None)
+    if recipe is not None:
+        body["recipe"] = recipe.stem
+    if data:
+        body["config"] = data
+    return {k: v for k, v in body.items() if v is not None}
+
+
+@jobs_app.command("create")
+def jobs_create(
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="dotted overrides, key.path=value")
+    ] = None,
+    recipe: Annotated[Path | None, typer.Option(help="a recipe YAML file")] = None,
+    model: Annotated[str | None, typer.Option(help="base model")] = None,
+    training_file: Annotated[
+        str | None, typer.Option(help="file id, dataset path, or a local file to upload")
+    ] = None,
+    follow: Annotated[bool, typer.Option(help="follow the job's events until it ends")] = False,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Create a fine-tuning job from a recipe and/or options."""
+    body = job_request(recipe, overrides or [], model=model, dataset=training_file)
+    with Client(api_url, api_key) as tf:
+        source = body.get("training_file")
+        if isinstance(source, str) and not source.startswith("file-") and Path(source).is_file():
+            body["training_file"] = tf.upload_file(source)["id"]
+        job = tf.create_job(body)
+        _print(job)
+        if follow:
+            _follow(tf, job["id"])
+
+
+@jobs_app.command("list")
+def jobs_list(limit: int = 20, api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
+    with Client(api_url, api_key) as tf:
+        table = Table("status", "model", "fine_tuned_model", "created_at")
+        table.columns.insert(0, Column("id", no_wrap=True))
+        for job in tf.list_jobs(limit=limit)["data"]:
+            table.add_row(
+                job["id"],
+                job["status"],
+                job["model"],
+                job["fine_tuned_model"] or "",
+                str(job["created_at"]),
+            )
+        console.print(table)
+
+
+@jobs_app.command("get")
+def jobs_get(job_id: str, api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
+    with Client(api_url, api_key) as tf:
+        _print(tf.get_job(job_id))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
+    with Client(api_url, api_key) as tf:
+        _print(tf.cancel_job(job_id))
+
+
+@jobs_app.command("events")
+def jobs_events(
+    job_id: str,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="keep printing until the job ends")
+    ] = False,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    with Client(api_url, api_key) as tf:
+        if follow:
+            _follow(tf, job_id)
+            return
+        for event in reversed(tf.list_events(job_id, limit=100)["data"]):
+            _print_event(event)
+
+
+def _follow(tf: Client, job_id: str) -> None:
+    for event in tf.follow_events(job_id):
+        _print_event(event)
+    job = tf.get_job(job_id)
+    style = "green" if job["status"] == "succeeded" else "red"
+    console.print(
+        f"[{style}]{job_id} {job['status']}[/{style}] {job.get('fine_tuned_model') or ''}"
+    )
+
+
+def _print_event(event: dict[str, Any]) -> None:
+    style = {"error": "red", "warn": "yellow"}.get(event["level"], "")
+    text = f"{event['created_at']} {event['message']}"
+    console.print(f"[{style}]{text}[/{style}]" if style else text, highlight=False)
+
+
+if __name__ == "__main__":
+    main()

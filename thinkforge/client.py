@@ -1,0 +1,125 @@
+"""A small typed Python client of the thinkforge REST API (what the CLI uses).
+
+with Client("http://127.0.0.1:8000", api_key="tf-…") as tf:
+    f = tf.upload_file("train.jsonl")
+    job = tf.create_job({"model": "thinkforge/tiny", "training_file": f["id"]})
+    tf.wait_for_job(job["id"])
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class APIError(Exception):
+    """The API answered an error; ``error`` is its ``{"message", "type", "param", "code"}``."""
+
+    def __init__(self, status_code: int, error: dict[str, Any]) -> None:
+        super().__init__(f"{status_code} {error.get('type')}: {error.get('message')}")
+        self.status_code = status_code
+        self.error = error
+
+
+class Client:
+    def __init__(
+        self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 60
+    ) -> None:
+        base_url = base_url or os.environ.get("THINKFORGE_API_URL", DEFAULT_URL)
+        api_key = (
+            api_key
+            or os.environ.get("THINKFORGE_API_KEY")
+            or os.environ.get("THINKFORGE_BOOTSTRAP_API_KEY")
+        )
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        if method == "POST":
+            headers = kwargs.pop("headers", {})
+            headers.setdefault("Idempotency-Key", str(uuid.uuid4()))
+            kwargs["headers"] = headers
+        resp = self.http.request(method, path, **kwargs)
+        if resp.status_code >= 400:
+            try:
+                error = resp.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                error = {"message": resp.text, "type": "http_error", "param": None, "code": None}
+            raise APIError(resp.status_code, error)
+        return resp.json()
+
+    # ---- files
+    def upload_file(self, path: str | Path, purpose: str = "fine-tune") -> dict[str, Any]:
+        path = Path(path)
+        with open(path, "rb") as fh:
+            return self.request(  # type: ignore[no-any-return]
+                "POST", "/v1/files", files={"file": (path.name, fh)}, data={"purpose": purpose}
+            )
+
+    def list_files(self, **params: Any) -> dict[str, Any]:
+        return self.request("GET", "/v1/files", params=params)  # type: ignore[no-any-return]
+
+    # ---- jobs
+    def create_job(
+        self, body: dict[str, Any], idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self.request("POST", "/v1/fine_tuning/jobs", json=body, headers=headers)  # type: ignore[no-any-return]
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/fine_tuning/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    def list_jobs(self, **params: Any) -> dict[str, Any]:
+        return self.request("GET", "/v1/fine_tuning/jobs", params=params)  # type: ignore[no-any-return]
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
+
+    def list_events(self, job_id: str, **params: Any) -> dict[str, Any]:
+        return self.request("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params=params)  # type: ignore[no-any-return]
+
+    def list_checkpoints(self, job_id: str, **params: Any) -> dict[str, Any]:
+        return self.request("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints", params=params)  # type: ignore[no-any-return]
+
+    def follow_events(self, job_id: str, poll_s: float = 1.0) -> Iterator[dict[str, Any]]:
+        """Yield the job's events oldest first, as they come, until the job ends."""
+        seen: set[str] = set()
+        while True:
+            job = self.get_job(job_id)
+            fresh = [e for e in self.list_events(job_id, limit=100)["data"] if e["id"] not in seen]
+            for event in reversed(fresh):
+                seen.add(event["id"])
+                yield event
+            if job["status"] in TERMINAL:
+                return
+            time.sleep(poll_s)
+
+    def wait_for_job(
+        self, job_id: str, timeout_s: float = 3600, poll_s: float = 1.0
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.get_job(job_id)
+            if job["status"] in TERMINAL:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s}s")
+            time.sleep(poll_s)
