@@ -1,0 +1,136 @@
+"""GPU check of the transformers engine: a bigger random Qwen2, ratios (1)-(3) of serve_bench.
+
+Needs only torch + transformers + thinkforge.serve (no tokenizer training, no network):
+    python bench/gpu_check.py                 # cuda when available, else a small cpu run
+    python bench/gpu_check.py --hidden 2048 --layers 16
+
+Finishes in a few minutes on one GPU. Prints one line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from thinkforge.serve.config import ThinkingParams
+from thinkforge.serve.engine import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
+from thinkforge.serve.engines.transformers import TransformersEngine
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def build(path: Path, hidden: int, layers: int, vocab: int) -> None:
+    """A character-level tokenizer (no training needed) and a random Qwen2 of that vocab."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    words = [f"w{i}" for i in range(vocab - len(chars) - len(SPECIALS))]
+    vocab_map = {t: i for i, t in enumerate(SPECIALS + chars + words)}
+    tok = Tokenizer(models.WordLevel(vocab_map, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
+    config = Qwen2Config(
+        vocab_size=len(vocab_map),
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 128, 4),
+        num_key_value_heads=max(hidden // 512, 2),
+        max_position_embeddings=8192,
+        eos_token_id=vocab_map["<|im_end|>"],
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    fast.save_pretrained(path)
+
+
+def timed(engine: TransformersEngine, requests: list[GenerationRequest]) -> tuple[float, int]:
+    if engine.model.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    tokens = sum(isinstance(e, TokenEvent) for e in engine.generate(requests))
+    if engine.model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=2048, help="prompt tokens for (2)")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        args.hidden, args.layers, args.vocab, args.tokens, args.prompt = 128, 2, 512, 32, 256
+    with tempfile.TemporaryDirectory() as tmp:
+        build(Path(tmp), args.hidden, args.layers, args.vocab)
+        engine = TransformersEngine(tmp, template="s1", dtype="bfloat16" if cuda else "float32")
+        engine.load()
+        print(f"device {engine.model.device}, hidden {args.hidden}, layers {args.layers}")
+        n = args.tokens
+        prompt = engine._encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>think\n")
+        timed(
+            engine, [GenerationRequest("warm", prompt, SamplingParams(0, max_completion_tokens=8))]
+        )
+        plain = GenerationRequest("p", prompt, SamplingParams(0, max_completion_tokens=n))
+        forced = GenerationRequest(
+            "f",
+            prompt,
+            SamplingParams(0, max_completion_tokens=n),
+            ThinkingParams(max_tokens=n // 2, min_tokens=n // 2, final_answer_prefix="Final:"),
+        )
+        t_plain, t_forced = timed(engine, [plain])[0], timed(engine, [forced])[0]
+        print(
+            f"(1) {n} tokens: plain {n / t_plain:.0f} tok/s, forced {n / t_forced:.0f} tok/s, "
+            f"ratio {t_forced / t_plain:.3f}x time"
+        )
+        long_prompt = (prompt * (args.prompt // len(prompt) + 1))[-args.prompt :]
+        wait, chunk = engine._encode("Wait"), n // 8
+        for waits in (1, 2, 4, 8):
+            start, context = time.perf_counter(), list(long_prompt)
+            for _ in range(waits + 1):
+                req = GenerationRequest(
+                    "s", context, SamplingParams(0, max_completion_tokens=chunk)
+                )
+                out = [e for e in engine.generate([req]) if isinstance(e, GenerationResult)]
+                context += out[0].token_ids + wait
+            t_s1 = time.perf_counter() - start
+            req = GenerationRequest(
+                "l", long_prompt, SamplingParams(0, max_completion_tokens=chunk * (waits + 1))
+            )
+            t_loop = timed(engine, [req])[0]
+            print(
+                f"(2) {waits} waits, prompt {len(long_prompt)}: resubmission {t_s1:.2f}s, "
+                f"in-loop {t_loop:.2f}s, speed-up {t_s1 / t_loop:.2f}x"
+            )
+        for concurrency in (1, 4, 8, 16):
+            reqs = [
+                GenerationRequest(
+                    str(i), prompt, SamplingParams(1.0, seed=i, max_completion_tokens=n)
+                )
+                for i in range(concurrency)
+            ]
+            engine.max_batch_size = 1
+            t_seq, k_seq = timed(engine, reqs)
+            engine.max_batch_size = concurrency
+            t_bat, k_bat = timed(engine, reqs)
+            print(
+                f"(3) {concurrency:2d} requests: one at a time {k_seq / t_seq:.0f} tok/s, "
+                f"batched {k_bat / t_bat:.0f} tok/s"
+            )
+
+
+if __name__ == "__main__":
+    main()

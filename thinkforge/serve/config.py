@@ -1,0 +1,149 @@
+"""Serving configuration: thinking budgets and per-model deployment options.
+
+Pure pydantic (no torch or Ray import): the control plane validates requests and
+deployments with these models, and the Serve replica reads the same ones.
+
+    cfg = ModelServeConfig(name="s1-tiny", model_path="/models/s1-tiny")
+    params = cfg.thinking_for(request.thinking, request.reasoning_effort)
+    serve.deployment(**cfg.deployment_options())
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from thinkforge.jobs.config import TemplateFamily
+
+__all__ = [
+    "AutoscalingOptions",
+    "EffortBudgets",
+    "EngineName",
+    "ModelServeConfig",
+    "ReasoningEffort",
+    "TemplateFamily",
+    "ThinkingParams",
+]
+
+
+class ThinkingParams(BaseModel):
+    """The ``thinking`` request extension. ``max_tokens`` always wins over the others:
+    ``min_tokens > max_tokens`` is allowed and means "think exactly ``max_tokens``"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int | None = Field(default=None, ge=0, description="None: no thinking cap")
+    min_tokens: int = Field(default=0, ge=0)
+    num_waits: int = Field(default=0, ge=0, le=1000)
+    wait_string: str = Field(default="Wait", min_length=1, max_length=200)
+    final_answer_prefix: str | None = Field(default=None, max_length=200)
+
+    @model_validator(mode="after")
+    def _wait_string_not_blank(self) -> ThinkingParams:
+        if not self.wait_string.strip():
+            raise ValueError("wait_string must contain a visible character, e.g. 'Wait'")
+        return self
+
+
+class ReasoningEffort(StrEnum):
+    """OpenAI's ``reasoning_effort``."""
+
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+
+class EffortBudgets(BaseModel):
+    """What each ``reasoning_effort`` level means for one deployment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    low: ThinkingParams = ThinkingParams(max_tokens=1024)
+    medium: ThinkingParams = ThinkingParams(max_tokens=4096)
+    high: ThinkingParams = ThinkingParams(max_tokens=16384, num_waits=1)
+
+    def params_for(self, effort: ReasoningEffort | str) -> ThinkingParams:
+        params: ThinkingParams = getattr(self, ReasoningEffort(effort).value)
+        return params
+
+
+class EngineName(StrEnum):
+    TRANSFORMERS = "transformers"
+    VLLM = "vllm"
+
+
+class AutoscalingOptions(BaseModel):
+    """Ray Serve autoscaling for one model's replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0, le=1000)
+    max_replicas: int = Field(default=1, ge=1, le=1000)
+    target_ongoing_requests: float = Field(default=4, gt=0)
+    upscale_delay_s: float = Field(default=30, ge=0)
+    downscale_delay_s: float = Field(default=600, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingOptions:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling.min_replicas must not exceed max_replicas")
+        return self
+
+
+class ModelServeConfig(BaseModel):
+    """One served model: what to load, how to run it and how to scale it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+    model_path: str = Field(min_length=1, description="local directory from_pretrained loads")
+    engine: EngineName = EngineName.TRANSFORMERS
+    template: TemplateFamily = TemplateFamily.S1
+    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: str = Field(default="auto", pattern=r"^(auto|float32|float16|bfloat16)$")
+    num_gpus: float = Field(default=0, ge=0, description="GPUs per replica")
+    autoscaling: AutoscalingOptions = AutoscalingOptions()
+    max_ongoing_requests: int = Field(default=16, ge=1, le=10000)
+    max_queued_requests: int = Field(default=64, ge=-1, description="-1: unbounded")
+    request_timeout_s: float = Field(default=300, gt=0)
+    max_batch_size: int = Field(default=8, ge=1, le=1024)
+    max_completion_tokens: int = Field(default=16384, ge=1)
+    default_thinking: ThinkingParams = ThinkingParams(max_tokens=8000)
+    reasoning_effort: EffortBudgets = EffortBudgets()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelServeConfig:
+        if self.autoscaling.target_ongoing_requests > self.max_ongoing_requests:
+            raise ValueError("autoscaling.target_ongoing_requests exceeds max_ongoing_requests")
+        if self.engine is EngineName.VLLM and self.num_gpus <= 0:
+            raise ValueError("the vllm engine needs num_gpus > 0")
+        return self
+
+    def thinking_for(
+        self, thinking: ThinkingParams | None, effort: ReasoningEffort | str | None = None
+    ) -> ThinkingParams:
+        """An explicit ``thinking`` wins, then ``reasoning_effort``, then the default."""
+        if thinking is not None:
+            return thinking
+        if effort is not None:
+            return self.reasoning_effort.params_for(effort)
+        return self.default_thinking
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``serve.deployment(...)`` / ``.options(...)``."""
+        scaling = self.autoscaling
+        return {
+            "name": self.name,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "autoscaling_config": {
+                "min_replicas": scaling.min_replicas,
+                "max_replicas": scaling.max_replicas,
+                "target_ongoing_requests": scaling.target_ongoing_requests,
+                "upscale_delay_s": scaling.upscale_delay_s,
+                "downscale_delay_s": scaling.downscale_delay_s,
+            },
+            "ray_actor_options": {"num_gpus": self.num_gpus},
+        }

@@ -1,0 +1,174 @@
+"""The engine Protocol and the request / event shapes every engine shares.
+
+An engine loads one model and decodes batches of requests with budget forcing applied in
+its decode loop (``thinkforge.serve.budget``). ``generate`` yields one ``TokenEvent`` per
+appended token, then one ``GenerationResult`` per request when it finishes:
+
+    engine.load()
+    for event in engine.generate([GenerationRequest("r1", prompt_ids, thinking=params)]):
+        if isinstance(event, TokenEvent):
+            send(reasoning=event.reasoning, content=event.content)   # text deltas
+        else:
+            finish(event.finish_reason, event.usage, event.thinking)
+
+No torch import here: the OpenAI app and its tests depend on these shapes only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+from thinkforge.jobs.config import TemplateFamily
+from thinkforge.serve.budget import DelimiterSpec, Phase, ThinkingBudget, ThinkingSummary
+from thinkforge.serve.config import ThinkingParams
+
+__all__ = [
+    "Engine",
+    "EngineEvent",
+    "FinishReason",
+    "GenerationRequest",
+    "GenerationResult",
+    "SamplingParams",
+    "TokenEvent",
+    "TokenPhase",
+    "Usage",
+    "budget_from_params",
+    "delimiters_for",
+]
+
+END_OF_TURN = "<|im_end|>"
+
+
+class TokenPhase(StrEnum):
+    """Where a token's text goes: ``reasoning_content``, ``content``, or nowhere."""
+
+    REASONING = "reasoning"
+    CONTENT = "content"
+    CONTROL = "control"  # delimiters and stop tokens
+
+    @classmethod
+    def of(cls, phase: Phase) -> TokenPhase:
+        return _PHASES[phase]
+
+
+_PHASES = {
+    Phase.THINKING: TokenPhase.REASONING,
+    Phase.ANSWER: TokenPhase.CONTENT,
+    Phase.CONTROL: TokenPhase.CONTROL,
+}
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # end-of-turn / eos token or a stop string
+    LENGTH = "length"  # max_completion_tokens reached
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """``temperature == 0`` is greedy. Stop strings apply to the answer text only."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    max_completion_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.max_completion_tokens < 1:
+            raise ValueError("max_completion_tokens must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One sequence to decode. ``thinking=None`` tracks phases but forces nothing."""
+
+    request_id: str
+    prompt_ids: Sequence[int]
+    sampling: SamplingParams = SamplingParams()
+    thinking: ThinkingParams | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One appended token and the text it releases.
+
+    Text may lag its token (an incomplete UTF-8 character, a possible stop string held
+    back) and is released later, so a token can release reasoning and content text at
+    once: send both deltas, whatever the token's own ``phase``.
+    """
+
+    request_id: str
+    token_id: int
+    phase: TokenPhase
+    forced: bool
+    reasoning: str = ""  # delta of message.reasoning_content
+    content: str = ""  # delta of message.content
+
+    @property
+    def text(self) -> str:
+        return self.reasoning + self.content
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    request_id: str
+    finish_reason: FinishReason
+    usage: Usage
+    thinking: ThinkingSummary
+    token_ids: list[int] = field(default_factory=list)  # completion, forced tokens included
+    reasoning_text: str = ""
+    content_text: str = ""
+
+
+EngineEvent = TokenEvent | GenerationResult
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What a Serve replica needs from an inference engine."""
+
+    def load(self) -> None: ...
+
+    def health(self) -> bool: ...
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[EngineEvent]: ...
+
+
+Encode = Callable[[str], list[int]]
+
+
+def delimiters_for(
+    family: TemplateFamily, encode: Encode, stop_ids: Sequence[int]
+) -> DelimiterSpec:
+    """The family's thinking delimiters as token ids, with the end-of-turn/eos stop ids."""
+    start, end = family.delimiters
+    return DelimiterSpec(tuple(encode(start)), tuple(encode(end)), frozenset(stop_ids))
+
+
+def budget_from_params(params: ThinkingParams | None, encode: Encode) -> ThinkingBudget:
+    if params is None:
+        return ThinkingBudget()
+    prefix = params.final_answer_prefix
+    return ThinkingBudget(
+        max_tokens=params.max_tokens,
+        min_tokens=params.min_tokens,
+        num_waits=params.num_waits,
+        wait_ids=tuple(encode(params.wait_string)),
+        answer_prefix_ids=tuple(encode(prefix)) if prefix else (),
+    )

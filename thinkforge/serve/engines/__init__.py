@@ -1,0 +1,28 @@
+"""Inference engines behind the ``thinkforge.serve.engine.Engine`` Protocol.
+
+Imported lazily so that choosing an engine loads only its own heavy dependencies:
+
+    engine = create_engine(cfg)     # cfg: ModelServeConfig
+    engine.load()
+"""
+
+from __future__ import annotations
+
+from thinkforge.serve.config import EngineName, ModelServeConfig
+from thinkforge.serve.engine import Engine
+
+__all__ = ["create_engine"]
+
+
+def create_engine(cfg: ModelServeConfig) -> Engine:
+    if cfg.engine is EngineName.TRANSFORMERS:
+        from thinkforge.serve.engines.transformers import TransformersEngine
+
+        return TransformersEngine(
+            cfg.model_path,
+            template=cfg.template,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            max_batch_size=cfg.max_batch_size,
+        )
+    raise NotImplementedError(f"engine {cfg.engine.value!r} is not available in this build")

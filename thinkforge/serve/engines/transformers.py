@@ -1,0 +1,376 @@
+"""The transformers engine: a batched decode loop with budget forcing and a kept KV cache.
+
+Requests are prefilled once (left padded), then decoded together one token per step with
+``model(next_tokens, cache=...)``. Each sequence's ``BudgetState`` turns the sampled
+token into the token to append, so forced tokens (waits, delimiters, answer prefix) are
+just the next inputs: no prompt is ever prefilled twice. Finished sequences leave the
+batch between steps and waiting ones join (their caches are left padded to one length).
+
+    engine = TransformersEngine("/models/s1-tiny", template=TemplateFamily.S1)
+    engine.load()
+    for event in engine.generate(requests):
+        ...
+
+CPU or one GPU; meant for small models, tests and the demo (vLLM serves big ones).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from thinkforge.jobs.config import TemplateFamily
+from thinkforge.serve.budget import BudgetState, DelimiterSpec, Phase, TokenStep
+from thinkforge.serve.engine import (
+    END_OF_TURN,
+    EngineEvent,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    TokenEvent,
+    TokenPhase,
+    Usage,
+    budget_from_params,
+    delimiters_for,
+)
+
+__all__ = ["TransformersEngine"]
+
+
+class Detokenizer:
+    """Incremental detokenization: text deltas that never split a UTF-8 character."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # a few tokens of left context: decoding alone may drop spaces
+        self._read = 0
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        return self._delta(final=False)
+
+    def flush(self) -> str:
+        """Release what is held back (an incomplete character) and start a new segment."""
+        text = self._delta(final=True)
+        self._ids, self._prefix, self._read = [], 0, 0
+        return text
+
+    def _delta(self, *, final: bool) -> str:
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return after[len(before) :]
+
+    def _decode(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        text: str = self._tok.decode(ids, skip_special_tokens=True)
+        return text
+
+
+class StopStrings:
+    """Cuts the answer text at the first stop string, holding back a possible prefix."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._hold = max((len(s) for s in self._stops), default=1) - 1
+        self._buf = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Return (text to release, whether a stop string was hit)."""
+        self._buf += text
+        hits = [i for s in self._stops if (i := self._buf.find(s)) >= 0]
+        if hits:
+            out, self._buf = self._buf[: min(hits)], ""
+            return out, True
+        cut = max(len(self._buf) - self._hold, 0)
+        out, self._buf = self._buf[:cut], self._buf[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self._buf = self._buf, ""
+        return out
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    state: BudgetState
+    detok: Detokenizer
+    stops: StopStrings
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)
+    finish: FinishReason | None = None
+    _last_phase: Phase | None = None
+    _stop_hit: bool = False
+    _out: list[str] = field(default_factory=lambda: ["", ""])
+
+    def take(self, step: TokenStep) -> TokenEvent:
+        """Append a token: route its text, apply stop strings, set the finish reason."""
+        self.tokens.append(step.token_id)
+        self._out = ["", ""]
+        if self._last_phase not in (None, step.phase):
+            self._route(self._last_phase, self.detok.flush())  # a segment ended
+        self._last_phase = step.phase
+        self._route(step.phase, self.detok.push(step.token_id))
+        if step.done:
+            self.finish = FinishReason.STOP
+        elif (
+            self.finish is None and len(self.tokens) >= self.request.sampling.max_completion_tokens
+        ):
+            self.finish = FinishReason.LENGTH
+        if self.finish is not None:
+            self._route(step.phase, self.detok.flush())
+            self._route(Phase.ANSWER, self.stops.flush(), filtered=False)
+        reasoning, content = self._out
+        self.reasoning.append(reasoning)
+        self.content.append(content)
+        phase = TokenPhase.of(step.phase)
+        return TokenEvent(
+            self.request.request_id, step.token_id, phase, step.forced, reasoning, content
+        )
+
+    def _route(self, phase: Phase, text: str, *, filtered: bool = True) -> None:
+        # Control tokens carry no text, and nothing after a stop string is released.
+        if not text or phase is Phase.CONTROL or self._stop_hit:
+            return
+        if phase is Phase.THINKING:
+            self._out[0] += text
+            return
+        if filtered:
+            text, self._stop_hit = self.stops.push(text)
+            if self._stop_hit:
+                self.finish = FinishReason.STOP
+        self._out[1] += text
+
+    def result(self) -> GenerationResult:
+        assert self.finish is not None
+        summary = self.state.summary()
+        usage = Usage(len(self.request.prompt_ids), len(self.tokens), summary.tokens)
+        return GenerationResult(
+            request_id=self.request.request_id,
+            finish_reason=self.finish,
+            usage=usage,
+            thinking=summary,
+            token_ids=list(self.tokens),
+            reasoning_text="".join(self.reasoning),
+            content_text="".join(self.content),
+        )
+
+
+def _sample(logits: torch.Tensor, row: _Row) -> int:
+    """One token from one row's logits: greedy at temperature 0, else top-p sampling."""
+    params = row.request.sampling
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class _Batch:
+    """The sequences being decoded together: their KV cache, mask, positions, next logits."""
+
+    def __init__(self, model: Any, cache_arg: str, pad_id: int) -> None:
+        self.model, self.cache_arg, self.pad_id = model, cache_arg, pad_id
+        self.device = next(model.parameters()).device
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.logits = torch.zeros(0, 0, device=self.device)
+
+    def add(self, rows: list[_Row]) -> None:
+        """Prefill new rows together, then merge them into the running batch."""
+        prompts = [list(r.request.prompt_ids) for r in rows]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(ids, mask, positions, cache)
+        if not self.rows:
+            self.cache, self.mask = cache, mask
+        else:
+            self._merge(cache, mask)
+        self.rows += rows
+        self.positions = torch.cat([self.positions, positions[:, -1] + 1])
+        self.logits = torch.cat([self.logits, logits]) if self.logits.numel() else logits
+
+    def step(self) -> Iterator[EngineEvent]:
+        """Append one token to every row, emit events, drop finished rows, run the model."""
+        greedy = torch.argmax(self.logits, dim=-1).tolist()
+        next_ids: list[int] = []
+        for i, row in enumerate(self.rows):
+            if row.state.next_forced() is not None or row.request.sampling.temperature == 0:
+                sampled = greedy[i]  # ignored when a token is forced
+            else:
+                sampled = _sample(self.logits[i], row)
+            step = row.state.advance(sampled)
+            next_ids.append(step.token_id)
+            yield row.take(step)
+            if row.finish is not None:
+                yield row.result()
+        keep = [i for i, row in enumerate(self.rows) if row.finish is None]
+        if len(keep) < len(self.rows):
+            self._keep(keep)
+        if self.rows:
+            ids = torch.tensor([[next_ids[i]] for i in keep], device=self.device)
+            ones = torch.ones(len(keep), 1, dtype=torch.long, device=self.device)
+            self.mask = torch.cat([self.mask, ones], dim=-1)
+            self.logits = self._forward(ids, self.mask, self.positions[:, None], self.cache)
+            self.positions = self.positions + 1
+
+    @torch.inference_mode()
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        kwargs = {self.cache_arg: cache}
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
+        logits: torch.Tensor = out.logits[:, -1, :].float()
+        return logits
+
+    def _keep(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache, self.mask = None, self.mask[:0]
+            self.positions, self.logits = self.positions[:0], self.logits[:0]
+            return
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        self.logits = self.logits[index]
+        # Columns that are padding for every remaining row cost attention time: trim them.
+        live = int(self.mask.any(dim=0).float().argmax())
+        if live > 0:
+            self.mask = self.mask[:, live:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, live:], layer.values[:, :, live:]
+
+    def _merge(self, cache: Any, mask: torch.Tensor) -> None:
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, width, 2), _left_pad(new.keys, width, 2)])
+            old.values = torch.cat(
+                [_left_pad(old.values, width, 2), _left_pad(new.values, width, 2)]
+            )
+
+
+class TransformersEngine:
+    """Engine over a Hugging Face causal LM loaded from a local directory."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        template: TemplateFamily | str = TemplateFamily.S1,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 8,
+    ) -> None:
+        self.model_path = model_path
+        self.template = TemplateFamily(template)
+        self.device = device
+        self.dtype = dtype
+        self.max_batch_size = max_batch_size
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.spec: DelimiterSpec | None = None
+
+    def load(self) -> None:
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        model: Any = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        self.model = model.to(device).eval()
+        # transformers 5.x renamed past_key_values to cache; accept both spellings.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.spec = delimiters_for(self.template, self._encode, self._stop_ids())
+
+    def health(self) -> bool:
+        return self.model is not None and self.spec is not None
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[EngineEvent]:
+        """Decode the requests, at most ``max_batch_size`` at a time; new ones join as
+        others finish."""
+        if not self.health():
+            raise RuntimeError("the engine is not loaded: call load() first")
+        for request in requests:
+            if not request.prompt_ids:
+                raise ValueError(f"request {request.request_id!r} has an empty prompt")
+        waiting = deque(requests)
+        batch = _Batch(self.model, self._cache_arg, self._pad_id())
+        while waiting or batch.rows:
+            free = self.max_batch_size - len(batch.rows)
+            if waiting and free > 0:
+                batch.add([self._row(waiting.popleft()) for _ in range(min(free, len(waiting)))])
+            yield from batch.step()
+
+    def _row(self, request: GenerationRequest) -> _Row:
+        assert self.spec is not None
+        spec, prompt = self.spec, tuple(request.prompt_ids)
+        opened = len(prompt) >= len(spec.start) and prompt[-len(spec.start) :] == spec.start
+        budget = budget_from_params(request.thinking, self._encode)
+        generator = None
+        if request.sampling.seed is not None:
+            generator = torch.Generator(device=self.model.device)
+            generator.manual_seed(request.sampling.seed)
+        return _Row(
+            request=request,
+            state=BudgetState(spec, budget, prompt_opened_thinking=opened),
+            detok=Detokenizer(self.tokenizer),
+            stops=StopStrings(request.sampling.stop),
+            generator=generator,
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids
+
+    def _stop_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids(END_OF_TURN)}
+        eos = self.model.generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos])
+        unk = self.tokenizer.unk_token_id
+        return sorted(i for i in ids if isinstance(i, int) and i != unk)
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else 0)
