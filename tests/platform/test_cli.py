@@ -26,6 +26,8 @@ def test_up_keys_files_jobs(tmp_path: Path) -> None:
         **os.environ,
         "THINKFORGE_DATA_DIR": str(tmp_path / "data"),
         "THINKFORGE_START_RECONCILER": "false",
+        # Nothing listens there: this test covers the API and CLI, not Ray.
+        "THINKFORGE_RAY_ADDRESS": "http://127.0.0.1:9",
     }
     server = subprocess.Popen(
         [sys.executable, "-m", "thinkforge.cli", "up", "--port", str(port)],

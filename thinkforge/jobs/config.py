@@ -81,7 +81,8 @@ class SFTConfig(BaseModel):
 
     model: str = Field(
         default=TINY_MODEL,
-        description="local path, Hugging Face id, models:/name@alias, models:/name/N or thinkforge/tiny",
+        description="local path, Hugging Face id, models:/name@alias, models:/name/N "
+        "or thinkforge/tiny",
     )
     dataset: str = Field(default="", description="path of a JSONL file")
     validation_dataset: str | None = None
@@ -95,13 +96,16 @@ class SFTConfig(BaseModel):
     gradient_checkpointing: bool = False
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
     checkpoint_every_steps: int = Field(default=0, ge=0, description="0: only at the end")
+    checkpoints_to_keep: int | None = Field(default=None, ge=1, description="None: keep all")
     max_failures: int = Field(default=0, ge=-1)
     seed: int = Field(default=42, ge=0)
     registered_model_name: str | None = None
+    recipe: str | None = Field(default=None, description="recipe name; from_yaml: the file stem")
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> SFTConfig:
         data = yaml.safe_load(Path(path).read_text()) or {}
+        data.setdefault("recipe", Path(path).stem)
         return cls.model_validate(apply_overrides(data, overrides or []))
 
 
@@ -148,7 +152,11 @@ class ReasoningExample(BaseModel):
     answer: str
 
 
-_S1K_THINKING = ("thinking_trajectories", "deepseek_thinking_trajectory", "gemini_thinking_trajectory")
+_S1K_THINKING = (
+    "thinking_trajectories",
+    "deepseek_thinking_trajectory",
+    "gemini_thinking_trajectory",
+)
 _S1K_ANSWER = ("attempt", "deepseek_attempt", "gemini_attempt")
 
 
@@ -203,14 +211,18 @@ def _parse_s1k(obj: dict[str, Any]) -> ReasoningExample:
             thinking = value
             break
     if thinking is None:
-        raise RecordError("missing the thinking trace ('thinking_trajectories')", "thinking_trajectories")
+        raise RecordError(
+            "missing the thinking trace ('thinking_trajectories')", "thinking_trajectories"
+        )
     for key in _S1K_ANSWER:
         if key in obj:
             answer = _text(obj, key)
             break
     else:
         raise RecordError("missing the answer ('attempt')", "attempt")
-    return ReasoningExample(prompt=[Message(role="user", content=question)], thinking=thinking, answer=answer)
+    return ReasoningExample(
+        prompt=[Message(role="user", content=question)], thinking=thinking, answer=answer
+    )
 
 
 def _parse_chat(obj: dict[str, Any]) -> ReasoningExample:
@@ -224,13 +236,19 @@ def _parse_chat(obj: dict[str, Any]) -> ReasoningExample:
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])
-            raise RecordError(f"messages[{i}].{loc}: {err['msg']}", f"messages[{i}].{loc}") from None
+            raise RecordError(
+                f"messages[{i}].{loc}: {err['msg']}", f"messages[{i}].{loc}"
+            ) from None
     last = parsed[-1]
     if last.role != "assistant":
-        raise RecordError("the last message must be the assistant's", f"messages[{len(parsed) - 1}].role")
+        raise RecordError(
+            "the last message must be the assistant's", f"messages[{len(parsed) - 1}].role"
+        )
     if not any(m.role == "user" for m in parsed[:-1]):
         raise RecordError("there must be a user message before the assistant's", "messages")
-    return ReasoningExample(prompt=parsed[:-1], thinking=last.reasoning_content or "", answer=last.content)
+    return ReasoningExample(
+        prompt=parsed[:-1], thinking=last.reasoning_content or "", answer=last.content
+    )
 
 
 def iter_jsonl(path: str | Path, fmt: DatasetFormat = DatasetFormat.AUTO):

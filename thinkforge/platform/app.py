@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,10 +25,12 @@ from thinkforge.platform.launcher import JobLauncher
 from thinkforge.platform.middleware import BodyLimitMiddleware
 from thinkforge.platform.migrations import upgrade
 from thinkforge.platform.models import DEFAULT_PROJECT
+from thinkforge.platform.ray_cluster import LocalRayCluster, free_port
 from thinkforge.platform.reconciler import Reconciler
 from thinkforge.platform.routes import files, jobs
 from thinkforge.platform.schemas import Health
 from thinkforge.platform.settings import Settings
+from thinkforge.platform.tracker import RunTracker
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +51,23 @@ def create_app(settings: Settings | None = None, *, launcher: JobLauncher | None
     settings = settings or Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.database_url)
+    cluster = None
+    if launcher is None:
+        launcher, cluster = ray_launcher_for(settings)
     ctx = AppContext(
         settings=settings,
         engine=engine,
         sessions=make_sessionmaker(engine),
-        launcher=launcher or _default_launcher(settings),
+        launcher=launcher,
+        tracker=RunTracker(
+            tracking_uri=settings.mlflow_tracking_uri, storage_path=settings.storage_path
+        ),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if cluster is not None:
+            cluster.start_in_background()
         if settings.migrate_on_start:
             upgrade(settings.database_url)
         with ctx.sessions.begin() as session:
@@ -72,6 +83,8 @@ def create_app(settings: Settings | None = None, *, launcher: JobLauncher | None
         finally:
             app.state.ready = False
             reconciler.stop()
+            if cluster is not None:
+                cluster.stop()
             engine.dispose()
 
     app = FastAPI(
@@ -95,10 +108,30 @@ def create_app(settings: Settings | None = None, *, launcher: JobLauncher | None
     return app
 
 
-def _default_launcher(settings: Settings) -> JobLauncher:
+def ray_launcher_for(settings: Settings) -> tuple[JobLauncher, LocalRayCluster | None]:
+    """Ray at ``settings.ray_address`` (a dashboard URL), or a local head owned by this app."""
     from thinkforge.platform.ray_launcher import RayJobLauncher
 
-    return RayJobLauncher(settings)
+    token = settings.ray_auth_token.get_secret_value() if settings.ray_auth_token else None
+    common: dict[str, Any] = {
+        "mlflow_tracking_uri": settings.mlflow_tracking_uri,
+        "mlflow_artifact_root": settings.mlflow_artifact_root,
+        "storage_path": settings.storage_path,
+        "data_dir": str(settings.data_dir),
+    }
+    if settings.ray_address:
+        return RayJobLauncher(settings.ray_address, token=token, **common), None
+    cluster = LocalRayCluster(
+        num_cpus=settings.ray_num_cpus,
+        dashboard_port=settings.ray_dashboard_port,
+        gcs_port=free_port(),
+        log_path=settings.data_dir / "ray-head.log",
+        token=token,
+    )
+    launcher = RayJobLauncher(
+        cluster.dashboard_url, token=cluster.token, wait_ready=cluster.wait_until_up, **common
+    )
+    return launcher, cluster
 
 
 def _health_router():  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.platform.auth import Principal, authenticate
 from thinkforge.platform.launcher import JobLauncher
+from thinkforge.platform.reconciler import ProgressTracker
 from thinkforge.platform.settings import Settings
 
 
@@ -22,6 +23,7 @@ class AppContext:
     engine: Engine
     sessions: sessionmaker[Session]
     launcher: JobLauncher
+    tracker: ProgressTracker | None = None
     extras: dict[str, object] = field(default_factory=dict)
 
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,8 +62,28 @@ class LocalRayCluster:
         self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
         self.gcs_address = f"127.0.0.1:{gcs_port}"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._up = threading.Event()
+        self._error: BaseException | None = None
 
-    def start(self, timeout_s: float = 120) -> LocalRayCluster:
+    def start_in_background(self) -> None:
+        """Start without blocking; users call ``wait_until_up`` before they need the cluster."""
+
+        def run() -> None:
+            try:
+                self.start()
+            except BaseException as exc:  # kept for wait_until_up to raise in the caller
+                self._error = exc
+                self._up.set()
+
+        threading.Thread(target=run, name="ray-head-start", daemon=True).start()
+
+    def wait_until_up(self, timeout_s: float = 300) -> None:
+        if not self._up.wait(timeout_s):
+            raise RuntimeError(f"the local Ray cluster did not start within {timeout_s}s")
+        if self._error is not None:
+            raise RuntimeError(f"the local Ray cluster failed to start: {self._error}")
+
+    def start(self, timeout_s: float = 180) -> LocalRayCluster:
         bindir = str(Path(sys.executable).parent)
         cmd = [
             os.path.join(bindir, "ray"), "start", "--head", "--block", "--disable-usage-stats",
@@ -95,9 +116,10 @@ class LocalRayCluster:
                 self.stop()
                 raise RuntimeError(f"the Ray dashboard at {self.dashboard_url} did not come up")
             time.sleep(0.5)
+        self._up.set()
         return self
 
-    def stop(self, timeout_s: float = 30) -> None:
+    def stop(self, timeout_s: float = 10) -> None:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return

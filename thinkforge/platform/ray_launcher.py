@@ -13,6 +13,7 @@ import json
 import logging
 import shlex
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from thinkforge.platform.launcher import LaunchSpec, LaunchState, LaunchStatus
@@ -33,6 +34,7 @@ class RayJobLauncher:
         data_dir: str,
         python: str = "python",
         env: dict[str, str] | None = None,
+        wait_ready: Callable[[], None] | None = None,
     ) -> None:
         self.dashboard_url = dashboard_url
         self.token = token
@@ -42,10 +44,13 @@ class RayJobLauncher:
         self.data_dir = data_dir
         self.python = python
         self.env = env or {}
+        self._wait_ready = wait_ready
         self._client: Any = None
         self._lock = threading.Lock()
 
     def client(self) -> Any:
+        if self._wait_ready is not None:
+            self._wait_ready()
         with self._lock:
             if self._client is None:
                 from ray.job_submission import JobSubmissionClient

@@ -1,0 +1,127 @@
+"""End to end on a local Ray cluster: 2-worker DDP training through the job entrypoint,
+MLflow run and registered version, checkpoints, and exact resume after a worker failure."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from thinkforge.jobs.__main__ import main
+from thinkforge.jobs.checkpoints import list_checkpoints
+from thinkforge.jobs.config import SFTConfig
+from thinkforge.jobs.synthetic import write_jsonl
+from thinkforge.jobs.tracking import MANIFEST_FILE, verify_manifest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def config(workdir: Path) -> SFTConfig:
+    data = write_jsonl(workdir / "sums.jsonl", n=128, seed=0)
+    return SFTConfig.model_validate(
+        {
+            "dataset": str(data),
+            "block_size": 128,
+            "checkpoint_every_steps": 4,
+            "seed": 0,
+            "recipe": "test",
+            "hyperparameters": {
+                "learning_rate": 3e-3,
+                "n_epochs": 2,
+                "batch_size": 16,
+                "micro_batch_size": 4,
+            },
+            "resources": {"num_workers": 2},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_job(ray_cluster: None, workdir: Path, data_dir: Path, config: SFTConfig) -> Any:
+    """One uninterrupted job through the entrypoint, as the control plane runs it."""
+    config_path = workdir / "job.json"
+    config_path.write_text(config.model_dump_json())
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    argv = ["--job-id", "job-a", "--config", str(config_path), "--mlflow-uri", uri]
+    argv += ["--mlflow-artifact-root", str(workdir / "artifacts")]
+    argv += ["--storage-path", str(workdir / "ckpt"), "--data-dir", str(data_dir)]
+    assert main(argv) == 0
+    return uri
+
+
+def test_loss_falls_and_checkpoints_are_saved(finished_job: str, workdir: Path) -> None:
+    checkpoints = list_checkpoints(workdir / "ckpt", "job-a")
+    assert [c.step for c in checkpoints] == [4, 8, 12, 16]
+    assert checkpoints[-1].epoch == 2.0
+    final = checkpoints[-1].path
+    assert {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"} <= {
+        p.name for p in final.iterdir()
+    }
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(final)
+
+
+def test_mlflow_run_and_registered_version(finished_job: str, workdir: Path) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=finished_job, registry_uri=finished_job)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("thinkforge").experiment_id], "tags.job_id = 'job-a'"
+    )
+    assert run.info.run_name == "job-a" and run.info.status == "FINISHED"
+    assert run.data.tags["base_model"] == "thinkforge/tiny" and run.data.tags["recipe"] == "test"
+    assert len(run.data.tags["dataset_sha256"]) == 64
+    assert run.data.params["hyperparameters.learning_rate"] == "0.003"
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(losses) == 16 and losses[-1] < 0.7 * losses[0]
+    assert {"lr", "grad_norm", "tokens_per_s", "epoch", "step"} <= set(run.data.metrics)
+    (version,) = client.search_model_versions("name = 'thinkforge-tiny-sft'")
+    assert int(version.version) == 1 and version.run_id == run.info.run_id
+    assert version.tags["job_id"] == "job-a"
+    assert version.tags["dataset_sha256"] == run.data.tags["dataset_sha256"]
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=version.source, dst_path=str(workdir / "dl"), tracking_uri=finished_job
+    )
+    manifest = json.loads((Path(local) / MANIFEST_FILE).read_text())
+    assert "model.safetensors" in manifest and "trainer_state.pt" not in manifest
+    assert verify_manifest(local) == []
+
+
+def test_resume_after_a_worker_failure_is_exact(
+    finished_job: str, workdir: Path, data_dir: Path, config: SFTConfig
+) -> None:
+    from thinkforge.jobs.sft import run_training
+    from thinkforge.jobs.tiny import ensure_tiny_model
+
+    retrying = config.model_copy(update={"max_failures": 1})
+    result = run_training(
+        retrying,
+        "job-b",
+        str(workdir / "ckpt"),
+        model_path=str(ensure_tiny_model(data_dir)),
+        fail_at_step=6,  # the first attempt dies before step 6; the retry resumes at 4
+    )
+    assert result.error is None
+    resumed = {c.step: c.metrics["loss"] for c in list_checkpoints(workdir / "ckpt", "job-b")}
+    straight = {c.step: c.metrics["loss"] for c in list_checkpoints(workdir / "ckpt", "job-a")}
+    assert resumed == pytest.approx(straight, rel=1e-6)

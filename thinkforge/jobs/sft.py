@@ -1,0 +1,499 @@
+"""The SFT training loop (one copy per Ray Train worker) and the driver that launches it.
+
+``run_training`` builds a ``TorchTrainer`` (Ray Train V2, the default in Ray 2.60) whose
+workers run ``train_loop_per_worker``: load model and tokenizer with ``from_pretrained``,
+wrap with ``prepare_model`` (DDP on gloo/NCCL, FSDP on GPUs), accumulate gradients up to
+the global batch, AdamW with linear warmup then cosine (or linear/constant) decay, bf16
+autocast on GPUs, gradient clipping, per-step metrics to MLflow from rank 0, and
+checkpoints reported with ``ray.train.report`` (layout: ``thinkforge.jobs.checkpoints``).
+
+Resume is exact: the data order is a pure function of (seed, epoch), so a worker that
+restarts from the checkpoint of step ``s`` skips the batches of steps before ``s`` in
+that epoch and restores optimizer, scheduler and RNG state. This holds both for worker
+failures (``FailureConfig.max_failures``) and for a resubmitted job: the same
+``RunConfig(name=job_id, storage_path=...)`` makes Ray Train hand back the latest checkpoint.
+
+    result = run_training(cfg, job_id, storage_path, model_path=path,
+                          tracking_uri=uri, run_id=run_id)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from thinkforge.jobs.checkpoints import STATE_FILE, TRAINER_STATE_FILE, checkpoint_dir_name
+from thinkforge.jobs.config import SFTConfig
+from thinkforge.jobs.data import TokenizedExample, collate, ensure_pad_token, load_examples
+
+__all__ = [
+    "EpochSampler",
+    "TrainPlan",
+    "lr_lambda",
+    "plan_steps",
+    "run_training",
+    "train_loop_per_worker",
+]
+
+EVENT_PREFIX = "THINKFORGE_EVENT"
+
+
+def emit_event(event: str, **fields: Any) -> None:
+    """One machine-readable progress line for the driver log: ``THINKFORGE_EVENT {json}``."""
+    print(f"{EVENT_PREFIX} {json.dumps({'event': event, **fields}, sort_keys=True)}", flush=True)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    world_size: int
+    micro_batch_size: int
+    accumulation: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def plan_steps(
+    n_sequences: int,
+    *,
+    world_size: int,
+    micro_batch_size: int,
+    global_batch_size: int,
+    n_epochs: int,
+    max_steps: int | None,
+    warmup_ratio: float,
+) -> TrainPlan:
+    """How many micro-batches make a step, and how many steps the job takes."""
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step:
+        raise ValueError(
+            f"batch_size {global_batch_size} is not a multiple of micro_batch_size x "
+            f"num_workers = {per_step}; change one of them"
+        )
+    accumulation = global_batch_size // per_step
+    steps_per_epoch = n_sequences // global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the dataset has {n_sequences} training sequences, fewer than one global batch "
+            f"({global_batch_size}); lower hyperparameters.batch_size"
+        )
+    total = steps_per_epoch * n_epochs
+    if max_steps is not None:
+        total = min(total, max_steps)
+    warmup = math.ceil(warmup_ratio * total)
+    return TrainPlan(world_size, micro_batch_size, accumulation, steps_per_epoch, total, warmup)
+
+
+def lr_lambda(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier per step: linear warmup, then cosine/linear decay to 0, or constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class EpochSampler(Sampler[int]):
+    """This rank's share of a permutation fixed by (seed, epoch), from a start offset.
+
+    Unlike ``DistributedSampler`` it can start mid-epoch, which is how a resumed worker
+    skips exactly the samples it consumed before the checkpoint.
+    """
+
+    def __init__(self, n: int, *, rank: int, world_size: int, seed: int) -> None:
+        self.n, self.rank, self.world_size, self.seed = n, rank, world_size, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        per_rank = self.n // self.world_size
+        return order[self.rank :: self.world_size][:per_rank]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start :])
+
+    def __len__(self) -> int:
+        return self.n // self.world_size - self.start
+
+
+@dataclass
+class _Worker:
+    """What one worker holds while training."""
+
+    cfg: SFTConfig
+    rank: int
+    model: Any
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    loader: Any
+    sampler: EpochSampler
+    plan: TrainPlan
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]]
+    step: int = 0
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The function Ray Train runs on every worker (see ``run_training``)."""
+    import ray.train
+
+    from thinkforge.jobs.tracking import MetricLogger
+
+    cfg = SFTConfig.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    checkpoint = ray.train.get_checkpoint()
+    source_cm = checkpoint.as_directory() if checkpoint else contextlib.nullcontext()
+    with source_cm as ckpt_dir:
+        worker = _build_worker(cfg, loop_config["model_path"], ckpt_dir, rank, world)
+    logger = None
+    if rank == 0 and loop_config.get("run_id"):
+        logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
+    fail_at = loop_config.get("fail_at_step")  # test hook: fail once, before any resume
+    if fail_at is not None and checkpoint is not None:
+        fail_at = None
+    if rank == 0:
+        emit_event("training_started", step=worker.step, **asdict(worker.plan))
+    _train(worker, logger, fail_at)
+    if logger is not None:
+        logger.flush()
+
+
+def _build_worker(
+    cfg: SFTConfig, model_path: str, ckpt_dir: str | None, rank: int, world: int
+) -> _Worker:
+    import ray.train.torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = ckpt_dir or model_path
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    ensure_pad_token(tokenizer)
+    examples, stats = load_examples(
+        cfg.dataset,
+        tokenizer,
+        fmt=cfg.format,
+        template=cfg.template,
+        block_size=cfg.block_size,
+        overlong=cfg.overlong,
+        packing=cfg.packing,
+    )
+    if rank == 0:
+        emit_event("data", **stats.as_dict())
+    hp = cfg.hyperparameters
+    plan = plan_steps(
+        len(examples),
+        world_size=world,
+        micro_batch_size=hp.micro_batch_size,
+        global_batch_size=hp.batch_size,
+        n_epochs=hp.n_epochs,
+        max_steps=hp.max_steps,
+        warmup_ratio=hp.warmup_ratio,
+    )
+    device = ray.train.torch.get_device()
+    model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = ray.train.torch.prepare_model(
+        model,
+        parallel_strategy=cfg.resources.strategy,
+        parallel_strategy_kwargs=_fsdp_kwargs(model) if cfg.resources.strategy == "fsdp" else {},
+    )
+    optimizer = _optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(hp.lr_scheduler, plan.warmup_steps, plan.total_steps)
+    )
+    dtype = _autocast_dtype(cfg.mixed_precision, device)
+    sampler = EpochSampler(len(examples), rank=rank, world_size=world, seed=cfg.seed)
+    loader = _loader(examples, sampler, hp.micro_batch_size, tokenizer.pad_token_id, cfg.packing)
+    worker = _Worker(
+        cfg=cfg,
+        rank=rank,
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype is torch.float16),
+        loader=loader,
+        sampler=sampler,
+        plan=plan,
+        autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+    )
+    if ckpt_dir:
+        _restore_state(worker, Path(ckpt_dir))
+    return worker
+
+
+def _loader(
+    examples: list[TokenizedExample], sampler: EpochSampler, micro: int, pad_id: int, packed: bool
+) -> Any:
+    import ray.train.torch
+
+    loader: DataLoader[Any] = DataLoader(
+        examples,  # type: ignore[arg-type]  # a list is a valid map-style dataset
+        batch_size=micro,
+        sampler=sampler,
+        collate_fn=lambda batch: collate(batch, pad_id, packed=packed),
+        drop_last=True,
+    )
+    # Our sampler already shards by rank; Ray only moves batches to the device.
+    return ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
+
+
+def _autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or setting == "no":
+        return None
+    return torch.float16 if setting == "fp16" else torch.bfloat16
+
+
+def _fsdp_kwargs(model: Any) -> dict[str, Any]:
+    """Shard each decoder layer as one FSDP unit (what s1's FSDP config does)."""
+    import functools
+
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    layer_cls = {type(layer) for layer in model.model.layers}
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_cls)
+    return {"auto_wrap_policy": policy, "use_orig_params": True}
+
+
+def _optimizer(model: Any, cfg: SFTConfig) -> torch.optim.Optimizer:
+    """AdamW; like HF Trainer, no weight decay on biases and norm weights (1-D params)."""
+    hp = cfg.hyperparameters
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.adam_beta1, hp.adam_beta2))
+
+
+def _train(worker: _Worker, logger: Any, fail_at: int | None) -> None:
+    plan, cfg = worker.plan, worker.cfg
+    every = cfg.checkpoint_every_steps
+    while worker.step < plan.total_steps:
+        epoch, done_in_epoch = divmod(worker.step, plan.steps_per_epoch)
+        per_step = plan.accumulation * plan.micro_batch_size
+        worker.sampler.set_epoch(epoch, start=done_in_epoch * per_step)
+        batches = iter(worker.loader)
+        for _ in range(done_in_epoch, plan.steps_per_epoch):
+            if fail_at is not None and worker.step + 1 == fail_at:
+                raise RuntimeError(f"injected failure before step {fail_at} (test hook)")
+            micro = [next(batches) for _ in range(plan.accumulation)]
+            metrics = _train_step(worker, micro)
+            if logger is not None:
+                logger.log(metrics, step=worker.step)
+            last = worker.step >= plan.total_steps
+            if last or (every and worker.step % every == 0):
+                if logger is not None:
+                    logger.flush()
+                _save_checkpoint(worker, metrics)
+            if last:
+                return
+
+
+def _train_step(worker: _Worker, micro: list[dict[str, Any]]) -> dict[str, float]:
+    """One optimizer step over ``accumulation`` micro-batches; returns global metrics."""
+    import torch.distributed as dist
+
+    started = time.perf_counter()
+    model, plan = worker.model, worker.plan
+    loss_sum = torch.zeros((), dtype=torch.float32)
+    tokens = 0
+    for i, batch in enumerate(micro):
+        # Only the last micro-batch all-reduces gradients (DDP/FSDP no_sync).
+        syncing = i == len(micro) - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if syncing else model.no_sync(), worker.autocast():
+            loss = model(**batch).loss
+        worker.scaler.scale(loss / plan.accumulation).backward()
+        loss_sum += loss.detach().float().cpu()
+        tokens += int(batch["input_ids"].ne(worker.tokenizer.pad_token_id).sum())
+    worker.scaler.unscale_(worker.optimizer)
+    max_norm = worker.cfg.hyperparameters.max_grad_norm
+    if hasattr(model, "clip_grad_norm_"):  # FSDP shards gradients: clip across ranks
+        grad_norm = model.clip_grad_norm_(max_norm)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    lr = float(worker.scheduler.get_last_lr()[0])
+    worker.scaler.step(worker.optimizer)
+    worker.scaler.update()
+    worker.scheduler.step()
+    worker.optimizer.zero_grad(set_to_none=True)
+    worker.step += 1
+    device = micro[0]["input_ids"].device  # NCCL reduces device tensors, gloo CPU ones
+    totals = torch.tensor([float(loss_sum) / len(micro), float(tokens)], device=device)
+    if plan.world_size > 1:
+        dist.all_reduce(totals)
+    elapsed = time.perf_counter() - started
+    return {
+        "loss": float(totals[0]) / plan.world_size,
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+        "tokens_per_s": float(totals[1]) / elapsed,
+        "epoch": worker.step / plan.steps_per_epoch,
+        "step": float(worker.step),
+    }
+
+
+def _unwrap(model: Any) -> Any:
+    return model.module if hasattr(model, "module") else model
+
+
+def _gather_states(worker: _Worker) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Full model and optimizer state dicts; under FSDP every rank must take part."""
+    model = worker.model
+    if not _is_fsdp(model):
+        return None, worker.optimizer.state_dict()
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(
+        model,
+        StateDictType.FULL_STATE_DICT,
+        FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
+        FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True),
+    ):
+        return model.state_dict(), FSDP.optim_state_dict(model, worker.optimizer)
+
+
+def _is_fsdp(model: Any) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return isinstance(model, FSDP)
+
+
+def _save_checkpoint(worker: _Worker, metrics: dict[str, float]) -> None:
+    """Rank 0 writes a HF directory + trainer state; every rank calls report (a barrier)."""
+    import ray.train
+
+    model_state, optim_state = _gather_states(worker)
+    name = checkpoint_dir_name(worker.step)
+    if worker.rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        return
+    with tempfile.TemporaryDirectory(prefix="thinkforge-ckpt-") as tmp:
+        out = Path(tmp)
+        _unwrap(worker.model).save_pretrained(out, state_dict=model_state)
+        worker.tokenizer.save_pretrained(out)
+        trainer_state = {
+            "optimizer": optim_state,
+            "scheduler": worker.scheduler.state_dict(),
+            "step": worker.step,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        torch.save(trainer_state, out / TRAINER_STATE_FILE)
+        _write_state_file(out, worker.step, metrics)
+        checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    emit_event("checkpoint", step=worker.step, name=name, loss=metrics["loss"])
+
+
+def _write_state_file(directory: Path, step: int, metrics: dict[str, float]) -> None:
+    # The file list lets readers tell a fully copied checkpoint from one being uploaded.
+    files = {
+        p.relative_to(directory).as_posix(): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+    state = {"step": step, "epoch": metrics["epoch"], "metrics": metrics, "files": files}
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def _restore_state(worker: _Worker, directory: Path) -> None:
+    """Optimizer, scheduler, step and RNG from a checkpoint (weights came via from_pretrained)."""
+    state = torch.load(directory / TRAINER_STATE_FILE, weights_only=False, map_location="cpu")
+    optim_state = state["optimizer"]
+    if _is_fsdp(worker.model):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        optim_state = FSDP.optim_state_dict_to_load(worker.model, worker.optimizer, optim_state)
+    worker.optimizer.load_state_dict(optim_state)
+    worker.scheduler.load_state_dict(state["scheduler"])
+    worker.step = int(state["step"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+
+
+def run_training(
+    config: SFTConfig,
+    job_id: str,
+    storage_path: str,
+    *,
+    model_path: str,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    fail_at_step: int | None = None,
+) -> Any:
+    """Run the job's TorchTrainer to completion and return its ``ray.train.Result``.
+
+    ``model_path`` is the resolved base model (see ``tiny.resolve_base_model``). Calling
+    this again with the same ``job_id`` and ``storage_path`` resumes from the latest
+    checkpoint. ``fail_at_step`` makes the first attempt fail before that step (tests).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.constants import is_v2_enabled
+
+    if not is_v2_enabled():  # report(checkpoint_dir_name=...) and job-level resume are V2's
+        raise RuntimeError("thinkforge needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED=0")
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).absolute())  # Ray wants absolute local paths
+    res = config.resources
+    use_gpu = res.gpus_per_worker > 0
+    resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
+    loop_config = {
+        "config": config.model_dump(mode="json"),
+        "model_path": model_path,
+        "tracking_uri": tracking_uri,
+        "run_id": run_id,
+        "fail_at_step": fail_at_step,
+    }
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+        # Ray's print patch would echo every THINKFORGE_EVENT line twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        # ray.train re-exports the V2 RunConfig at run time; mypy sees the V1 signature.
+        run_config=RunConfig(  # type: ignore[call-arg]
+            name=job_id,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    return trainer.fit()

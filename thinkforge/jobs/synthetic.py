@@ -1,0 +1,117 @@
+"""A synthetic reasoning task in s1K format where thinking measurably helps.
+
+Each question asks for the sum of a few single digits; the thinking trace writes the
+running sums one line per step and the attempt is the total:
+
+    {"question": "Sum: 3 5 2 7",
+     "thinking_trajectories": ["3+5=8\\n8+2=10\\n10+7=17"],
+     "attempt": "17"}
+
+Each trace step is one fact from a small addition table, which a tiny model learns in
+a few CPU minutes; producing the total of 3-5 digits in one shot is much harder. So a
+model trained on the traces answers well with its full thinking budget and poorly
+when budget forcing cuts thinking short: the effect the demo and issue 6 measure.
+
+    train, test = train_test_split(n_train=2000, n_test=200, seed=0)
+    write_jsonl("train.jsonl", n=2000, seed=0)
+    extract_answer("Answer: 17")  # -> "17"
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "extract_answer",
+    "generate",
+    "make_record",
+    "train_test_split",
+    "write_jsonl",
+    "write_records",
+]
+
+Record = dict[str, Any]
+
+
+def make_record(terms: list[int]) -> Record:
+    """The s1K row for one list of terms: running sums in the trace, the total as attempt."""
+    if len(terms) < 2:
+        raise ValueError("a sum needs at least two terms")
+    steps, total = [], terms[0]
+    for term in terms[1:]:
+        steps.append(f"{total}+{term}={total + term}")
+        total += term
+    return {
+        "question": "Sum: " + " ".join(str(t) for t in terms),
+        "thinking_trajectories": ["\n".join(steps)],
+        "attempt": str(total),
+    }
+
+
+def _draw_terms(rng: random.Random, min_terms: int, max_terms: int, max_digit: int) -> list[int]:
+    return [rng.randint(0, max_digit) for _ in range(rng.randint(min_terms, max_terms))]
+
+
+def generate(
+    n: int, seed: int = 0, *, min_terms: int = 3, max_terms: int = 5, max_digit: int = 9
+) -> list[Record]:
+    """``n`` records drawn with their own seeded RNG (questions may repeat)."""
+    if not 2 <= min_terms <= max_terms:
+        raise ValueError("need 2 <= min_terms <= max_terms")
+    rng = random.Random(seed)
+    return [make_record(_draw_terms(rng, min_terms, max_terms, max_digit)) for _ in range(n)]
+
+
+def train_test_split(
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    *,
+    min_terms: int = 3,
+    max_terms: int = 5,
+    max_digit: int = 9,
+) -> tuple[list[Record], list[Record]]:
+    """A training set and a held-out set with no question in common.
+
+    The held-out questions are drawn first and distinct, then training questions are
+    drawn until ``n_train`` of them avoid the held-out set.
+    """
+    rng = random.Random(seed)
+    test: dict[str, Record] = {}
+    while len(test) < n_test:
+        rec = make_record(_draw_terms(rng, min_terms, max_terms, max_digit))
+        test.setdefault(rec["question"], rec)
+    train: list[Record] = []
+    while len(train) < n_train:
+        rec = make_record(_draw_terms(rng, min_terms, max_terms, max_digit))
+        if rec["question"] not in test:
+            train.append(rec)
+    return train, list(test.values())
+
+
+def write_jsonl(path: str | Path, n: int, seed: int = 0, **kwargs: int) -> Path:
+    """Write ``generate(n, seed, **kwargs)`` as JSONL; returns the path."""
+    return write_records(path, generate(n, seed, **kwargs))
+
+
+def write_records(path: str | Path, records: list[Record]) -> Path:
+    """Write records as JSONL (e.g. the two halves of ``train_test_split``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec) + "\n")
+    return path
+
+
+_LAST_INT = re.compile(r"(-?\d+)(?!.*\d)", re.DOTALL)
+
+
+def extract_answer(text: str) -> str | None:
+    """The last integer in a completion's answer text, or None when there is none."""
+    match = _LAST_INT.search(text)
+    return match.group(1) if match else None

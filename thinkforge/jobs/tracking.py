@@ -1,0 +1,234 @@
+"""MLflow for a fine-tune job: one run per job, per-step metrics, the registered model.
+
+The driver opens (or, after a restart, reopens) the run tagged with the job id, rank 0
+of the training workers logs per-step metrics into it, and at the end the driver logs
+the final Hugging Face directory under the run's ``model/`` artifacts with a sha256
+``manifest.json`` and registers it as a new version of the registered model:
+
+    run_id = open_job_run(tracking_uri=uri, job_id=job_id, config=cfg, ...)
+    logger = MetricLogger(uri, run_id); logger.log({"loss": 1.2}, step=3); logger.flush()
+    ref = register_model(tracking_uri=uri, run_id=run_id, model_dir=final, ...)  # "name/3"
+
+Run tags: ``job_id``, ``base_model``, ``dataset_sha256``, ``recipe``; version tags:
+``job_id``, ``base_model``, ``dataset_sha256``, ``manifest_sha256``. The version's
+source is the run's ``model/`` artifact folder, so ``models:/name/N`` downloads to a
+directory that ``from_pretrained`` loads and ``verify_manifest`` checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from thinkforge.jobs.checkpoints import model_files
+from thinkforge.jobs.config import TINY_MODEL, SFTConfig
+
+__all__ = [
+    "MANIFEST_FILE",
+    "MetricLogger",
+    "build_manifest",
+    "default_registered_name",
+    "flatten",
+    "open_job_run",
+    "register_model",
+    "registry_resolver",
+    "verify_manifest",
+]
+
+MANIFEST_FILE = "manifest.json"
+MODEL_ARTIFACT_PATH = "model"
+JOB_TAG = "job_id"
+
+
+def _client(tracking_uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``: a resolved config as MLflow params."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, prefix=name + "."))
+        else:
+            out[name] = "" if value is None else str(value)
+    return out
+
+
+def default_registered_name(base_model: str) -> str:
+    """A registry name derived from the base model: ``Qwen/Qwen2.5-7B`` -> ``qwen2.5-7b-sft``."""
+    if base_model == TINY_MODEL:
+        return "thinkforge-tiny-sft"
+    stem = base_model.removeprefix("models:/").split("@")[0].rstrip("/")
+    parts = [p for p in stem.split("/") if p and not p.isdigit()]
+    name = re.sub(r"[^a-z0-9._-]+", "-", (parts[-1] if parts else "model").lower()).strip("-")
+    return name if name.endswith("-sft") else f"{name}-sft"
+
+
+def open_job_run(
+    *,
+    tracking_uri: str,
+    job_id: str,
+    config: SFTConfig,
+    dataset_sha256: str,
+    experiment_name: str = "thinkforge",
+    artifact_root: str | None = None,
+) -> str:
+    """The run id of the job's run: found by its job tag (a restarted job) or created."""
+    client = _client(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        experiment_id = client.create_experiment(experiment_name, artifact_location=artifact_root)
+    else:
+        experiment_id = experiment.experiment_id
+    runs = client.search_runs([experiment_id], filter_string=f"tags.{JOB_TAG} = '{job_id}'")
+    if runs:
+        run_id = str(runs[0].info.run_id)
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {
+        JOB_TAG: job_id,
+        "base_model": config.model,
+        "dataset_sha256": dataset_sha256,
+        "recipe": config.recipe or "",
+    }
+    run = client.create_run(experiment_id, run_name=job_id, tags=tags)
+    run_id = str(run.info.run_id)
+    _log_params(client, run_id, flatten(config.model_dump(mode="json")))
+    return run_id
+
+
+def _log_params(client: Any, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):  # MLflow's per-batch param limit
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+class MetricLogger:
+    """Buffers per-step metrics and writes them in batches, so logging costs no step time."""
+
+    def __init__(self, tracking_uri: str, run_id: str, flush_every_s: float = 2.0) -> None:
+        self._client = _client(tracking_uri)
+        self._run_id = run_id
+        self._every = flush_every_s
+        self._pending: list[Any] = []
+        self._last = time.monotonic()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now_ms, step) for k, v in metrics.items()]
+        if time.monotonic() - self._last >= self._every:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self._pending), 1000):
+            self._client.log_batch(self._run_id, metrics=self._pending[i : i + 1000])
+        self._pending = []
+        self._last = time.monotonic()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_manifest(files: list[Path], root: Path) -> dict[str, dict[str, Any]]:
+    """relative path -> {"sha256", "size"} for each file."""
+    return {
+        p.relative_to(root).as_posix(): {"sha256": _sha256(p), "size": p.stat().st_size}
+        for p in files
+    }
+
+
+def verify_manifest(directory: str | Path) -> list[str]:
+    """Problems found checking a downloaded model directory against its manifest ([] = ok)."""
+    root = Path(directory)
+    manifest = json.loads((root / MANIFEST_FILE).read_text())
+    problems = []
+    for rel, entry in manifest.items():
+        path = root / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+            problems.append(f"{rel}: content differs from the manifest")
+    return problems
+
+
+def register_model(
+    *,
+    tracking_uri: str,
+    run_id: str,
+    model_dir: str | Path,
+    name: str,
+    job_id: str,
+    base_model: str,
+    dataset_sha256: str,
+) -> str:
+    """Log the HF directory (and its manifest) under ``model/`` and register it: "name/N".
+
+    Idempotent per run: a restarted job that already registered gets the same version.
+    """
+    client = _client(tracking_uri)
+    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        return f"{name}/{version.version}"
+    root = Path(model_dir)
+    files = model_files(root)
+    manifest = build_manifest(files, root)
+    for path in files:
+        rel_parent = path.parent.relative_to(root).as_posix()
+        sub = MODEL_ARTIFACT_PATH if rel_parent == "." else f"{MODEL_ARTIFACT_PATH}/{rel_parent}"
+        client.log_artifact(run_id, str(path), artifact_path=sub)
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest_path = Path(tmp) / MANIFEST_FILE
+        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        client.log_artifact(run_id, str(manifest_path), artifact_path=MODEL_ARTIFACT_PATH)
+        manifest_sha = _sha256(manifest_path)
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name)
+    source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT_PATH}"
+    tags = {
+        JOB_TAG: job_id,
+        "base_model": base_model,
+        "dataset_sha256": dataset_sha256,
+        "manifest_sha256": manifest_sha,
+    }
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    return f"{name}/{version.version}"
+
+
+def registry_resolver(tracking_uri: str, dest_root: str | Path) -> Callable[[str], str]:
+    """A ``resolve_base_model`` hook: download ``models:/name/N`` (or ``@alias``) locally.
+
+    The download is checked against the version's manifest before it is trained on.
+    """
+
+    def resolve(uri: str) -> str:
+        import mlflow.artifacts
+
+        dest = Path(dest_root) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+        dest.mkdir(parents=True, exist_ok=True)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking_uri
+        )
+        problems = verify_manifest(local)
+        if problems:
+            raise ValueError(f"{uri} does not match its manifest: {'; '.join(problems[:3])}")
+        return str(local)
+
+    return resolve

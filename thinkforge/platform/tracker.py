@@ -1,0 +1,112 @@
+"""Reads a run's progress back into the database: metrics to events, checkpoints to rows,
+the registered version to ``fine_tuned_model``. Used by the reconciler on every pass.
+
+MLflow and the checkpoint store are asked again each time; rows are written once
+(events by a dedupe key, checkpoints by (job, step)), so any number of passes, or a
+restarted control plane, records each thing exactly once.
+
+    tracker = RunTracker(tracking_uri=settings.mlflow_tracking_uri, storage_path=...)
+    tracker.sync(session, job, final=False)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from thinkforge.jobs.checkpoints import list_checkpoints
+from thinkforge.platform.jobs import add_event
+from thinkforge.platform.models import Checkpoint, Job, new_id
+
+log = logging.getLogger(__name__)
+JOB_TAG = "job_id"
+STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "epoch")
+
+
+class RunTracker:
+    def __init__(self, *, tracking_uri: str, storage_path: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.storage_path = storage_path
+        self._client: Any = None
+        self._last_step: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from mlflow.tracking import MlflowClient
+
+                self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            return self._client
+
+    def sync(self, session: Session, job: Job, *, final: bool) -> None:
+        self._sync_checkpoints(session, job)
+        run = self._find_run(job)
+        if run is None:
+            return
+        job.mlflow_run_id = run.info.run_id
+        self._sync_metrics(session, job, run.info.run_id)
+        if final:
+            self._sync_result(session, job, run)
+
+    def _find_run(self, job: Job) -> Any:
+        client = self.client()
+        if job.mlflow_run_id:
+            return client.get_run(job.mlflow_run_id)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        if not experiments:
+            return None
+        runs = client.search_runs(experiments, filter_string=f"tags.{JOB_TAG} = '{job.id}'")
+        return runs[0] if runs else None
+
+    def _sync_metrics(self, session: Session, job: Job, run_id: str) -> None:
+        client = self.client()
+        history = {key: client.get_metric_history(run_id, key) for key in STEP_METRICS}
+        by_step: dict[int, dict[str, float]] = {}
+        for key, points in history.items():
+            for point in points:
+                by_step.setdefault(int(point.step), {})[key] = float(point.value)
+        last = self._last_step.get(job.id, -1)
+        for step in sorted(s for s in by_step if s > last):
+            values = by_step[step]
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            add_event(
+                session, job.id, f"Step {step}: {shown}", type="metrics",
+                data={"step": step, **values}, dedupe_key=f"metrics:{step}",
+            )  # fmt: skip
+            self._last_step[job.id] = step
+
+    def _sync_checkpoints(self, session: Session, job: Job) -> None:
+        known = set(session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job.id)))
+        for info in list_checkpoints(self.storage_path, job.id):
+            if info.step in known:
+                continue
+            session.add(
+                Checkpoint(
+                    id=new_id("ftckpt"), job_id=job.id, step=info.step,
+                    path=str(info.path), metrics=info.metrics,
+                )
+            )  # fmt: skip
+            add_event(
+                session, job.id, f"Checkpoint saved at step {info.step}",
+                data={"step": info.step, "path": str(info.path)}, dedupe_key=f"checkpoint:{info.step}",
+            )  # fmt: skip
+
+    def _sync_result(self, session: Session, job: Job, run: Any) -> None:
+        client = self.client()
+        versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        if versions:
+            version = max(versions, key=lambda v: int(v.version))
+            job.fine_tuned_model = f"{version.name}/{version.version}"
+            add_event(
+                session, job.id, f"Registered model version {job.fine_tuned_model}",
+                data={"model": version.name, "version": int(version.version)},
+                dedupe_key="registered",
+            )  # fmt: skip
+        tokens = run.data.metrics.get("trained_tokens")
+        if tokens is not None:
+            job.trained_tokens = int(tokens)
