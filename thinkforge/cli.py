@@ -73,10 +73,15 @@ def up(
     data_dir: DataDir = None,
 ) -> None:
     """Run the API server in the foreground until interrupted."""
+    import logging
+
     import uvicorn
 
     from thinkforge.platform.app import create_app
 
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = _settings(data_dir, **overrides)
     console.print(

@@ -27,7 +27,7 @@ from thinkforge.platform.migrations import upgrade
 from thinkforge.platform.models import DEFAULT_PROJECT
 from thinkforge.platform.ray_cluster import LocalRayCluster, free_port
 from thinkforge.platform.reconciler import Reconciler
-from thinkforge.platform.routes import files, jobs
+from thinkforge.platform.routes import files, jobs, registry
 from thinkforge.platform.schemas import Health
 from thinkforge.platform.settings import Settings
 from thinkforge.platform.tracker import RunTracker
@@ -73,7 +73,10 @@ def create_app(settings: Settings | None = None, *, launcher: JobLauncher | None
         with ctx.sessions.begin() as session:
             ensure_project(session, DEFAULT_PROJECT)
         reconciler = Reconciler(
-            ctx.sessions, ctx.launcher, interval_s=settings.reconcile_interval_s
+            ctx.sessions,
+            ctx.launcher,
+            tracker=ctx.tracker,
+            interval_s=settings.reconcile_interval_s,
         )
         if settings.start_reconciler:
             reconciler.start()
@@ -105,6 +108,7 @@ def create_app(settings: Settings | None = None, *, launcher: JobLauncher | None
     app.include_router(_health_router())
     app.include_router(files.router)
     app.include_router(jobs.router)
+    app.include_router(registry.router)
     return app
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -11,7 +12,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.platform.auth import Principal, authenticate
 from thinkforge.platform.launcher import JobLauncher
+from thinkforge.platform.promotions import OnMoved
 from thinkforge.platform.reconciler import ProgressTracker
+from thinkforge.platform.registry import ModelRegistry
 from thinkforge.platform.settings import Settings
 
 
@@ -24,7 +27,29 @@ class AppContext:
     sessions: sessionmaker[Session]
     launcher: JobLauncher
     tracker: ProgressTracker | None = None
-    extras: dict[str, object] = field(default_factory=dict)
+    registry_factory: Callable[[], ModelRegistry] | None = None
+    alias_listeners: list[OnMoved] = field(default_factory=list)
+    _registry: ModelRegistry | None = None
+
+    def registry(self) -> ModelRegistry:
+        if self._registry is None:
+            if self.registry_factory is not None:
+                self._registry = self.registry_factory()
+            else:
+                from thinkforge.platform.registry import MlflowRegistry
+
+                self._registry = MlflowRegistry(self.settings.mlflow_tracking_uri)
+        return self._registry
+
+    def on_alias_moved(self, name: str, alias: str, version: int | None) -> None:
+        for listener in self.alias_listeners:
+            listener(name, alias, version)
+
+    def mlflow_run_url(self, run_id: str | None) -> str | None:
+        uri = self.settings.mlflow_tracking_uri
+        if not run_id or not uri.startswith(("http://", "https://")):
+            return None
+        return f"{uri.rstrip('/')}/#/runs/{run_id}"
 
 
 def get_ctx(request: Request) -> AppContext:

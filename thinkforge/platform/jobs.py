@@ -107,6 +107,8 @@ def _resolve_config(settings: Settings, spec: JobCreate, dataset_path: str) -> S
     data.update(spec.config or {})
     data["model"] = spec.model
     data["dataset"] = dataset_path
+    if spec.recipe is not None:
+        data["recipe"] = spec.recipe
     hyper = spec.hyperparameters or (
         spec.method.supervised.hyperparameters if spec.method else None
     )

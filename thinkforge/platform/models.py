@@ -167,6 +167,19 @@ class ModelVersion(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class ModelAlias(Base):
+    """The row an alias move locks, so that concurrent moves of one alias take turns."""
+
+    __tablename__ = "model_aliases"
+    __table_args__ = (UniqueConstraint("name", "alias"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(256))
+    alias: Mapped[str] = mapped_column(String(256))
+    version: Mapped[int | None] = mapped_column(Integer, default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 class Deployment(Base):
     __tablename__ = "deployments"
     __table_args__ = (UniqueConstraint("project_id", "name"),)

@@ -20,6 +20,15 @@ from thinkforge.platform.launcher import LaunchSpec, LaunchState, LaunchStatus
 
 log = logging.getLogger(__name__)
 LOG_TAIL_CHARS = 4000
+JOB_ERROR_PREFIX = "thinkforge job error:"
+
+
+def job_error_line(logs: str | None) -> str | None:
+    """The entrypoint's own last word on a failure (``thinkforge job error: …``), if any."""
+    for line in reversed((logs or "").splitlines()):
+        if line.startswith(JOB_ERROR_PREFIX):
+            return line.removeprefix(JOB_ERROR_PREFIX).strip()
+    return None
 
 
 class RayJobLauncher:
@@ -107,13 +116,14 @@ class RayJobLauncher:
         state = LaunchState(
             str(info.status.value if hasattr(info.status, "value") else info.status)
         )
-        tail = None
+        message, tail = info.message, None
         if state is LaunchState.FAILED:
             try:
                 tail = client.get_job_logs(job_id)[-LOG_TAIL_CHARS:]
             except RuntimeError:
                 tail = None
-        return LaunchStatus(state, message=info.message, log_tail=tail)
+            message = job_error_line(tail) or message
+        return LaunchStatus(state, message=message, log_tail=tail)
 
     def submission_count(self, job_id: str) -> int:
         """How many Ray jobs carry this job id (for checks that nothing ran twice)."""

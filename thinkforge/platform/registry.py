@@ -231,8 +231,14 @@ class MlflowRegistry:
         self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=self.registry_uri)
 
     @contextmanager
-    def _errors(self, what: str, param: str = "model") -> Iterator[None]:
-        """MLflow's exceptions as registry errors; not-found is left to the callers."""
+    def _errors(
+        self, what: str, param: str = "model", missing: RegistryError | None = None
+    ) -> Iterator[None]:
+        """MLflow's exceptions as registry errors.
+
+        Not-found becomes ``missing``; without one the MlflowException goes on to a
+        caller that handles it.
+        """
         from mlflow.exceptions import MlflowException
 
         try:
@@ -241,7 +247,9 @@ class MlflowRegistry:
             if exc.error_code == "INVALID_PARAMETER_VALUE":
                 raise InvalidReference(f"{what}: {exc.message}", param=param) from exc
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                raise
+                if missing is None:
+                    raise
+                raise missing from exc
             raise self._unavailable(what, exc) from exc
         except OSError as exc:
             raise self._unavailable(what, exc) from exc
@@ -252,20 +260,9 @@ class MlflowRegistry:
             "the tracking server is running and reachable, then retry"
         )
 
-    @staticmethod
-    def _missing(exc: BaseException) -> bool:
-        return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
-
     def _raw_model(self, name: str) -> Any:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            with self._errors(f"reading model {name!r}"):
-                return self._client.get_registered_model(name)
-        except MlflowException as exc:
-            raise ModelNotFound(
-                f"no registered model {name!r}; list models to see the names", param="model"
-            ) from exc
+        with self._errors(f"reading model {name!r}", missing=_no_model(name)):
+            return self._client.get_registered_model(name)
 
     def _raw_version(self, name: str, version: int) -> Any:
         from mlflow.exceptions import MlflowException
@@ -275,10 +272,7 @@ class MlflowRegistry:
                 return self._client.get_model_version(name, str(version))
         except MlflowException as exc:
             self._raw_model(name)  # raises ModelNotFound when the model itself is missing
-            raise VersionNotFound(
-                f"model {name!r} has no version {version}; list its versions to see them",
-                param="version",
-            ) from exc
+            raise _no_version(name, version) from exc
 
     def _latest(self, name: str) -> int | None:
         with self._errors(f"listing versions of {name!r}"):
@@ -292,7 +286,7 @@ class MlflowRegistry:
     def list_models(
         self, *, max_results: int = 100, page_token: str | None = None
     ) -> Page[RegisteredModelInfo]:
-        with self._errors("listing registered models"):
+        with self._errors("listing registered models", param="page_token"):
             found = self._client.search_registered_models(
                 max_results=max_results, order_by=["name ASC"], page_token=page_token
             )
@@ -318,7 +312,7 @@ class MlflowRegistry:
     ) -> Page[ModelVersionInfo]:
         """Newest first. Aliases come from the model (MLflow's search may leave them out)."""
         aliases = self.get_model(name).aliases
-        with self._errors(f"listing versions of {name!r}"):
+        with self._errors(f"listing versions of {name!r}", param="page_token"):
             found = self._client.search_model_versions(
                 f"name = '{_quote(name)}'",
                 max_results=max_results,
@@ -361,7 +355,7 @@ class MlflowRegistry:
         return dict(run.data.tags), dict(run.data.metrics), dict(run.data.params)
 
     def _download_uri(self, name: str, version: int) -> str:
-        with self._errors(f"resolving the files of {name}/{version}"):
+        with self._errors(f"locating {name}/{version}", missing=_no_version(name, version)):
             return str(self._client.get_model_version_download_uri(name, str(version)))
 
     # -- aliases --------------------------------------------------------------------------
@@ -377,7 +371,8 @@ class MlflowRegistry:
         """Point ``alias`` at ``version``; returns the version it pointed at before, if any."""
         previous = self.get_model(name).aliases.get(alias)
         self._raw_version(name, version)
-        with self._errors(f"setting alias {alias!r} of {name!r}", param="alias"):
+        missing = _no_version(name, version)
+        with self._errors(f"setting alias {alias!r} of {name!r}", "alias", missing):
             self._client.set_registered_model_alias(name, alias, str(version))
         return previous
 
@@ -389,7 +384,7 @@ class MlflowRegistry:
                 f"model {name!r} has no alias {alias!r}; get the model to see its aliases",
                 param="alias",
             )
-        with self._errors(f"deleting alias {alias!r} of {name!r}", param="alias"):
+        with self._errors(f"deleting alias {alias!r} of {name!r}", "alias", _no_model(name)):
             self._client.delete_registered_model_alias(name, alias)
         return previous
 
@@ -464,9 +459,7 @@ class MlflowRegistry:
     def _list_files(self, repo: Any, path: str | None = None) -> dict[str, int | None]:
         """Relative path -> size of every file under the version's folder."""
         files: dict[str, int | None] = {}
-        with self._errors("listing the version's files"):
-            infos = repo.list_artifacts(path)
-        for info in infos:
+        for info in self._listing(repo, path):
             if info.is_dir:
                 files.update(self._list_files(repo, info.path))
             else:
@@ -491,7 +484,8 @@ class MlflowRegistry:
         """The manifest and its sha256: (None, None) when absent, (None, sha) when unreadable."""
         from mlflow.exceptions import MlflowException
 
-        if MANIFEST_FILE not in {Path(i.path).name for i in self._list_top(repo)}:
+        # Listed first: some stores answer a download of a missing file with a bare HTTP error.
+        if MANIFEST_FILE not in {Path(i.path).name for i in self._listing(repo)}:
             return None, None
         try:
             with self._errors(f"downloading {MANIFEST_FILE}"):
@@ -505,9 +499,28 @@ class MlflowRegistry:
             return None, sha
         return (manifest if _is_manifest(manifest) else None), sha
 
-    def _list_top(self, repo: Any) -> list[Any]:
-        with self._errors("listing the version's files"):
-            return list(repo.list_artifacts())
+    def _listing(self, repo: Any, path: str | None = None) -> list[Any]:
+        """One folder's FileInfos; a folder that does not exist is empty."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with self._errors("listing the version's files"):
+                return list(repo.list_artifacts(path))
+        except MlflowException:
+            return []
+
+
+def _no_model(name: str) -> ModelNotFound:
+    return ModelNotFound(
+        f"no registered model {name!r}; list models to see the names", param="model"
+    )
+
+
+def _no_version(name: str, version: int) -> VersionNotFound:
+    return VersionNotFound(
+        f"model {name!r} has no version {version}; list its versions to see them",
+        param="version",
+    )
 
 
 def _version_info(mv: Any, aliases: dict[str, int]) -> ModelVersionInfo:

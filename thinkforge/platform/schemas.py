@@ -165,3 +165,79 @@ class CheckpointObject(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- registry
+
+
+class RegisteredModelObject(BaseModel):
+    name: str
+    object: Literal["registry.model"] = "registry.model"
+    description: str
+    created_at: int
+    updated_at: int | None
+    aliases: dict[str, int]
+    latest_version: int | None
+    tags: dict[str, str]
+
+
+class ModelVersionObject(BaseModel):
+    id: str
+    object: Literal["registry.model_version"] = "registry.model_version"
+    name: str
+    version: int
+    status: str
+    status_message: str
+    created_at: int
+    aliases: list[str]
+    run_id: str | None
+    source: str
+    tags: dict[str, str]
+    lineage: dict[str, str] | None = None
+    metrics: dict[str, float] | None = None
+    params: dict[str, str] | None = None
+    manifest: dict[str, Any] | None = None
+    mlflow_run_url: str | None = None
+
+
+class AliasMoveCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1, le=2**31 - 1)
+    reason: Annotated[SafeStr, StringConstraints(max_length=1000)] | None = None
+
+
+class AliasAction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[SafeStr, StringConstraints(max_length=1000)] | None = None
+
+
+class AliasObject(BaseModel):
+    object: Literal["registry.alias"] = "registry.alias"
+    name: str
+    alias: str
+    version: int | None
+    previous_version: int | None
+    audit_id: str
+
+
+class AuditObject(BaseModel):
+    id: str
+    object: Literal["audit.entry"] = "audit.entry"
+    created_at: int
+    actor: str
+    action: str
+    target: str
+    from_value: str | None
+    to_value: str | None
+    reason: str | None
+
+
+class ModelObject(BaseModel):
+    """OpenAI's model object: what can be served."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str

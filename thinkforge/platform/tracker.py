@@ -47,6 +47,7 @@ class RunTracker:
         self._sync_checkpoints(session, job)
         run = self._find_run(job)
         if run is None:
+            log.info("job %s: no MLflow run yet", job.id)
             return
         job.mlflow_run_id = run.info.run_id
         self._sync_metrics(session, job, run.info.run_id)

@@ -11,6 +11,11 @@ batch between steps and waiting ones join (their caches are left padded to one l
     for event in engine.generate(requests):
         ...
 
+A server's scheduler thread keeps one ``DecodeLoop`` instead, so requests that arrive
+while others decode join between steps and cancelled ones leave:
+
+    loop = engine.open_loop(); loop.submit(request); events = loop.step(); loop.cancel(id)
+
 CPU or one GPU; meant for small models, tests and the demo (vLLM serves big ones).
 """
 
@@ -40,7 +45,7 @@ from thinkforge.serve.engine import (
     delimiters_for,
 )
 
-__all__ = ["TransformersEngine"]
+__all__ = ["DecodeLoop", "TransformersEngine"]
 
 
 class Detokenizer:
@@ -290,6 +295,57 @@ class _Batch:
             )
 
 
+def _check_prompt(request: GenerationRequest) -> None:
+    if not request.prompt_ids:
+        raise ValueError(f"request {request.request_id!r} has an empty prompt")
+
+
+class DecodeLoop:
+    """Continuous batching: requests join (``submit``) and leave (``cancel``, or finishing)
+    between decode steps, at most ``max_batch_size`` decoding at once. Not thread-safe:
+    one thread owns it and calls ``step`` while it is not ``idle``."""
+
+    def __init__(self, engine: TransformersEngine) -> None:
+        self._engine = engine
+        self._waiting: deque[GenerationRequest] = deque()
+        self._batch = _Batch(engine.model, engine._cache_arg, engine._pad_id())
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and not self._batch.rows
+
+    @property
+    def active(self) -> int:
+        """Requests decoding or waiting to join."""
+        return len(self._waiting) + len(self._batch.rows)
+
+    def submit(self, request: GenerationRequest) -> None:
+        _check_prompt(request)
+        self._waiting.append(request)
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request wherever it is; no event is emitted for it. False: not found."""
+        for request in self._waiting:
+            if request.request_id == request_id:
+                self._waiting.remove(request)
+                return True
+        rows = self._batch.rows
+        keep = [i for i, row in enumerate(rows) if row.request.request_id != request_id]
+        if len(keep) == len(rows):
+            return False
+        self._batch._keep(keep)
+        return True
+
+    def step(self) -> list[EngineEvent]:
+        """Admit waiting requests into free slots, then append one token to every row."""
+        batch, waiting = self._batch, self._waiting
+        free = self._engine.max_batch_size - len(batch.rows)
+        if waiting and free > 0:
+            new = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+            batch.add([self._engine._row(r) for r in new])
+        return list(batch.step()) if batch.rows else []
+
+
 class TransformersEngine:
     """Engine over a Hugging Face causal LM loaded from a local directory."""
 
@@ -333,15 +389,19 @@ class TransformersEngine:
         if not self.health():
             raise RuntimeError("the engine is not loaded: call load() first")
         for request in requests:
-            if not request.prompt_ids:
-                raise ValueError(f"request {request.request_id!r} has an empty prompt")
-        waiting = deque(requests)
-        batch = _Batch(self.model, self._cache_arg, self._pad_id())
-        while waiting or batch.rows:
-            free = self.max_batch_size - len(batch.rows)
-            if waiting and free > 0:
-                batch.add([self._row(waiting.popleft()) for _ in range(min(free, len(waiting)))])
-            yield from batch.step()
+            _check_prompt(request)
+        loop = self.open_loop()
+        for request in requests:
+            loop.submit(request)
+        while not loop.idle:
+            yield from loop.step()
+
+    def open_loop(self) -> DecodeLoop:
+        """A decode loop that requests can join and leave between steps (a Serve replica's
+        scheduler thread owns one)."""
+        if not self.health():
+            raise RuntimeError("the engine is not loaded: call load() first")
+        return DecodeLoop(self)
 
     def _row(self, request: GenerationRequest) -> _Row:
         assert self.spec is not None

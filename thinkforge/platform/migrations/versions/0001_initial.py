@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 01:33:37.096246
+Create Date: 2026-11-29 02:07:11.903523
 """
 
 from __future__ import annotations
@@ -36,6 +36,16 @@ def upgrade() -> None:
     with op.batch_alter_table("audit_log", schema=None) as batch_op:
         batch_op.create_index("ix_audit_project_seq", ["project_id", "seq"], unique=False)
 
+    op.create_table(
+        "model_aliases",
+        sa.Column("seq", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("name", sa.String(length=256), nullable=False),
+        sa.Column("alias", sa.String(length=256), nullable=False),
+        sa.Column("version", sa.Integer(), nullable=True),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("seq"),
+        sa.UniqueConstraint("name", "alias"),
+    )
     op.create_table(
         "projects",
         sa.Column("id", sa.String(length=64), nullable=False),
@@ -266,6 +276,7 @@ def downgrade() -> None:
 
     op.drop_table("api_keys")
     op.drop_table("projects")
+    op.drop_table("model_aliases")
     with op.batch_alter_table("audit_log", schema=None) as batch_op:
         batch_op.drop_index("ix_audit_project_seq")
 

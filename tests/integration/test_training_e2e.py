@@ -1,0 +1,179 @@
+"""Fine-tune jobs end to end: REST -> Ray Job -> Ray Train (2 DDP workers) -> MLflow -> REST.
+
+One local Ray head for the module; the control plane runs as a real process so that a
+test can kill it mid-job the way a crash would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.conftest import ControlPlane
+from thinkforge.jobs.synthetic import write_jsonl
+from thinkforge.platform.ray_cluster import LocalRayCluster
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def upload_sums(client: httpx.Client, tmp_path: Path, n: int = 128) -> str:
+    path = tmp_path / "sums.jsonl"
+    write_jsonl(path, n=n, seed=0)
+    with open(path, "rb") as fh:
+        resp = client.post(
+            "/v1/files", files={"file": ("sums.jsonl", fh)}, data={"purpose": "fine-tune"}
+        )
+    assert resp.status_code == 200, resp.text
+    return str(resp.json()["id"])
+
+
+def create_job(client: httpx.Client, file_id: str, **hyper: Any) -> dict[str, Any]:
+    body = {
+        "model": "thinkforge/tiny",
+        "training_file": file_id,
+        "recipe": "tiny-cpu",
+        "suffix": "sums-e2e",
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "config": {"checkpoint_every_steps": 4},
+    }
+    resp = client.post("/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == 200, resp.text
+    return dict(resp.json())
+
+
+def wait_job(
+    client: httpx.Client, job_id: str, until: Callable[[dict[str, Any]], bool], timeout: float
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = dict(client.get(f"/v1/fine_tuning/jobs/{job_id}").json())
+        if until(job):
+            return job
+        assert job["status"] not in TERMINAL, f"job ended {job['status']}: {job['error']}"
+        assert time.monotonic() < deadline, f"job still {job['status']} after {timeout}s"
+        time.sleep(1)
+
+
+def events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
+    return list(
+        client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+    )
+
+
+def metric_steps(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
+    found = [e["data"] for e in events(client, job_id) if e["type"] == "metrics"]
+    return sorted(found, key=lambda d: d["step"])
+
+
+def ray_submissions(cluster: LocalRayCluster, job_id: str) -> list[Any]:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(
+        cluster.dashboard_url, headers={"Authorization": f"Bearer {cluster.token}"}
+    )
+    return [j for j in client.list_jobs() if j.submission_id == job_id]
+
+
+def test_job_trains_survives_a_control_plane_crash_and_links_everything(
+    ray_cluster: LocalRayCluster, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    first = ControlPlane(data_dir, ray_cluster).start()
+    try:
+        with first.client() as client:
+            file_id = upload_sums(client, tmp_path)
+            job = create_job(client, file_id, n_epochs=1, max_steps=8)
+            wait_job(client, job["id"], lambda j: j["status"] == "running", timeout=240)
+    finally:
+        first.kill()  # mid-job, like a crash: no shutdown code runs
+    second = ControlPlane(data_dir, ray_cluster).start()
+    try:
+        with second.client() as client:
+            done = wait_job(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=400)
+            assert done["status"] == "succeeded", done["error"]
+            assert done["finished_at"] is not None and done["fine_tuned_model"] == "sums-e2e/1"
+            steps = metric_steps(client, job["id"])
+            assert [s["step"] for s in steps] == list(range(steps[0]["step"], steps[0]["step"] + 8))
+            assert steps[-1]["loss"] < steps[0]["loss"]
+            ckpts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+            assert sorted(c["step_number"] for c in ckpts) == [4, 8]
+            assert all(f"/{job['id']}/" in c["fine_tuned_model_checkpoint"] for c in ckpts)
+            messages = [e["message"] for e in events(client, job["id"])]
+            assert any("Registered model version sums-e2e/1" in m for m in messages)
+    finally:
+        second.stop()
+    assert len(ray_submissions(ray_cluster, job["id"])) == 1
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=f"sqlite:///{data_dir / 'mlflow.db'}")
+    run = mlflow.get_run(done["mlflow_run_id"])
+    assert run.data.tags["job_id"] == job["id"] and run.info.status == "FINISHED"
+    assert run.data.tags["recipe"] == "tiny-cpu"
+    version = mlflow.get_model_version("sums-e2e", "1")
+    assert version.tags["job_id"] == job["id"] and version.run_id == run.info.run_id
+    assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "loss")] == [
+        s["step"] for s in steps
+    ]
+
+
+def train_worker_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    return [
+        line for line in out.splitlines() if "RayTrainWorker" in line or "TrainController" in line
+    ]
+
+
+def test_cancel_mid_run_stops_the_run_and_its_workers(
+    ray_cluster: LocalRayCluster, tmp_path: Path
+) -> None:
+    plane = ControlPlane(tmp_path / "data", ray_cluster).start()
+    try:
+        with plane.client() as client:
+            file_id = upload_sums(client, tmp_path)
+            job = create_job(client, file_id, n_epochs=100)
+            wait_job(client, job["id"], lambda j: bool(metric_steps(client, j["id"])), timeout=300)
+            resp = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+            assert resp.status_code == 200 and resp.json()["status"] in ("cancelling", "cancelled")
+            done = wait_job(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=120)
+            assert done["status"] == "cancelled" and done["finished_at"] is not None
+    finally:
+        plane.stop()
+    (submission,) = ray_submissions(ray_cluster, job["id"])
+    assert submission.status == "STOPPED"
+    deadline = time.monotonic() + 60
+    while train_worker_processes() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert train_worker_processes() == []
+
+
+def test_missing_base_model_fails_early_with_a_clear_error(
+    ray_cluster: LocalRayCluster, tmp_path: Path
+) -> None:
+    plane = ControlPlane(tmp_path / "data", ray_cluster).start()
+    try:
+        with plane.client() as client:
+            file_id = upload_sums(client, tmp_path, n=16)
+            resp = client.post(
+                "/v1/fine_tuning/jobs",
+                json={
+                    "model": "/nonexistent/base-model",
+                    "training_file": file_id,
+                    "recipe": "tiny-cpu",
+                },
+            )
+            job = resp.json()
+            done = wait_job(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=180)
+    finally:
+        plane.stop()
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "training_failed"
+    message = done["error"]["message"]
+    assert "/nonexistent/base-model" in message.splitlines()[0]
+    assert "Traceback" not in message.splitlines()[0]

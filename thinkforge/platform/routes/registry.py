@@ -1,0 +1,170 @@
+"""/v1/registry: registered models and versions with lineage; aliases moved with checks."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+from sqlalchemy import select
+
+from thinkforge.platform import promotions
+from thinkforge.platform.deps import AfterQuery, CtxDep, LimitQuery, PrincipalDep
+from thinkforge.platform.models import AuditEntry
+from thinkforge.platform.pagination import page
+from thinkforge.platform.registry import ModelVersionDetail, ModelVersionInfo
+from thinkforge.platform.schemas import (
+    AliasAction,
+    AliasMoveCreate,
+    AliasObject,
+    AuditObject,
+    ListResponse,
+    ModelVersionObject,
+    RegisteredModelObject,
+)
+from thinkforge.platform.views import ts
+
+router = APIRouter(prefix="/v1", tags=["registry"])
+NamePath = Annotated[str, Path(max_length=256, pattern=r"^[^\x00/]+$")]
+AliasPath = Annotated[str, Path(max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
+
+
+@router.get("/registry/models", response_model=ListResponse[RegisteredModelObject])
+def list_models(
+    ctx: CtxDep,
+    _: PrincipalDep,
+    limit: LimitQuery = 20,
+    page_token: Annotated[str | None, Query(max_length=512)] = None,
+) -> ListResponse[RegisteredModelObject]:
+    found = ctx.registry().list_models(max_results=limit, page_token=page_token)
+    data = [_model_view(m) for m in found.items]
+    listing = ListResponse[RegisteredModelObject].of(data, found.next_page_token is not None)
+    listing.last_id = found.next_page_token
+    return listing
+
+
+@router.get("/registry/models/{name}", response_model=RegisteredModelObject)
+def get_model(ctx: CtxDep, _: PrincipalDep, name: NamePath) -> RegisteredModelObject:
+    return _model_view(ctx.registry().get_model(name))
+
+
+@router.get("/registry/models/{name}/versions", response_model=ListResponse[ModelVersionObject])
+def list_versions(
+    ctx: CtxDep, _: PrincipalDep, name: NamePath,
+    after: Annotated[int | None, Query(ge=1, description="versions below this one")] = None,
+    limit: LimitQuery = 20,
+) -> ListResponse[ModelVersionObject]:  # fmt: skip
+    registry = ctx.registry()
+    versions: list[ModelVersionInfo] = []
+    token = None
+    while True:  # newest first; a registered model has few enough versions to walk
+        found = registry.list_versions(name, max_results=200, page_token=token)
+        versions += found.items
+        token = found.next_page_token
+        if token is None:
+            break
+    versions = [v for v in versions if after is None or v.version < after]
+    data = [_version_view(ctx, v) for v in versions[:limit]]
+    return ListResponse[ModelVersionObject].of(data, len(versions) > limit)
+
+
+@router.get("/registry/models/{name}/versions/{version}", response_model=ModelVersionObject)
+def get_version(
+    ctx: CtxDep, _: PrincipalDep, name: NamePath, version: Annotated[int, Path(ge=1, le=2**31 - 1)]
+) -> ModelVersionObject:
+    return _version_view(ctx, ctx.registry().get_version(name, version))
+
+
+@router.put("/registry/models/{name}/aliases/{alias}", response_model=AliasObject)
+def promote(
+    ctx: CtxDep, principal: PrincipalDep, name: NamePath, alias: AliasPath, body: AliasMoveCreate
+) -> AliasObject:
+    move = promotions.promote(
+        ctx.sessions, ctx.registry(), actor=principal, name=name, alias=alias,
+        version=body.version, reason=body.reason, on_moved=ctx.on_alias_moved,
+    )  # fmt: skip
+    return _alias_view(move)
+
+
+@router.delete("/registry/models/{name}/aliases/{alias}", response_model=AliasObject)
+def delete_alias(
+    ctx: CtxDep, principal: PrincipalDep, name: NamePath, alias: AliasPath
+) -> AliasObject:
+    move = promotions.delete_alias(
+        ctx.sessions, ctx.registry(), actor=principal, name=name, alias=alias,
+        on_moved=ctx.on_alias_moved,
+    )  # fmt: skip
+    return _alias_view(move)
+
+
+@router.post("/registry/models/{name}/aliases/{alias}/rollback", response_model=AliasObject)
+def rollback(
+    ctx: CtxDep,
+    principal: PrincipalDep,
+    name: NamePath,
+    alias: AliasPath,
+    body: AliasAction | None = None,
+) -> AliasObject:
+    move = promotions.rollback(
+        ctx.sessions, ctx.registry(), actor=principal, name=name, alias=alias,
+        reason=body.reason if body else None, on_moved=ctx.on_alias_moved,
+    )  # fmt: skip
+    return _alias_view(move)
+
+
+@router.get("/audit", response_model=ListResponse[AuditObject])
+def list_audit(
+    ctx: CtxDep,
+    principal: PrincipalDep,
+    target: Annotated[str | None, Query(max_length=600, pattern=r"^[^\x00]*$")] = None,
+    after: AfterQuery = None,
+    limit: LimitQuery = 20,
+) -> ListResponse[AuditObject]:
+    with ctx.sessions() as session:
+        stmt = select(AuditEntry).where(AuditEntry.project_id == principal.project_id)
+        if target is not None:
+            stmt = stmt.where(AuditEntry.target == target)
+        rows, more = page(session, stmt, AuditEntry, after=after, limit=limit)
+        data = [
+            AuditObject(
+                id=r.id,
+                created_at=int(r.created_at.timestamp()),
+                actor=r.actor,
+                action=r.action,
+                target=r.target,
+                from_value=r.from_value,
+                to_value=r.to_value,
+                reason=r.reason,
+            )
+            for r in rows
+        ]
+    return ListResponse[AuditObject].of(data, more)
+
+
+def _model_view(model) -> RegisteredModelObject:  # type: ignore[no-untyped-def]
+    return RegisteredModelObject(
+        name=model.name, description=model.description or "", created_at=ts(model.created_at) or 0,
+        updated_at=ts(model.updated_at), aliases=model.aliases, latest_version=model.latest_version,
+        tags=model.tags,
+    )  # fmt: skip
+
+
+def _version_view(ctx: CtxDep, v: ModelVersionInfo) -> ModelVersionObject:
+    view = ModelVersionObject(
+        id=f"{v.name}/{v.version}", name=v.name, version=v.version, status=v.status.value,
+        status_message=v.status_message or "", created_at=ts(v.created_at) or 0,
+        aliases=v.aliases, run_id=v.run_id, source=v.source, tags=v.tags,
+    )  # fmt: skip
+    if isinstance(v, ModelVersionDetail):
+        view.lineage = v.lineage
+        view.metrics = v.metrics
+        view.params = v.params
+        view.manifest = dict(v.manifest) if v.manifest is not None else None
+        view.mlflow_run_url = ctx.mlflow_run_url(v.run_id)
+    return view
+
+
+def _alias_view(move: promotions.AliasMove) -> AliasObject:
+    return AliasObject(
+        name=move.name, alias=move.alias, version=move.version,
+        previous_version=move.previous, audit_id=move.audit_id,
+    )  # fmt: skip
