@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import LiveServer
-from tests.platform.fakes import FakeLauncher
+from tests.platform.fakes import FakeLauncher, FakeServe
 from thinkforge.platform.app import create_app
 from thinkforge.platform.settings import Settings
 
@@ -39,6 +39,8 @@ def make_settings(tmp_path: Path, database_url: str, **overrides: object) -> Set
         start_reconciler=False,
         dataset_roots=[tmp_path / "datasets"],
         recipes_dir=Path(__file__).resolve().parents[2] / "recipes",
+        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        mlflow_artifact_root=str(tmp_path / "artifacts"),
         **overrides,  # type: ignore[arg-type]
     )
 
@@ -47,7 +49,7 @@ def make_settings(tmp_path: Path, database_url: str, **overrides: object) -> Set
 def api(tmp_path: Path, database_url: str) -> Iterator[Api]:
     settings = make_settings(tmp_path, database_url)
     launcher = FakeLauncher()
-    app = create_app(settings, launcher=launcher)
+    app = create_app(settings, launcher=launcher, serve=FakeServe())
     with (
         LiveServer(app) as server,
         httpx.Client(
@@ -55,3 +57,13 @@ def api(tmp_path: Path, database_url: str) -> Iterator[Api]:
         ) as client,
     ):
         yield Api(server.url, client, settings, launcher, app)
+
+
+@pytest.fixture
+def versions(api: Api, tmp_path: Path) -> list[str]:
+    """Three registered versions of one model, registered as training jobs register them."""
+    from tests.platform.test_registry_mlflow import register_job
+
+    uri = api.settings.mlflow_tracking_uri
+    root = api.settings.mlflow_artifact_root
+    return [register_job(uri, tmp_path, f"ftjob-{i}", artifact_root=root) for i in (1, 2, 3)]

@@ -37,3 +37,23 @@ class FakeLauncher:
     def set(self, job_id: str, state: LaunchState, message: str | None = None) -> None:
         with self._lock:
             self.states[job_id] = LaunchStatus(state, message)
+
+
+class FakeServe:
+    """Records the configs it is given; reports every app RUNNING with those args."""
+
+    def __init__(self) -> None:
+        self.configs: list[dict] = []
+
+    def apply(self, config: dict) -> None:
+        self.configs.append(config)
+
+    def statuses(self) -> dict:
+        from thinkforge.platform.serving import AppStatus
+
+        if not self.configs:
+            return {}
+        return {
+            app["name"]: AppStatus("RUNNING", "", {}, app["args"])
+            for app in self.configs[-1]["applications"]
+        }

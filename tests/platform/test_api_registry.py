@@ -4,43 +4,14 @@ promotion with integrity checks, rollback, concurrent promotions and the audit l
 from __future__ import annotations
 
 import concurrent.futures as cf
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import LiveServer
-from tests.platform.conftest import BOOTSTRAP_KEY, Api, make_settings
-from tests.platform.fakes import FakeLauncher
+from tests.platform.conftest import BOOTSTRAP_KEY, Api
 from tests.platform.test_api_files import assert_error
-from tests.platform.test_registry_mlflow import NAME, register_job, stored_file
-from thinkforge.platform.app import create_app
-
-
-@pytest.fixture
-def api(tmp_path: Path, database_url: str) -> Iterator[Api]:
-    settings = make_settings(
-        tmp_path,
-        database_url,
-        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        mlflow_artifact_root=str(tmp_path / "artifacts"),
-    )
-    launcher = FakeLauncher()
-    app = create_app(settings, launcher=launcher)
-    headers = {"Authorization": f"Bearer {BOOTSTRAP_KEY}"}
-    with (
-        LiveServer(app) as server,
-        httpx.Client(base_url=server.url, headers=headers, timeout=60) as c,
-    ):
-        yield Api(server.url, c, settings, launcher, app)
-
-
-@pytest.fixture
-def versions(api: Api, tmp_path: Path) -> list[str]:
-    uri = api.settings.mlflow_tracking_uri
-    root = api.settings.mlflow_artifact_root
-    return [register_job(uri, tmp_path, f"ftjob-{i}", artifact_root=root) for i in (1, 2, 3)]
+from tests.platform.test_registry_mlflow import NAME, stored_file
 
 
 def audit(api: Api) -> list[dict]:

@@ -27,8 +27,9 @@ from thinkforge.platform.migrations import upgrade
 from thinkforge.platform.models import DEFAULT_PROJECT
 from thinkforge.platform.ray_cluster import LocalRayCluster, free_port
 from thinkforge.platform.reconciler import Reconciler
-from thinkforge.platform.routes import files, jobs, registry
+from thinkforge.platform.routes import deployments, files, jobs, registry
 from thinkforge.platform.schemas import Health
+from thinkforge.platform.serving import RayServeClient, ServeClient
 from thinkforge.platform.settings import Settings
 from thinkforge.platform.tracker import RunTracker
 
@@ -47,13 +48,19 @@ _STATUS_TYPES = {
 }
 
 
-def create_app(settings: Settings | None = None, *, launcher: JobLauncher | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    launcher: JobLauncher | None = None,
+    serve: ServeClient | None = None,
+) -> FastAPI:
+    """The API; without a ``launcher`` it drives Ray (and Ray Serve) itself."""
     settings = settings or Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.database_url)
     cluster = None
     if launcher is None:
-        launcher, cluster = ray_launcher_for(settings)
+        launcher, serve, cluster = ray_launcher_for(settings)
     ctx = AppContext(
         settings=settings,
         engine=engine,
@@ -62,6 +69,7 @@ def create_app(settings: Settings | None = None, *, launcher: JobLauncher | None
         tracker=RunTracker(
             tracking_uri=settings.mlflow_tracking_uri, storage_path=settings.storage_path
         ),
+        serve=serve,
     )
 
     @asynccontextmanager
@@ -77,6 +85,7 @@ def create_app(settings: Settings | None = None, *, launcher: JobLauncher | None
             ctx.launcher,
             tracker=ctx.tracker,
             interval_s=settings.reconcile_interval_s,
+            tasks=[lambda: ctx.deployments().reconcile()] if serve is not None else [],
         )
         if settings.start_reconciler:
             reconciler.start()
@@ -109,10 +118,13 @@ def create_app(settings: Settings | None = None, *, launcher: JobLauncher | None
     app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(registry.router)
+    app.include_router(deployments.router)
     return app
 
 
-def ray_launcher_for(settings: Settings) -> tuple[JobLauncher, LocalRayCluster | None]:
+def ray_launcher_for(
+    settings: Settings,
+) -> tuple[JobLauncher, ServeClient, LocalRayCluster | None]:
     """Ray at ``settings.ray_address`` (a dashboard URL), or a local head owned by this app."""
     from thinkforge.platform.ray_launcher import RayJobLauncher
 
@@ -124,7 +136,8 @@ def ray_launcher_for(settings: Settings) -> tuple[JobLauncher, LocalRayCluster |
         "data_dir": str(settings.data_dir),
     }
     if settings.ray_address:
-        return RayJobLauncher(settings.ray_address, token=token, **common), None
+        serve = RayServeClient(settings.ray_address, token=token)
+        return RayJobLauncher(settings.ray_address, token=token, **common), serve, None
     cluster = LocalRayCluster(
         num_cpus=settings.ray_num_cpus,
         dashboard_port=settings.ray_dashboard_port,
@@ -135,7 +148,10 @@ def ray_launcher_for(settings: Settings) -> tuple[JobLauncher, LocalRayCluster |
     launcher = RayJobLauncher(
         cluster.dashboard_url, token=cluster.token, wait_ready=cluster.wait_until_up, **common
     )
-    return launcher, cluster
+    serve = RayServeClient(
+        cluster.dashboard_url, token=cluster.token, wait_ready=cluster.wait_until_up
+    )
+    return launcher, serve, cluster
 
 
 def _health_router():  # type: ignore[no-untyped-def]

@@ -11,10 +11,13 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.platform.auth import Principal, authenticate
+from thinkforge.platform.deployments import DeploymentManager
+from thinkforge.platform.errors import Unavailable
 from thinkforge.platform.launcher import JobLauncher
 from thinkforge.platform.promotions import OnMoved
 from thinkforge.platform.reconciler import ProgressTracker
 from thinkforge.platform.registry import ModelRegistry
+from thinkforge.platform.serving import ServeClient
 from thinkforge.platform.settings import Settings
 
 
@@ -28,6 +31,8 @@ class AppContext:
     launcher: JobLauncher
     tracker: ProgressTracker | None = None
     registry_factory: Callable[[], ModelRegistry] | None = None
+    serve: ServeClient | None = None
+    _deployments: DeploymentManager | None = None
     alias_listeners: list[OnMoved] = field(default_factory=list)
     _registry: ModelRegistry | None = None
 
@@ -41,9 +46,20 @@ class AppContext:
                 self._registry = MlflowRegistry(self.settings.mlflow_tracking_uri)
         return self._registry
 
+    def deployments(self) -> DeploymentManager:
+        if self.serve is None:
+            raise Unavailable("serving is not configured: this control plane has no Ray Serve")
+        if self._deployments is None:
+            self._deployments = DeploymentManager(
+                self.sessions, self.serve, self.registry(), self.settings
+            )
+        return self._deployments
+
     def on_alias_moved(self, name: str, alias: str, version: int | None) -> None:
         for listener in self.alias_listeners:
             listener(name, alias, version)
+        if self.serve is not None:
+            self.deployments().on_alias_moved(name, alias, version)
 
     def mlflow_run_url(self, run_id: str | None) -> str | None:
         uri = self.settings.mlflow_tracking_uri

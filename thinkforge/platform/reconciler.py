@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from sqlalchemy import select
@@ -113,11 +114,13 @@ class Reconciler:
         *,
         tracker: ProgressTracker | None = None,
         interval_s: float = 2.0,
+        tasks: list[Callable[[], None]] | None = None,
     ) -> None:
         self._sessions = sessions
         self._launcher = launcher
         self._tracker = tracker
         self._interval = interval_s
+        self._tasks = tasks or []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -130,10 +133,14 @@ class Reconciler:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def _jobs_pass(self) -> None:
+        reconcile_once(self._sessions, self._launcher, self._tracker)
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                reconcile_once(self._sessions, self._launcher, self._tracker)
-            except Exception:  # the loop outlives any single failure
-                log.exception("reconcile pass failed")
+            for task in [self._jobs_pass, *self._tasks]:
+                try:
+                    task()
+                except Exception:  # the loop outlives any single failure
+                    log.exception("reconcile pass failed")
             self._stop.wait(self._interval)

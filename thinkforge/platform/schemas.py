@@ -241,3 +241,63 @@ class ModelObject(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+
+
+# ---------------------------------------------------------------- deployments
+
+
+class ServeOptions(BaseModel):
+    """How a deployment is served; checked against ``thinkforge.serve.config.ModelServeConfig``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["transformers", "vllm"] | None = None
+    template: Literal["s1", "r1", "qwen3"] | None = None
+    device: Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
+    num_gpus: float | None = Field(default=None, ge=0, le=16)
+    autoscaling: dict[str, float] | None = Field(
+        default=None, description="min_replicas, max_replicas, target_ongoing_requests, ..."
+    )
+    max_ongoing_requests: int | None = Field(default=None, ge=1, le=10000)
+    max_queued_requests: int | None = Field(default=None, ge=-1, le=100000)
+    request_timeout_s: float | None = Field(default=None, gt=0, le=86400)
+    max_batch_size: int | None = Field(default=None, ge=1, le=1024)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    default_thinking: dict[str, Any] | None = Field(
+        default=None, description="max_tokens, min_tokens, num_waits, wait_string, ..."
+    )
+
+    def given(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class DeploymentCreate(ServeOptions):
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+    model: Annotated[SafeStr, StringConstraints(min_length=1, max_length=300)] = Field(
+        description="registered-name@alias or registered-name/version"
+    )
+
+
+class DeploymentUpdate(ServeOptions):
+    model: Annotated[SafeStr, StringConstraints(min_length=1, max_length=300)] | None = None
+
+
+class DeploymentObject(BaseModel):
+    id: str
+    object: Literal["deployment"] = "deployment"
+    name: str
+    model: str
+    engine: str
+    status: str
+    served_version: str | None
+    message: str | None
+    config: dict[str, Any]
+    created_at: int
+    updated_at: int
+
+
+class DeploymentDeleted(BaseModel):
+    id: str
+    object: Literal["deployment"] = "deployment"
+    deleted: bool = True

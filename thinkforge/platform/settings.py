@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     serve_port: int = Field(default=8100, ge=1, le=65535)
+    # Where Ray Serve's proxy listens (0.0.0.0 in a container) and CPUs per model replica.
+    serve_host: str = "127.0.0.1"
+    serve_replica_cpus: float = Field(default=1, ge=0)
 
     # Auth. API keys are stored as HMAC-SHA256 digests keyed by secret_key.
     secret_key: SecretStr = SecretStr(DEFAULT_SECRET_KEY)

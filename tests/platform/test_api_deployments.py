@@ -1,0 +1,89 @@
+"""Deployments API with a fake Serve (unit level): desired config, validation, rollouts on
+promotion. The real Ray Serve path is covered in tests/integration/test_serving_e2e.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.platform.conftest import Api
+from tests.platform.test_api_files import assert_error
+from tests.platform.test_registry_mlflow import NAME
+
+
+def serve_of(api: Api):  # type: ignore[no-untyped-def]
+    return api.app.state.ctx.serve  # type: ignore[attr-defined]
+
+
+def model_app(config: dict, name: str) -> dict:
+    (app,) = [a for a in config["applications"] if a["name"] == f"model-{name}"]
+    return app
+
+
+def test_create_follow_alias_roll_and_delete(api: Api, versions: list[str], tmp_path: Path) -> None:
+    put = api.client.put(f"/v1/registry/models/{NAME}/aliases/production", json={"version": 1})
+    assert put.status_code == 200
+    resp = api.client.post(
+        "/v1/deployments",
+        json={"name": "sums", "model": f"{NAME}@production", "max_queued_requests": 4,
+              "autoscaling": {"min_replicas": 1, "max_replicas": 2}, "default_thinking": {"max_tokens": 64}},
+    )  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["status"] == "running" and body["served_version"] == f"{NAME}/1"
+    config = serve_of(api).configs[-1]
+    door = config["applications"][0]
+    assert door["name"] == "thinkforge" and door["args"]["routes"] == {"sums": "model-sums"}
+    model = model_app(config, "sums")["args"]["models"][0]
+    assert model["model_uri"] == f"models:/{NAME}/1" and model["max_queued_requests"] == 4
+    assert model["autoscaling"]["max_replicas"] == 2
+    assert (
+        api.client.put(
+            f"/v1/registry/models/{NAME}/aliases/production", json={"version": 2}
+        ).status_code
+        == 200
+    )
+    rolled = serve_of(api).configs[-1]
+    assert model_app(rolled, "sums")["args"]["models"][0]["model_uri"] == f"models:/{NAME}/2"
+    assert api.client.get("/v1/deployments/sums").json()["served_version"] == f"{NAME}/2"
+    ids = [m["id"] for m in api.client.get("/v1/models").json()["data"]]
+    assert ids[0] == "sums" and {f"{NAME}/1", f"{NAME}/2", f"{NAME}/3"} <= set(ids)
+    pinned = api.client.patch("/v1/deployments/sums", json={"model": f"{NAME}/3"})
+    assert pinned.status_code == 200 and pinned.json()["served_version"] == f"{NAME}/3"
+    gone = api.client.delete("/v1/deployments/sums")
+    assert gone.status_code == 200 and gone.json()["deleted"] is True
+    last = serve_of(api).configs[-1]
+    assert [a["name"] for a in last["applications"]] == ["thinkforge"]
+    assert_error(api.client.get("/v1/deployments/sums"), 404)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"name": "x", "model": "nope@production"}, 404, None),
+        ({"name": "x", "model": f"{NAME}/9"}, 404, None),
+        ({"name": "x", "model": "bad ref!"}, 400, "model"),
+        ({"name": "bad name!", "model": f"{NAME}/1"}, 400, "name"),
+        (
+            {"name": "x", "model": f"{NAME}/1", "max_ongoing_requests": 0},
+            400,
+            "max_ongoing_requests",
+        ),
+        ({"name": "x", "model": f"{NAME}/1", "default_thinking": {"max_tokens": -1}}, 400, None),
+        ({"name": "x", "model": f"{NAME}/1", "autoscaling": {"bogus": 1}}, 400, None),
+    ],
+)
+def test_bad_deployments_write_nothing(
+    api: Api, versions: list[str], body: dict, status: int, param: str | None
+) -> None:
+    assert_error(api.client.post("/v1/deployments", json=body), status, param)
+    assert api.client.get("/v1/deployments").json()["data"] == []
+    assert serve_of(api).configs == []
+
+
+def test_duplicate_name_conflicts(api: Api, versions: list[str]) -> None:
+    body = {"name": "dup", "model": f"{NAME}/1"}
+    assert api.client.post("/v1/deployments", json=body).status_code == 200
+    assert_error(api.client.post("/v1/deployments", json=body), 409, "name")
+    assert len(api.client.get("/v1/deployments").json()["data"]) == 1

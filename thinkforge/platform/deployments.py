@@ -1,0 +1,231 @@
+"""Deployments: the desired serving state, kept in the database and applied to Ray Serve.
+
+A deployment serves one registry model (``name@alias`` or ``name/version``) under its
+own name, which is the ``model`` that OpenAI clients send. Each is a Serve application
+of its own (``model-<name>``), behind one front door (``thinkforge``), so changing one
+deployment rolls only that one. An alias is resolved to its version here, so a
+promotion changes the application's args and Serve rolls it (new replicas verify the
+manifest and load before the old ones go; ``max_surge_percent`` keeps the old serving).
+
+    row = create_deployment(session, project_id=..., spec=DeploymentCreate(...), registry=r)
+    apply(sessions, serve, registry, settings)      # the whole desired config, every time
+    sync_statuses(sessions, serve)                  # Serve's view back into the rows
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound
+from thinkforge.platform.models import Deployment, new_id
+from thinkforge.platform.registry import ModelRegistry, parse_ref
+from thinkforge.platform.serving import ServeClient
+from thinkforge.platform.settings import Settings
+from thinkforge.serve.config import ModelServeConfig
+
+log = logging.getLogger(__name__)
+FRONT_DOOR = "thinkforge"
+SERVE_OPTIONS = (
+    "engine", "template", "device", "dtype", "num_gpus", "autoscaling", "max_ongoing_requests",
+    "max_queued_requests", "request_timeout_s", "max_batch_size", "max_completion_tokens",
+    "default_thinking", "reasoning_effort",
+)  # fmt: skip
+
+
+def app_name(deployment: str) -> str:
+    return f"model-{deployment}"
+
+
+def validate_options(name: str, model: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Check a deployment's serving options with the serve side's own model."""
+    try:
+        parse_ref(model)
+    except InvalidRequest as exc:
+        raise InvalidRequest(exc.message, param="model") from None
+    try:
+        cfg = ModelServeConfig.model_validate({"name": name, "model_path": model, **options})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise InvalidRequest(f"{loc}: {err['msg']}", param=loc or None) from None
+    return cfg.model_dump(mode="json", include=set(options))
+
+
+def create_deployment(
+    session: Session, registry: ModelRegistry, *, project_id: str, name: str, model: str,
+    options: dict[str, Any],
+) -> Deployment:  # fmt: skip
+    clean = validate_options(name, model, options)
+    registry.resolve(model)  # 404 now, not a failed rollout later
+    if session.scalar(select(Deployment.id).where(Deployment.name == name)) is not None:
+        raise Conflict(f"a deployment named {name!r} exists; pick another name", param="name")
+    row = Deployment(
+        id=new_id("deploy"), project_id=project_id, name=name, model=model,
+        engine=str(clean.get("engine", "transformers")), config=clean, status="pending",
+    )  # fmt: skip
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_deployment(session: Session, *, project_id: str, name: str) -> Deployment:
+    row = session.scalar(
+        select(Deployment).where(Deployment.name == name, Deployment.project_id == project_id)
+    )
+    if row is None:
+        raise NotFound(f"no deployment {name!r} in this project", param="name")
+    return row
+
+
+def update_deployment(
+    session: Session, registry: ModelRegistry, *, project_id: str, name: str,
+    model: str | None, options: dict[str, Any],
+) -> Deployment:  # fmt: skip
+    row = get_deployment(session, project_id=project_id, name=name)
+    merged = {**row.config, **options}
+    new_model = model or row.model
+    row.config = validate_options(name, new_model, merged)
+    if model is not None:
+        registry.resolve(model)
+        row.model = model
+    row.engine = str(row.config.get("engine", row.engine))
+    row.status = "updating"
+    return row
+
+
+def desired_config(
+    session: Session, registry: ModelRegistry, settings: Settings
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The whole Serve config, and for each deployment the ``name/version`` it should serve."""
+    rows = list(session.scalars(select(Deployment).order_by(Deployment.seq)))
+    apps: list[dict[str, Any]] = []
+    versions: dict[str, str] = {}
+    for row in rows:
+        try:
+            reg_name, version = registry.resolve(row.model)
+        except Exception as exc:  # an alias deleted under a deployment: keep what runs
+            log.warning("deployment %s: cannot resolve %s: %s", row.name, row.model, exc)
+            if not row.served_version:
+                continue
+            reg_name, _, raw = row.served_version.partition("/")
+            version = int(raw)
+        versions[row.name] = f"{reg_name}/{version}"
+        model = {
+            "name": row.name, "model_uri": f"models:/{reg_name}/{version}",
+            **row.config, "num_cpus": settings.serve_replica_cpus,
+        }  # fmt: skip
+        apps.append(
+            _app(
+                app_name(row.name),
+                None,
+                {"models": [model], "ingress": {"enabled": False}},
+                settings,
+            )
+        )
+    routes = {name: app_name(name) for name in versions}
+    door = {"routes": routes, "ingress": {"num_cpus": 0}}
+    apps.insert(0, _app(FRONT_DOOR, "/", door, settings))
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": settings.serve_host, "port": settings.serve_port},
+        "applications": apps,
+    }
+    return config, versions
+
+
+def _app(name: str, prefix: str | None, args: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    full = {**args, "mlflow_tracking_uri": settings.mlflow_tracking_uri}
+    return {
+        "name": name,
+        "route_prefix": prefix,
+        "import_path": "thinkforge.serve.app:build_app",
+        "args": full,
+    }
+
+
+def apply(
+    sessions: sessionmaker[Session], serve: ServeClient, registry: ModelRegistry, settings: Settings
+) -> dict[str, str]:
+    """Send the desired config to Serve; returns deployment -> version it should serve."""
+    with sessions() as session:
+        config, versions = desired_config(session, registry, settings)
+    serve.apply(config)
+    return versions
+
+
+def sync_statuses(
+    sessions: sessionmaker[Session], serve: ServeClient, wanted: dict[str, str]
+) -> None:
+    """Copy Serve's view into the rows: running, deploying, degraded (old version serving)."""
+    statuses = serve.statuses()
+    with sessions.begin() as session:
+        for row in session.scalars(select(Deployment)):
+            app = statuses.get(app_name(row.name))
+            target = wanted.get(row.name)
+            if app is None:
+                row.status, row.message = "deploying", "waiting for Ray Serve"
+                continue
+            served = _served_version(app)
+            if app.status == "RUNNING" and served == target:
+                row.status, row.message, row.served_version = "running", None, served
+            elif app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                row.status = "degraded" if row.served_version else "failed"
+                row.message = app.message[:2000] or "the new replicas did not become healthy"
+            else:
+                row.status, row.message = "deploying", app.message[:2000] or None
+
+
+def _served_version(app: Any) -> str | None:
+    models = app.args.get("models") or []
+    uri = str(models[0].get("model_uri", "")) if models else ""
+    return uri.removeprefix("models:/") or None
+
+
+class DeploymentManager:
+    """Keeps Ray Serve in line with the deployments table; the reconciler calls ``reconcile``.
+
+    The config is re-sent only when it changed (or after a restart), so a steady state
+    costs one status read per pass.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        serve: ServeClient,
+        registry: ModelRegistry,
+        settings: Settings,
+    ) -> None:
+        self.sessions = sessions
+        self.serve = serve
+        self.registry = registry
+        self.settings = settings
+        self._applied: str | None = None
+        self._wanted: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def reconcile(self, *, force: bool = False) -> None:
+        with self._lock:
+            with self.sessions() as session:
+                if not force and self._applied is None and not _any(session):
+                    return  # nothing was ever deployed: leave Serve unstarted
+                config, wanted = desired_config(session, self.registry, self.settings)
+            digest = json.dumps(config, sort_keys=True)
+            if force or digest != self._applied:
+                self.serve.apply(config)
+                self._applied, self._wanted = digest, wanted
+            sync_statuses(self.sessions, self.serve, self._wanted)
+
+    def on_alias_moved(self, name: str, alias: str, version: int | None) -> None:
+        """A promotion: deployments following ``name@alias`` roll now, not at the next pass."""
+        self.reconcile()
+
+
+def _any(session: Session) -> bool:
+    return session.scalar(select(Deployment.seq).limit(1)) is not None

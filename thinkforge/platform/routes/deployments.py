@@ -1,0 +1,119 @@
+"""/v1/deployments: serve registry versions on Ray Serve; /v1/models: what can be served."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+from sqlalchemy import select
+
+from thinkforge.platform import deployments
+from thinkforge.platform.deps import CtxDep, PrincipalDep
+from thinkforge.platform.models import Deployment
+from thinkforge.platform.schemas import (
+    DeploymentCreate,
+    DeploymentDeleted,
+    DeploymentObject,
+    DeploymentUpdate,
+    ListResponse,
+    ModelObject,
+)
+from thinkforge.platform.views import ts
+
+router = APIRouter(prefix="/v1", tags=["deployments"])
+NamePath = Annotated[str, Path(max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+@router.post("/deployments", response_model=DeploymentObject)
+def create(ctx: CtxDep, principal: PrincipalDep, body: DeploymentCreate) -> DeploymentObject:
+    options = body.given()
+    options.pop("name"), options.pop("model")
+    with ctx.sessions.begin() as session:
+        row = deployments.create_deployment(
+            session, ctx.registry(), project_id=principal.project_id, name=body.name,
+            model=body.model, options=options,
+        )  # fmt: skip
+    ctx.deployments().reconcile()
+    return _view_by_name(ctx, principal.project_id, row.name)
+
+
+@router.get("/deployments", response_model=ListResponse[DeploymentObject])
+def list_deployments(ctx: CtxDep, principal: PrincipalDep) -> ListResponse[DeploymentObject]:
+    with ctx.sessions() as session:
+        rows = session.scalars(
+            select(Deployment)
+            .where(Deployment.project_id == principal.project_id)
+            .order_by(Deployment.seq.desc())
+        ).all()
+        data = [_view(r) for r in rows]
+    return ListResponse[DeploymentObject].of(data, False)
+
+
+@router.get("/deployments/{name}", response_model=DeploymentObject)
+def get(ctx: CtxDep, principal: PrincipalDep, name: NamePath) -> DeploymentObject:
+    return _view_by_name(ctx, principal.project_id, name)
+
+
+@router.patch("/deployments/{name}", response_model=DeploymentObject)
+def update(
+    ctx: CtxDep, principal: PrincipalDep, name: NamePath, body: DeploymentUpdate
+) -> DeploymentObject:
+    options = body.given()
+    model = options.pop("model", None)
+    with ctx.sessions.begin() as session:
+        deployments.update_deployment(
+            session, ctx.registry(), project_id=principal.project_id, name=name, model=model,
+            options=options,
+        )  # fmt: skip
+    ctx.deployments().reconcile()
+    return _view_by_name(ctx, principal.project_id, name)
+
+
+@router.delete("/deployments/{name}", response_model=DeploymentDeleted)
+def delete(ctx: CtxDep, principal: PrincipalDep, name: NamePath) -> DeploymentDeleted:
+    with ctx.sessions.begin() as session:
+        row = deployments.get_deployment(session, project_id=principal.project_id, name=name)
+        row_id = row.id
+        session.delete(row)
+    ctx.deployments().reconcile()
+    return DeploymentDeleted(id=row_id)
+
+
+@router.get("/models", response_model=ListResponse[ModelObject])
+def list_models(ctx: CtxDep, principal: PrincipalDep) -> ListResponse[ModelObject]:
+    """OpenAI's model list: live deployments, then every registered version."""
+    data = []
+    with ctx.sessions() as session:
+        for row in session.scalars(
+            select(Deployment).where(Deployment.project_id == principal.project_id)
+        ):
+            data.append(
+                ModelObject(id=row.name, created=ts(row.created_at) or 0, owned_by=row.project_id)
+            )
+    registry = ctx.registry()
+    token = None
+    while True:
+        found = registry.list_models(max_results=100, page_token=token)
+        for model in found.items:
+            for v in registry.list_versions(model.name, max_results=1000).items:
+                created = ts(v.created_at) or 0
+                data.append(
+                    ModelObject(id=f"{v.name}/{v.version}", created=created, owned_by="registry")
+                )
+        token = found.next_page_token
+        if token is None:
+            break
+    return ListResponse[ModelObject].of(data, False)
+
+
+def _view_by_name(ctx: CtxDep, project_id: str, name: str) -> DeploymentObject:
+    with ctx.sessions() as session:
+        return _view(deployments.get_deployment(session, project_id=project_id, name=name))
+
+
+def _view(row: Deployment) -> DeploymentObject:
+    return DeploymentObject(
+        id=row.id, name=row.name, model=row.model, engine=row.engine, status=row.status,
+        served_version=row.served_version, message=row.message, config=row.config,
+        created_at=ts(row.created_at) or 0, updated_at=ts(row.updated_at) or 0,
+    )  # fmt: skip
