@@ -9,6 +9,7 @@ thinkforge jobs events ftjob-… --follow
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,6 +32,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(files_app, name="files")
 app.add_typer(jobs_app, name="jobs")
+models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -82,6 +85,7 @@ def up(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = _settings(data_dir, **overrides)
     console.print(
@@ -265,6 +269,163 @@ def _print_event(event: dict[str, Any]) -> None:
     style = {"error": "red", "warn": "yellow"}.get(event["level"], "")
     text = f"{event['created_at']} {event['message']}"
     console.print(f"[{style}]{text}[/{style}]" if style else text, highlight=False)
+
+
+@models_app.command("list")
+def models_list(api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
+    """Registered models with their aliases and latest version."""
+    with Client(api_url, api_key) as tf:
+        table = Table("name", "latest", "aliases")
+        for model in tf.list_registered_models()["data"]:
+            aliases = ", ".join(f"{k}=v{v}" for k, v in sorted(model["aliases"].items()))
+            table.add_row(model["name"], str(model["latest_version"] or ""), aliases)
+        console.print(table)
+
+
+@models_app.command("show")
+def models_show(
+    ref: Annotated[str, typer.Argument(help="name, or name/version")],
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """A model's versions, or one version with its lineage, metrics and manifest."""
+    name, _, version = ref.partition("/")
+    with Client(api_url, api_key) as tf:
+        if version:
+            _print(tf.get_version(name, int(version)))
+        else:
+            _print(tf.list_versions(name, limit=100))
+
+
+@models_app.command("promote")
+def models_promote(
+    name: str,
+    version: int,
+    alias: Annotated[str, typer.Option(help="the alias to move")] = "production",
+    reason: Annotated[str | None, typer.Option(help="recorded in the audit log")] = None,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Point an alias at a version (after checking its files against the manifest)."""
+    with Client(api_url, api_key) as tf:
+        _print(tf.promote(name, alias, version, reason))
+
+
+@models_app.command("rollback")
+def models_rollback(
+    name: str,
+    alias: Annotated[str, typer.Option(help="the alias to move back")] = "production",
+    reason: Annotated[str | None, typer.Option(help="recorded in the audit log")] = None,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Move an alias back to the version it held before its last move."""
+    with Client(api_url, api_key) as tf:
+        _print(tf.rollback(name, alias, reason))
+
+
+@app.command()
+def deploy(
+    name: Annotated[str, typer.Argument(help="deployment name: the `model` clients send")],
+    model: Annotated[str, typer.Option(help="registered-name@alias or registered-name/version")],
+    max_thinking: Annotated[int | None, typer.Option(help="default max thinking tokens")] = None,
+    min_replicas: int = 1,
+    max_replicas: int = 1,
+    wait: Annotated[bool, typer.Option(help="wait until it serves")] = True,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Serve a registry version on Ray Serve (created, or updated when it exists)."""
+    body: dict[str, Any] = {
+        "name": name,
+        "model": model,
+        "autoscaling": {"min_replicas": min_replicas, "max_replicas": max_replicas},
+    }
+    if max_thinking is not None:
+        body["default_thinking"] = {"max_tokens": max_thinking}
+    with Client(api_url, api_key) as tf:
+        dep = tf.create_deployment(body)
+        if wait:
+            dep = tf.wait_for_deployment(name)
+        _print(dep)
+
+
+@app.command("eval")
+def eval_(
+    deployment: str,
+    dataset: Annotated[str, typer.Option(help="file id, dataset path, or a local file to upload")],
+    max_thinking: Annotated[
+        str, typer.Option(help="comma-separated max thinking tokens; 'full' for no cap")
+    ] = "0,4,16,full",
+    waits: Annotated[str, typer.Option(help="comma-separated forced waits at full budget")] = "",
+    limit: Annotated[int | None, typer.Option(help="first N questions only")] = None,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Sweep thinking budgets over a deployment; prints accuracy per budget."""
+    budgets: list[dict[str, Any]] = [
+        {} if b.strip() == "full" else {"max_tokens": int(b)} for b in max_thinking.split(",") if b
+    ]
+    budgets += [{"num_waits": int(w)} for w in waits.split(",") if w]
+    with Client(api_url, api_key) as tf:
+        if not dataset.startswith("file-") and Path(dataset).is_file():
+            dataset = tf.upload_file(dataset)["id"]
+        body = {"deployment": deployment, "dataset": dataset, "budgets": budgets, "limit": limit}
+        ev = tf.request("POST", "/v1/evals", json={k: v for k, v in body.items() if v is not None})
+        with console.status(f"evaluation {ev['id']}"):
+            while ev["status"] not in ("succeeded", "failed", "cancelled"):
+                time.sleep(2)
+                ev = tf.request("GET", f"/v1/evals/{ev['id']}")
+        if ev["status"] != "succeeded":
+            err_console.print(f"[red]evaluation {ev['status']}: {ev.get('error')}[/red]")
+            raise SystemExit(1)
+        table = Table("budget", "accuracy", "avg thinking tokens")
+        for b in ev["budgets"]:
+            table.add_row(b["budget"], f"{b['accuracy']:.1%}", f"{b['avg_thinking_tokens']:.1f}")
+        console.print(table)
+        console.print(
+            f"plot: {tf.http.base_url}{ev['plot_url']}  mlflow run: {ev['mlflow_run_id']}"
+        )
+
+
+@app.command()
+def chat(
+    deployment: str,
+    message: Annotated[str, typer.Argument(help="what to ask")],
+    max_thinking: Annotated[int | None, typer.Option(help="max thinking tokens")] = None,
+    min_thinking: Annotated[int | None, typer.Option(help="min thinking tokens")] = None,
+    waits: Annotated[int, typer.Option(help="times to ignore end-of-thinking ('Wait')")] = 0,
+    serve_url: Annotated[
+        str, typer.Option(envvar="THINKFORGE_SERVE_URL", help="the OpenAI-compatible front door")
+    ] = "http://127.0.0.1:8100/v1",
+) -> None:
+    """Ask a deployment; thinking streams dim, the answer in plain text."""
+    from openai import OpenAI
+
+    thinking: dict[str, Any] = {"num_waits": waits}
+    if max_thinking is not None:
+        thinking["max_tokens"] = max_thinking
+    if min_thinking is not None:
+        thinking["min_tokens"] = min_thinking
+    client = OpenAI(base_url=serve_url, api_key="unused")
+    stream = client.chat.completions.create(
+        model=deployment,
+        messages=[{"role": "user", "content": message}],
+        stream=True,
+        extra_body={"thinking": thinking},
+    )
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        reasoning = getattr(delta, "reasoning_content", None) or (delta.model_extra or {}).get(
+            "reasoning_content"
+        )
+        if reasoning:
+            console.print(reasoning, style="dim italic", end="", highlight=False)
+        if delta.content:
+            console.print(delta.content, style="bold", end="", highlight=False)
+    console.print()
 
 
 if __name__ == "__main__":

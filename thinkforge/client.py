@@ -99,6 +99,52 @@ class Client:
     def list_checkpoints(self, job_id: str, **params: Any) -> dict[str, Any]:
         return self.request("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints", params=params)  # type: ignore[no-any-return]
 
+    # ---- registry
+    def list_registered_models(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/registry/models", params={"limit": 100})  # type: ignore[no-any-return]
+
+    def get_registered_model(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/registry/models/{name}")  # type: ignore[no-any-return]
+
+    def list_versions(self, name: str, **params: Any) -> dict[str, Any]:
+        return self.request("GET", f"/v1/registry/models/{name}/versions", params=params)  # type: ignore[no-any-return]
+
+    def get_version(self, name: str, version: int) -> dict[str, Any]:
+        return self.request("GET", f"/v1/registry/models/{name}/versions/{version}")  # type: ignore[no-any-return]
+
+    def promote(
+        self, name: str, alias: str, version: int, reason: str | None = None
+    ) -> dict[str, Any]:
+        body = {"version": version, "reason": reason}
+        return self.request("PUT", f"/v1/registry/models/{name}/aliases/{alias}", json=body)  # type: ignore[no-any-return]
+
+    def rollback(self, name: str, alias: str, reason: str | None = None) -> dict[str, Any]:
+        path = f"/v1/registry/models/{name}/aliases/{alias}/rollback"
+        return self.request("POST", path, json={"reason": reason})  # type: ignore[no-any-return]
+
+    # ---- deployments
+    def create_deployment(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/v1/deployments", json=body)  # type: ignore[no-any-return]
+
+    def get_deployment(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/deployments/{name}")  # type: ignore[no-any-return]
+
+    def list_deployments(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/deployments")  # type: ignore[no-any-return]
+
+    def delete_deployment(self, name: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/v1/deployments/{name}")  # type: ignore[no-any-return]
+
+    def wait_for_deployment(self, name: str, timeout_s: float = 600) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            dep = self.get_deployment(name)
+            if dep["status"] == "running":
+                return dep
+            if dep["status"] == "failed" or time.monotonic() > deadline:
+                raise TimeoutError(f"deployment {name} is {dep['status']}: {dep.get('message')}")
+            time.sleep(1)
+
     def follow_events(self, job_id: str, poll_s: float = 1.0) -> Iterator[dict[str, Any]]:
         """Yield the job's events oldest first, as they come, until the job ends."""
         seen: set[str] = set()

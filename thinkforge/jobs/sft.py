@@ -357,6 +357,7 @@ def _train_step(worker: _Worker, micro: list[dict[str, Any]]) -> dict[str, float
         "tokens_per_s": float(totals[1]) / elapsed,
         "epoch": worker.step / plan.steps_per_epoch,
         "step": float(worker.step),
+        "total_steps": float(plan.total_steps),
     }
 
 

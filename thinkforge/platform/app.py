@@ -21,13 +21,14 @@ from thinkforge.platform.auth import ensure_project
 from thinkforge.platform.db import make_engine, make_sessionmaker
 from thinkforge.platform.deps import AppContext, CtxDep
 from thinkforge.platform.errors import PlatformError, error_body
+from thinkforge.platform.evals import reconcile_evals
 from thinkforge.platform.launcher import JobLauncher
 from thinkforge.platform.middleware import BodyLimitMiddleware
 from thinkforge.platform.migrations import upgrade
 from thinkforge.platform.models import DEFAULT_PROJECT
 from thinkforge.platform.ray_cluster import LocalRayCluster, free_port
 from thinkforge.platform.reconciler import Reconciler
-from thinkforge.platform.routes import deployments, files, jobs, registry
+from thinkforge.platform.routes import deployments, evals, files, jobs, registry
 from thinkforge.platform.schemas import Health
 from thinkforge.platform.serving import RayServeClient, ServeClient
 from thinkforge.platform.settings import Settings
@@ -85,7 +86,10 @@ def create_app(
             ctx.launcher,
             tracker=ctx.tracker,
             interval_s=settings.reconcile_interval_s,
-            tasks=[lambda: ctx.deployments().reconcile()] if serve is not None else [],
+            tasks=[
+                lambda: reconcile_evals(ctx.sessions, ctx.launcher, settings),
+                *([lambda: ctx.deployments().reconcile()] if serve is not None else []),
+            ],
         )
         if settings.start_reconciler:
             reconciler.start()
@@ -119,6 +123,7 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(registry.router)
     app.include_router(deployments.router)
+    app.include_router(evals.router)
     return app
 
 

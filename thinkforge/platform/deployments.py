@@ -129,7 +129,10 @@ def desired_config(
                 settings,
             )
         )
-    routes = {name: app_name(name) for name in versions}
+    # A deployment being deleted leaves the front door first, then Serve: requests the old
+    # door still routes to it keep finding replicas until the door has rolled.
+    deleting = {row.name for row in rows if row.status == "deleting"}
+    routes = {name: app_name(name) for name in versions if name not in deleting}
     door = {"routes": routes, "ingress": {"num_cpus": 0}}
     apps.insert(0, _app(FRONT_DOOR, "/", door, settings))
     config = {
@@ -165,10 +168,19 @@ def sync_statuses(
 ) -> None:
     """Copy Serve's view into the rows: running, deploying, degraded (old version serving)."""
     statuses = serve.statuses()
+    door = statuses.get(FRONT_DOOR)
     with sessions.begin() as session:
         for row in session.scalars(select(Deployment)):
             app = statuses.get(app_name(row.name))
             target = wanted.get(row.name)
+            if row.status == "deleting":
+                if (
+                    door is not None
+                    and door.status == "RUNNING"
+                    and row.name not in door.args.get("routes", {})
+                ):
+                    session.delete(row)  # the door no longer routes here: Serve may drop it
+                continue
             if app is None:
                 row.status, row.message = "deploying", "waiting for Ray Serve"
                 continue
@@ -212,15 +224,16 @@ class DeploymentManager:
 
     def reconcile(self, *, force: bool = False) -> None:
         with self._lock:
-            with self.sessions() as session:
-                if not force and self._applied is None and not _any(session):
-                    return  # nothing was ever deployed: leave Serve unstarted
-                config, wanted = desired_config(session, self.registry, self.settings)
-            digest = json.dumps(config, sort_keys=True)
-            if force or digest != self._applied:
-                self.serve.apply(config)
-                self._applied, self._wanted = digest, wanted
-            sync_statuses(self.sessions, self.serve, self._wanted)
+            for _ in range(2):  # a finished deletion changes the config once more
+                with self.sessions() as session:
+                    if not force and self._applied is None and not _any(session):
+                        return  # nothing was ever deployed: leave Serve unstarted
+                    config, wanted = desired_config(session, self.registry, self.settings)
+                digest = json.dumps(config, sort_keys=True)
+                if force or digest != self._applied:
+                    self.serve.apply(config)
+                    self._applied, self._wanted = digest, wanted
+                sync_statuses(self.sessions, self.serve, self._wanted)
 
     def on_alias_moved(self, name: str, alias: str, version: int | None) -> None:
         """A promotion: deployments following ``name@alias`` roll now, not at the next pass."""

@@ -14,7 +14,7 @@ from thinkforge.platform.auth import Principal, authenticate
 from thinkforge.platform.deployments import DeploymentManager
 from thinkforge.platform.errors import Unavailable
 from thinkforge.platform.launcher import JobLauncher
-from thinkforge.platform.promotions import OnMoved
+from thinkforge.platform.promotions import EvalPolicy, OnMoved
 from thinkforge.platform.reconciler import ProgressTracker
 from thinkforge.platform.registry import ModelRegistry
 from thinkforge.platform.serving import ServeClient
@@ -45,6 +45,11 @@ class AppContext:
 
                 self._registry = MlflowRegistry(self.settings.mlflow_tracking_uri)
         return self._registry
+
+    def promotion_policy(self) -> EvalPolicy | None:
+        if not self.settings.promotion_requires_eval:
+            return None
+        return EvalPolicy(self.sessions, self.settings.promotion_min_accuracy)
 
     def deployments(self) -> DeploymentManager:
         if self.serve is None:

@@ -29,6 +29,9 @@ class LaunchSpec:
     gpus_per_worker: float = 0
     cpus_per_worker: float = 1
     env: dict[str, str] = field(default_factory=dict)
+    # Another entrypoint than the SFT job (evaluations): ``python -m module *args``.
+    module: str | None = None
+    args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -198,6 +198,28 @@ class Deployment(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class Evaluation(Base):
+    """A budget sweep over a deployment: per-budget accuracy and thinking tokens."""
+
+    __tablename__ = "evals"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    deployment: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(300), default=None, index=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    output_dir: Mapped[str] = mapped_column(Text)
+    summary: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
+    best_accuracy: Mapped[float | None] = mapped_column(default=None)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    submitted_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
 class IdempotencyKey(Base):
     __tablename__ = "idempotency_keys"
     __table_args__ = (UniqueConstraint("project_id", "key"),)

@@ -34,7 +34,9 @@ class AliasMove:
     audit_id: str
 
 
-def check_promotable(registry: ModelRegistry, name: str, version: int) -> None:
+def check_promotable(
+    registry: ModelRegistry, name: str, version: int, policy: EvalPolicy | None = None
+) -> None:
     detail = registry.get_version(name, version)
     if detail.status is not VersionStatus.READY:
         raise Conflict(
@@ -50,6 +52,28 @@ def check_promotable(registry: ModelRegistry, name: str, version: int) -> None:
             param="version",
             code="integrity_check_failed",
         )
+    if policy is not None:
+        policy.check(f"{name}/{version}")
+
+
+@dataclass(frozen=True)
+class EvalPolicy:
+    """Promotion needs a succeeded evaluation of the version at ``min_accuracy`` or more."""
+
+    sessions: sessionmaker[Session]
+    min_accuracy: float
+
+    def check(self, model_version: str) -> None:
+        from thinkforge.platform.evals import passing_eval
+
+        with self.sessions() as session:
+            if passing_eval(session, model_version, self.min_accuracy) is None:
+                raise Conflict(
+                    f"{model_version} has no succeeded evaluation with accuracy >= "
+                    f"{self.min_accuracy}; run one (POST /v1/evals) on a deployment of it first",
+                    param="version",
+                    code="evaluation_required",
+                )
 
 
 def promote(
@@ -62,9 +86,10 @@ def promote(
     version: int,
     reason: str | None = None,
     on_moved: OnMoved | None = None,
+    policy: EvalPolicy | None = None,
 ) -> AliasMove:
     registry.resolve(f"{name}/{version}")  # 404 for a model or version that does not exist
-    check_promotable(registry, name, version)
+    check_promotable(registry, name, version, policy)
     with sessions.begin() as session:
         _lock(session, name, alias)
         previous = registry.set_alias(name, alias, version)

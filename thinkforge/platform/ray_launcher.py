@@ -69,6 +69,8 @@ class RayJobLauncher:
             return self._client
 
     def entrypoint(self, spec: LaunchSpec) -> str:
+        if spec.module is not None:
+            return shlex.join([self.python, "-m", spec.module, *spec.args])
         args = [
             self.python, "-m", "thinkforge.jobs",
             "--job-id", spec.job_id,

@@ -301,3 +301,46 @@ class DeploymentDeleted(BaseModel):
     id: str
     object: Literal["deployment"] = "deployment"
     deleted: bool = True
+
+
+# ---------------------------------------------------------------- evaluations
+
+
+class BudgetPointIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int | None = Field(default=None, ge=0, le=1_000_000)
+    min_tokens: int | None = Field(default=None, ge=0, le=1_000_000)
+    num_waits: int | None = Field(default=None, ge=0, le=1000)
+    wait_string: Annotated[SafeStr, StringConstraints(min_length=1, max_length=200)] | None = None
+    final_answer_prefix: Annotated[SafeStr, StringConstraints(max_length=200)] | None = None
+
+
+class EvalCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    deployment: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+    dataset: Annotated[SafeStr, StringConstraints(min_length=1, max_length=2048)] = Field(
+        description="a file id, or a JSONL path under a dataset root: questions with answers"
+    )
+    budgets: list[BudgetPointIn] = Field(min_length=1, max_length=64)
+    max_completion_tokens: int = Field(default=1024, ge=1, le=1_000_000)
+    concurrency: int = Field(default=8, ge=1, le=64)
+    limit: int | None = Field(default=None, ge=1, le=100_000)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
+class EvalObject(BaseModel):
+    id: str
+    object: Literal["evaluation"] = "evaluation"
+    status: str
+    deployment: str
+    model_version: str | None
+    budgets: list[dict[str, Any]] | None
+    best_accuracy: float | None
+    mlflow_run_id: str | None
+    plot_url: str | None
+    error: dict[str, Any] | None
+    config: dict[str, Any]
+    created_at: int
+    finished_at: int | None

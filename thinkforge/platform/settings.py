@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     # Where Ray Serve's proxy listens (0.0.0.0 in a container) and CPUs per model replica.
     serve_host: str = "127.0.0.1"
     serve_replica_cpus: float = Field(default=1, ge=0)
+    # Where jobs on the cluster reach the front door. Empty: http://127.0.0.1:{serve_port}/v1.
+    serve_url: str = ""
+    # Promotion policy: a version must have a succeeded evaluation at this accuracy first.
+    promotion_requires_eval: bool = False
+    promotion_min_accuracy: float = Field(default=0.0, ge=0, le=1)
 
     # Auth. API keys are stored as HMAC-SHA256 digests keyed by secret_key.
     secret_key: SecretStr = SecretStr(DEFAULT_SECRET_KEY)
@@ -74,6 +79,8 @@ class Settings(BaseSettings):
             self.mlflow_tracking_uri = f"sqlite:///{self.data_dir / 'mlflow.db'}"
         if not self.mlflow_artifact_root:
             self.mlflow_artifact_root = str(self.data_dir / "mlartifacts")
+        if not self.serve_url:
+            self.serve_url = f"http://127.0.0.1:{self.serve_port}/v1"
         if not self.storage_path:
             self.storage_path = str(self.data_dir / "checkpoints")
         if not self.dataset_roots:

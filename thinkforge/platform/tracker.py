@@ -24,7 +24,7 @@ from thinkforge.platform.models import Checkpoint, Job, new_id
 
 log = logging.getLogger(__name__)
 JOB_TAG = "job_id"
-STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "epoch")
+STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "epoch", "total_steps")
 
 
 class RunTracker:

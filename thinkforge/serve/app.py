@@ -150,8 +150,8 @@ class AppArgs(BaseModel):
             raise ValueError("model names must stay unique after replacing '/', ':' and '@'")
         if not self.ingress.enabled and (len(self.models) != 1 or self.routes):
             raise ValueError("without the front door, an application serves exactly one model")
-        if not names:
-            raise ValueError("give at least one model (models or routes)")
+        # An empty front door is valid: the control plane keeps one up (answering 404 for
+        # every model) while it has no deployments, so removing the last one is one roll.
         return self
 
 

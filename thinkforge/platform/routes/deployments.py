@@ -74,7 +74,7 @@ def delete(ctx: CtxDep, principal: PrincipalDep, name: NamePath) -> DeploymentDe
     with ctx.sessions.begin() as session:
         row = deployments.get_deployment(session, project_id=principal.project_id, name=name)
         row_id = row.id
-        session.delete(row)
+        row.status = "deleting"  # gone from the front door first, then from Serve
     ctx.deployments().reconcile()
     return DeploymentDeleted(id=row_id)
 

@@ -81,6 +81,7 @@ def promote(
     move = promotions.promote(
         ctx.sessions, ctx.registry(), actor=principal, name=name, alias=alias,
         version=body.version, reason=body.reason, on_moved=ctx.on_alias_moved,
+        policy=ctx.promotion_policy(),
     )  # fmt: skip
     return _alias_view(move)
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 02:07:11.903523
+Create Date: 2026-11-29 02:24:16.658219
 """
 
 from __future__ import annotations
@@ -96,6 +96,35 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("deployments", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_deployments_project_id"), ["project_id"], unique=False)
+
+    op.create_table(
+        "evals",
+        sa.Column("seq", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("project_id", sa.String(length=64), nullable=False),
+        sa.Column("status", sa.String(length=32), nullable=False),
+        sa.Column("deployment", sa.String(length=128), nullable=False),
+        sa.Column("model_version", sa.String(length=300), nullable=True),
+        sa.Column("config", sa.JSON(), nullable=False),
+        sa.Column("output_dir", sa.Text(), nullable=False),
+        sa.Column("summary", sa.JSON(), nullable=True),
+        sa.Column("best_accuracy", sa.Double(), nullable=True),
+        sa.Column("mlflow_run_id", sa.String(length=64), nullable=True),
+        sa.Column("error", sa.JSON(), nullable=True),
+        sa.Column("submitted_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["project_id"],
+            ["projects.id"],
+        ),
+        sa.PrimaryKeyConstraint("seq"),
+        sa.UniqueConstraint("id"),
+    )
+    with op.batch_alter_table("evals", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_evals_model_version"), ["model_version"], unique=False)
+        batch_op.create_index(batch_op.f("ix_evals_project_id"), ["project_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_evals_status"), ["status"], unique=False)
 
     op.create_table(
         "files",
@@ -267,6 +296,12 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_files_project_id"))
 
     op.drop_table("files")
+    with op.batch_alter_table("evals", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_evals_status"))
+        batch_op.drop_index(batch_op.f("ix_evals_project_id"))
+        batch_op.drop_index(batch_op.f("ix_evals_model_version"))
+
+    op.drop_table("evals")
     with op.batch_alter_table("deployments", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_deployments_project_id"))
 

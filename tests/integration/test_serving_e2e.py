@@ -1,0 +1,149 @@
+"""Serving end to end: registry version -> REST deployment -> Ray Serve -> openai client.
+
+A deployment follows ``tiny@production``; promoting a new version rolls it under
+constant load with zero failed requests; a damaged version is refused and the old one
+keeps serving; deleting the deployment removes it from Serve.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from tests.integration.conftest import ControlPlane
+from thinkforge.jobs.config import SFTConfig
+from thinkforge.jobs.tiny import ensure_tiny_model
+from thinkforge.jobs.tracking import open_job_run, register_model
+from thinkforge.platform.ray_cluster import LocalRayCluster
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+NAME = "tiny"
+
+
+def register(uri: str, artifacts: str, model_dir: Path, job_id: str) -> str:
+    config = SFTConfig(model="thinkforge/tiny", dataset="x.jsonl", recipe="tiny-cpu")
+    run_id = open_job_run(
+        tracking_uri=uri,
+        job_id=job_id,
+        config=config,
+        dataset_sha256="0" * 64,
+        artifact_root=artifacts,
+    )
+    return register_model(
+        tracking_uri=uri, run_id=run_id, model_dir=model_dir, name=NAME, job_id=job_id,
+        base_model="thinkforge/tiny", dataset_sha256="0" * 64,
+    )  # fmt: skip
+
+
+def chat(port: int, **extra: Any) -> httpx.Response:
+    return httpx.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        json={"model": NAME, "messages": [{"role": "user", "content": "Sum: 1 2"}],
+              "max_completion_tokens": 24, "thinking": {"max_tokens": 8}, **extra},
+        timeout=120,
+    )  # fmt: skip
+
+
+def wait_deployment(client: httpx.Client, version: str, timeout: float = 300) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        dep = dict(client.get(f"/v1/deployments/{NAME}").json())
+        if dep["status"] == "running" and dep["served_version"] == version:
+            return dep
+        assert dep["status"] != "failed", dep
+        assert time.monotonic() < deadline, dep
+        time.sleep(1)
+
+
+def test_deploy_roll_refuse_and_delete(ray_cluster: LocalRayCluster, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    serve_port = free_port()
+    plane = ControlPlane(
+        data,
+        ray_cluster,
+        THINKFORGE_SERVE_PORT=str(serve_port),
+        THINKFORGE_SERVE_REPLICA_CPUS="0.5",
+    ).start()
+    uri, artifacts = f"sqlite:///{data / 'mlflow.db'}", str(data / "mlartifacts")
+    tiny = ensure_tiny_model(tmp_path / "models")
+    for i in (1, 2, 3):
+        assert register(uri, artifacts, tiny, f"ftjob-{i}") == f"{NAME}/{i}"
+    try:
+        with plane.client() as client:
+            assert (
+                client.put(
+                    f"/v1/registry/models/{NAME}/aliases/production", json={"version": 1}
+                ).status_code
+                == 200
+            )
+            made = client.post(
+                "/v1/deployments",
+                json={"name": NAME, "model": f"{NAME}@production", "max_ongoing_requests": 4,
+                      "max_queued_requests": 32, "default_thinking": {"max_tokens": 8}},
+            )  # fmt: skip
+            assert made.status_code == 200, made.text
+            wait_deployment(client, f"{NAME}/1")
+            first = chat(serve_port)
+            assert first.status_code == 200, first.text
+            assert first.headers["x-thinkforge-model-version"] == "1"
+            assert first.json()["usage"]["completion_tokens_details"]["reasoning_tokens"] <= 8
+
+            failures: list[str] = []
+            versions: list[str] = []
+            stop = threading.Event()
+
+            def load() -> None:
+                while not stop.is_set():
+                    resp = chat(serve_port)
+                    if resp.status_code != 200:
+                        failures.append(f"{resp.status_code} {resp.text[:200]}")
+                    else:
+                        versions.append(resp.headers["x-thinkforge-model-version"])
+
+            workers = [threading.Thread(target=load) for _ in range(2)]
+            for w in workers:
+                w.start()
+            try:
+                time.sleep(2)
+                moved = client.put(
+                    f"/v1/registry/models/{NAME}/aliases/production", json={"version": 2}
+                )
+                assert moved.status_code == 200, moved.text
+                wait_deployment(client, f"{NAME}/2")
+                time.sleep(3)
+            finally:
+                stop.set()
+                for w in workers:
+                    w.join(timeout=120)
+            assert failures == []
+            assert "1" in versions and versions[-1] == "2"
+            assert chat(serve_port).headers["x-thinkforge-model-version"] == "2"
+
+            from mlflow.tracking import MlflowClient
+
+            source = MlflowClient(tracking_uri=uri).get_model_version(NAME, "3").source
+            damaged = Path(source) / "model.safetensors"
+            damaged.write_bytes(damaged.read_bytes()[:-8] + b"\x00" * 8)
+            refused = client.put(
+                f"/v1/registry/models/{NAME}/aliases/production", json={"version": 3}
+            )
+            assert (
+                refused.status_code == 409
+                and refused.json()["error"]["code"] == "integrity_check_failed"
+            )
+            assert chat(serve_port).headers["x-thinkforge-model-version"] == "2"
+            assert client.get(f"/v1/deployments/{NAME}").json()["served_version"] == f"{NAME}/2"
+
+            assert client.delete(f"/v1/deployments/{NAME}").status_code == 200
+            deadline = time.monotonic() + 120
+            while chat(serve_port).status_code == 200 and time.monotonic() < deadline:
+                time.sleep(1)
+            assert chat(serve_port).status_code == 404
+    finally:
+        plane.stop()

@@ -1,0 +1,176 @@
+"""Evaluations: a thinking-budget sweep over a live deployment, run as a Ray Job.
+
+The job (``python -m thinkforge.jobs.evaluate``) asks the deployment every question at
+every budget through the Serve front door, writes ``results.json`` and ``plot.png``
+(accuracy against average thinking tokens) and logs both to MLflow. The reconciler
+copies the per-budget summary into the row; the registry's promotion policy can then
+require a passing evaluation of the version being promoted.
+
+    row = create_eval(session, settings, project_id=..., spec=EvalCreate(...))
+    reconcile_evals(sessions, launcher, settings)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from thinkforge.jobs.evaluate import PLOT_FILE, RESULTS_FILE, EvalConfig
+from thinkforge.platform.deployments import get_deployment
+from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound
+from thinkforge.platform.files import get_file
+from thinkforge.platform.launcher import JobLauncher, LaunchSpec, LaunchState
+from thinkforge.platform.models import Evaluation, new_id, utcnow
+from thinkforge.platform.ray_launcher import job_error_line
+from thinkforge.platform.schemas import EvalCreate
+from thinkforge.platform.settings import Settings
+
+log = logging.getLogger(__name__)
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def create_eval(
+    session: Session, settings: Settings, *, project_id: str, spec: EvalCreate
+) -> Evaluation:
+    deployment = get_deployment(session, project_id=project_id, name=spec.deployment)
+    if spec.dataset.startswith("file-"):
+        try:
+            dataset = get_file(session, project_id=project_id, file_id=spec.dataset).path
+        except NotFound:
+            raise InvalidRequest(
+                f"no file {spec.dataset!r} in this project", param="dataset"
+            ) from None
+    else:
+        path = Path(spec.dataset).resolve()
+        if (
+            not any(path.is_relative_to(r.resolve()) for r in settings.dataset_roots)
+            or not path.is_file()
+        ):
+            raise InvalidRequest(
+                "dataset must be a file id or a file under a dataset root", param="dataset"
+            )
+        dataset = str(path)
+    eval_id = new_id("eval")
+    try:
+        config = EvalConfig.model_validate(
+            {
+                "dataset": dataset,
+                "base_url": settings.serve_url,
+                "model": deployment.name,
+                "budgets": [b.model_dump(exclude_none=True) for b in spec.budgets],
+                "max_completion_tokens": spec.max_completion_tokens,
+                "concurrency": spec.concurrency,
+                "limit": spec.limit,
+                "seed": spec.seed,
+            }
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InvalidRequest(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    row = Evaluation(
+        id=eval_id, project_id=project_id, status="queued", deployment=deployment.name,
+        model_version=deployment.served_version, config=config.model_dump(mode="json"),
+        output_dir=str(settings.data_dir / "evals" / eval_id),
+    )  # fmt: skip
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_eval(session: Session, *, project_id: str, eval_id: str) -> Evaluation:
+    row = session.scalar(
+        select(Evaluation).where(Evaluation.id == eval_id, Evaluation.project_id == project_id)
+    )
+    if row is None:
+        raise NotFound(f"no evaluation {eval_id!r} in this project", param="eval_id")
+    return row
+
+
+def plot_path(row: Evaluation) -> Path:
+    path = Path(row.output_dir) / PLOT_FILE
+    if row.status != "succeeded" or not path.is_file():
+        raise Conflict(f"evaluation {row.id} is {row.status}; its plot exists once it succeeds")
+    return path
+
+
+def launch_spec(row: Evaluation, settings: Settings) -> LaunchSpec:
+    args = [
+        "--eval-id", row.id, "--config-json", json.dumps(row.config, separators=(",", ":")),
+        "--output", row.output_dir, "--mlflow-uri", settings.mlflow_tracking_uri,
+    ]  # fmt: skip
+    if settings.mlflow_artifact_root:
+        args += ["--mlflow-artifact-root", settings.mlflow_artifact_root]
+    return LaunchSpec(job_id=row.id, config={}, module="thinkforge.jobs.evaluate", args=tuple(args))
+
+
+def reconcile_evals(
+    sessions: sessionmaker[Session], launcher: JobLauncher, settings: Settings
+) -> None:
+    with sessions() as session:
+        pending = list(
+            session.scalars(select(Evaluation).where(Evaluation.status.not_in(TERMINAL)))
+        )
+    for row in pending:
+        try:
+            _advance(sessions, launcher, settings, row)
+        except Exception:  # one evaluation must not stop the others
+            log.exception("reconciling evaluation %s failed", row.id)
+
+
+def _advance(
+    sessions: sessionmaker[Session], launcher: JobLauncher, settings: Settings, row: Evaluation
+) -> None:
+    if row.submitted_at is None:
+        launcher.submit(launch_spec(row, settings))
+        with sessions.begin() as session:
+            session.get(Evaluation, row.seq).submitted_at = utcnow()  # type: ignore[union-attr]
+        return
+    status = launcher.status(row.id)
+    with sessions.begin() as session:
+        current = session.get(Evaluation, row.seq)
+        assert current is not None
+        if status.state is LaunchState.RUNNING:
+            current.status = "running"
+        elif status.state is LaunchState.SUCCEEDED:
+            _finish(current)
+        elif status.state in (LaunchState.FAILED, LaunchState.UNKNOWN, LaunchState.STOPPED):
+            message = (
+                job_error_line(status.log_tail) or status.message or "the evaluation run ended"
+            )
+            current.status = "cancelled" if status.state is LaunchState.STOPPED else "failed"
+            current.error = {"code": "eval_failed", "message": message}
+            current.finished_at = utcnow()
+
+
+def _finish(row: Evaluation) -> None:
+    results = Path(row.output_dir) / RESULTS_FILE
+    try:
+        data: dict[str, Any] = json.loads(results.read_text())
+    except (OSError, ValueError) as exc:
+        row.status, row.error = "failed", {"code": "eval_failed", "message": f"no results: {exc}"}
+    else:
+        row.summary = data.get("budgets", [])
+        row.best_accuracy = max((b["accuracy"] for b in row.summary or []), default=0.0)
+        row.mlflow_run_id = data.get("mlflow_run_id")
+        row.status = "succeeded"
+    row.finished_at = utcnow()
+
+
+def passing_eval(session: Session, model_version: str, min_accuracy: float) -> Evaluation | None:
+    """The best succeeded evaluation of ``name/version`` at or above ``min_accuracy``."""
+    return session.scalar(
+        select(Evaluation)
+        .where(
+            Evaluation.model_version == model_version,
+            Evaluation.status == "succeeded",
+            Evaluation.best_accuracy >= min_accuracy,
+        )
+        .order_by(Evaluation.best_accuracy.desc())
+        .limit(1)
+    )

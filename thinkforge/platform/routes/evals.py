@@ -1,0 +1,64 @@
+"""/v1/evals: thinking-budget sweeps over a deployment, their results and scaling plot."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, Path
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+
+from thinkforge.platform import evals
+from thinkforge.platform.deps import AfterQuery, CtxDep, LimitQuery, PrincipalDep
+from thinkforge.platform.models import Evaluation
+from thinkforge.platform.pagination import page
+from thinkforge.platform.schemas import EvalCreate, EvalObject, ListResponse
+from thinkforge.platform.views import ts
+
+router = APIRouter(prefix="/v1/evals", tags=["evaluations"])
+EvalId = Annotated[str, Path(max_length=40, pattern=r"^eval-[0-9a-f]+$")]
+
+
+@router.post("", response_model=EvalObject)
+def create(
+    ctx: CtxDep, principal: PrincipalDep, body: EvalCreate, background: BackgroundTasks
+) -> EvalObject:
+    with ctx.sessions.begin() as session:
+        row = evals.create_eval(session, ctx.settings, project_id=principal.project_id, spec=body)
+        view = _view(row)
+    background.add_task(evals.reconcile_evals, ctx.sessions, ctx.launcher, ctx.settings)
+    return view
+
+
+@router.get("", response_model=ListResponse[EvalObject])
+def list_evals(
+    ctx: CtxDep, principal: PrincipalDep, after: AfterQuery = None, limit: LimitQuery = 20
+) -> ListResponse[EvalObject]:
+    with ctx.sessions() as session:
+        stmt = select(Evaluation).where(Evaluation.project_id == principal.project_id)
+        rows, more = page(session, stmt, Evaluation, after=after, limit=limit)
+        return ListResponse[EvalObject].of([_view(r) for r in rows], more)
+
+
+@router.get("/{eval_id}", response_model=EvalObject)
+def get(ctx: CtxDep, principal: PrincipalDep, eval_id: EvalId) -> EvalObject:
+    with ctx.sessions() as session:
+        return _view(evals.get_eval(session, project_id=principal.project_id, eval_id=eval_id))
+
+
+@router.get("/{eval_id}/plot.png", response_class=FileResponse)
+def plot(ctx: CtxDep, principal: PrincipalDep, eval_id: EvalId) -> FileResponse:
+    with ctx.sessions() as session:
+        row = evals.get_eval(session, project_id=principal.project_id, eval_id=eval_id)
+        path = evals.plot_path(row)
+    return FileResponse(path, media_type="image/png")
+
+
+def _view(row: Evaluation) -> EvalObject:
+    return EvalObject(
+        id=row.id, status=row.status, deployment=row.deployment, model_version=row.model_version,
+        budgets=row.summary, best_accuracy=row.best_accuracy, mlflow_run_id=row.mlflow_run_id,
+        plot_url=f"/v1/evals/{row.id}/plot.png" if row.status == "succeeded" else None,
+        error=row.error, config=row.config, created_at=ts(row.created_at) or 0,
+        finished_at=ts(row.finished_at),
+    )  # fmt: skip
