@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from thinkforge.jobs.evaluate import PLOT_FILE, RESULTS_FILE, EvalConfig
+from thinkforge.jobs.evaluate import EVAL_TAG, PLOT_FILE, RESULTS_FILE, EvalConfig
 from thinkforge.platform.deployments import get_deployment
 from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound
 from thinkforge.platform.files import get_file
@@ -139,6 +139,8 @@ def _advance(
             current.status = "running"
         elif status.state is LaunchState.SUCCEEDED:
             _finish(current)
+            if current.status == "succeeded" and current.mlflow_run_id is None:
+                current.mlflow_run_id = _eval_run(settings.mlflow_tracking_uri, current.id)
         elif status.state in (LaunchState.FAILED, LaunchState.UNKNOWN, LaunchState.STOPPED):
             message = (
                 job_error_line(status.log_tail) or status.message or "the evaluation run ended"
@@ -160,6 +162,16 @@ def _finish(row: Evaluation) -> None:
         row.mlflow_run_id = data.get("mlflow_run_id")
         row.status = "succeeded"
     row.finished_at = utcnow()
+
+
+def _eval_run(tracking_uri: str, eval_id: str) -> str | None:
+    """The MLflow run the evaluation job logged (tagged with its id), if any."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.{EVAL_TAG} = '{eval_id}'")
+    return str(runs[0].info.run_id) if runs else None
 
 
 def passing_eval(session: Session, model_version: str, min_accuracy: float) -> Evaluation | None:

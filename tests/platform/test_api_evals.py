@@ -1,0 +1,105 @@
+"""Evaluations API (fake launcher and Serve): validation, the run's results into the row,
+the plot, and the promotion policy that requires a passing evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.platform.conftest import Api
+from tests.platform.data import S1K, jsonl
+from tests.platform.test_api_files import assert_error, upload
+from tests.platform.test_registry_mlflow import NAME
+from thinkforge.platform.evals import reconcile_evals
+from thinkforge.platform.launcher import LaunchState
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+
+
+def deploy(api: Api, version: int) -> None:
+    body = {"name": "sums", "model": f"{NAME}/{version}"}
+    assert api.client.post("/v1/deployments", json=body).status_code == 200
+
+
+def reconcile(api: Api) -> None:
+    ctx = api.app.state.ctx  # type: ignore[attr-defined]
+    reconcile_evals(ctx.sessions, ctx.launcher, ctx.settings)
+
+
+def finish(api: Api, eval_id: str, accuracy: float) -> None:
+    """What the evaluation job leaves behind, then Ray saying it succeeded."""
+    out = api.settings.data_dir / "evals" / eval_id
+    out.mkdir(parents=True)
+    budgets = [{"budget": "full", "accuracy": accuracy, "avg_thinking_tokens": 12.0}]
+    (out / "results.json").write_text(json.dumps({"budgets": budgets, "mlflow_run_id": "r1"}))
+    (out / "plot.png").write_bytes(PNG)
+    api.launcher.set(eval_id, LaunchState.SUCCEEDED)
+    reconcile(api)
+
+
+def test_eval_lifecycle_and_plot(api: Api, versions: list[str]) -> None:
+    deploy(api, 2)
+    file_id = upload(api, jsonl(S1K, S1K)).json()["id"]
+    resp = api.client.post(
+        "/v1/evals",
+        json={
+            "deployment": "sums",
+            "dataset": file_id,
+            "budgets": [{"max_tokens": 4}, {}],
+            "limit": 2,
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    ev = resp.json()
+    assert ev["status"] == "queued" and ev["model_version"] == f"{NAME}/2"
+    assert ev["config"]["base_url"] == api.settings.serve_url and ev["config"]["model"] == "sums"
+    reconcile(api)
+    (spec,) = [s for s in api.launcher.submissions if s.job_id == ev["id"]]
+    assert spec.module == "thinkforge.jobs.evaluate" and "--output" in spec.args
+    assert_error(api.client.get(f"/v1/evals/{ev['id']}/plot.png"), 409)
+    finish(api, ev["id"], 0.75)
+    done = api.client.get(f"/v1/evals/{ev['id']}").json()
+    assert done["status"] == "succeeded" and done["best_accuracy"] == 0.75
+    assert done["budgets"][0]["budget"] == "full" and done["mlflow_run_id"] == "r1"
+    png = api.client.get(done["plot_url"])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content == PNG
+    assert [e["id"] for e in api.client.get("/v1/evals").json()["data"]] == [ev["id"]]
+
+
+def test_bad_evals_write_nothing(api: Api, versions: list[str], tmp_path: Path) -> None:
+    deploy(api, 1)
+    file_id = upload(api, jsonl(S1K)).json()["id"]
+    bad = [
+        ({"deployment": "nope", "dataset": file_id, "budgets": [{}]}, 404),
+        ({"deployment": "sums", "dataset": "file-nope", "budgets": [{}]}, 400),
+        ({"deployment": "sums", "dataset": "/etc/passwd", "budgets": [{}]}, 400),
+        ({"deployment": "sums", "dataset": file_id, "budgets": []}, 400),
+        ({"deployment": "sums", "dataset": file_id, "budgets": [{"max_tokens": -1}]}, 400),
+    ]
+    for body, status in bad:
+        assert_error(api.client.post("/v1/evals", json=body), status)
+    assert api.client.get("/v1/evals").json()["data"] == []
+
+
+def test_promotion_policy_requires_a_passing_eval(api: Api, versions: list[str]) -> None:
+    api.settings.promotion_requires_eval = True
+    api.settings.promotion_min_accuracy = 0.8
+    try:
+        put = api.client.put(f"/v1/registry/models/{NAME}/aliases/production", json={"version": 2})
+        assert assert_error(put, 409, "version")["code"] == "evaluation_required"
+        deploy(api, 2)
+        file_id = upload(api, jsonl(S1K)).json()["id"]
+        body = {"deployment": "sums", "dataset": file_id, "budgets": [{}]}
+        weak = api.client.post("/v1/evals", json=body).json()["id"]
+        reconcile(api)
+        finish(api, weak, 0.5)
+        put = api.client.put(f"/v1/registry/models/{NAME}/aliases/production", json={"version": 2})
+        assert assert_error(put, 409, "version")["code"] == "evaluation_required"
+        strong = api.client.post("/v1/evals", json=body).json()["id"]
+        reconcile(api)
+        finish(api, strong, 0.9)
+        put = api.client.put(f"/v1/registry/models/{NAME}/aliases/production", json={"version": 2})
+        assert put.status_code == 200, put.text
+    finally:
+        api.settings.promotion_requires_eval = False
