@@ -50,7 +50,7 @@ def test_demo_path(tmp_path: Path) -> None:
     mlflow = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'demo' / 'mlflow.db'}")
     run_ = mlflow.get_run(ev["mlflow_run_id"])
     assert any(k.startswith("accuracy") for k in run_.data.metrics)
-    assert mlflow.get_model_version_by_alias("sums", "production").version == "1"
+    assert str(mlflow.get_model_version_by_alias("sums", "production").version) == "1"
 
     for label in ("api", "ray_dashboard"):  # the demo left nothing running
         with pytest.raises(httpx.TransportError):

@@ -6,6 +6,7 @@ test can kill it mid-job the way a crash would.
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -14,9 +15,12 @@ from typing import Any
 
 import httpx
 import pytest
+from mlflow.tracking import MlflowClient
 
+from tests.conftest import free_port
 from tests.integration.conftest import ControlPlane
 from thinkforge.jobs.synthetic import write_jsonl
+from thinkforge.platform.mlflow_server import MlflowServer
 from thinkforge.platform.ray_cluster import LocalRayCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -82,45 +86,65 @@ def ray_submissions(cluster: LocalRayCluster, job_id: str) -> list[Any]:
 
 
 def test_job_trains_survives_a_control_plane_crash_and_links_everything(
-    ray_cluster: LocalRayCluster, tmp_path: Path
+    ray_cluster: LocalRayCluster, tmp_path: Path, pg_database: str
 ) -> None:
+    """Tracked in a real `mlflow server` on PostgreSQL, with artifacts proxied by it."""
     data_dir = tmp_path / "data"
-    first = ControlPlane(data_dir, ray_cluster).start()
-    try:
-        with first.client() as client:
-            file_id = upload_sums(client, tmp_path)
-            job = create_job(client, file_id, n_epochs=1, max_steps=8)
-            wait_job(client, job["id"], lambda j: j["status"] == "running", timeout=240)
-    finally:
-        first.kill()  # mid-job, like a crash: no shutdown code runs
-    second = ControlPlane(data_dir, ray_cluster).start()
-    try:
-        with second.client() as client:
-            done = wait_job(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=400)
-            assert done["status"] == "succeeded", done["error"]
-            assert done["finished_at"] is not None and done["fine_tuned_model"] == "sums-e2e/1"
-            steps = metric_steps(client, job["id"])
-            assert [s["step"] for s in steps] == list(range(steps[0]["step"], steps[0]["step"] + 8))
-            assert steps[-1]["loss"] < steps[0]["loss"]
-            ckpts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
-            assert sorted(c["step_number"] for c in ckpts) == [4, 8]
-            assert all(f"/{job['id']}/" in c["fine_tuned_model_checkpoint"] for c in ckpts)
-            messages = [e["message"] for e in events(client, job["id"])]
-            assert any("Registered model version sums-e2e/1" in m for m in messages)
-    finally:
-        second.stop()
+    server = MlflowServer(pg_database, str(tmp_path / "mlflow-artifacts"), port=free_port())
+    with server:
+        env = {
+            "THINKFORGE_MLFLOW_TRACKING_URI": server.url,
+            "THINKFORGE_MLFLOW_ARTIFACT_ROOT": "mlflow-artifacts:/",
+        }
+        first = ControlPlane(data_dir, ray_cluster, **env).start()
+        try:
+            with first.client() as client:
+                file_id = upload_sums(client, tmp_path)
+                job = create_job(client, file_id, n_epochs=1, max_steps=8)
+                wait_job(client, job["id"], lambda j: j["status"] == "running", timeout=240)
+        finally:
+            first.kill()  # mid-job, like a crash: no shutdown code runs
+        second = ControlPlane(data_dir, ray_cluster, **env).start()
+        try:
+            with second.client() as client:
+                done = wait_job(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=400)
+                check_finished_job(client, job["id"], done)
+        finally:
+            second.stop()
+        check_mlflow(MlflowClient(tracking_uri=server.url), job["id"], done)
     assert len(ray_submissions(ray_cluster, job["id"])) == 1
-    from mlflow.tracking import MlflowClient
+    with sqlite3.connect(data_dir / "thinkforge.db") as db:
+        mirrored = db.execute("SELECT name, version, job_id, recipe FROM model_versions").fetchall()
+    assert mirrored == [("sums-e2e", 1, job["id"], "tiny-cpu")]
 
-    mlflow = MlflowClient(tracking_uri=f"sqlite:///{data_dir / 'mlflow.db'}")
+
+def check_finished_job(client: httpx.Client, job_id: str, done: dict[str, Any]) -> None:
+    assert done["status"] == "succeeded", done["error"]
+    assert done["finished_at"] is not None and done["fine_tuned_model"] == "sums-e2e/1"
+    steps = metric_steps(client, job_id)
+    assert [s["step"] for s in steps] == list(range(steps[0]["step"], steps[0]["step"] + 8))
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    ckpts = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+    assert sorted(c["step_number"] for c in ckpts) == [4, 8]
+    assert all(f"/{job_id}/" in c["fine_tuned_model_checkpoint"] for c in ckpts)
+    messages = [e["message"] for e in events(client, job_id)]
+    assert any("Registered model version sums-e2e/1" in m for m in messages)
+    version = client.get("/v1/registry/models/sums-e2e/versions/1").json()
+    assert version["lineage"]["job_id"] == job_id and version["lineage"]["recipe"] == "tiny-cpu"
+    assert (
+        version["lineage"]["base_model"] == "thinkforge/tiny"
+        and version["run_id"] == done["mlflow_run_id"]
+    )
+    assert "loss" in version["metrics"] and "model.safetensors" in version["manifest"]
+
+
+def check_mlflow(mlflow: MlflowClient, job_id: str, done: dict[str, Any]) -> None:
     run = mlflow.get_run(done["mlflow_run_id"])
-    assert run.data.tags["job_id"] == job["id"] and run.info.status == "FINISHED"
+    assert run.data.tags["job_id"] == job_id and run.info.status == "FINISHED"
     assert run.data.tags["recipe"] == "tiny-cpu"
     version = mlflow.get_model_version("sums-e2e", "1")
-    assert version.tags["job_id"] == job["id"] and version.run_id == run.info.run_id
-    assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "loss")] == [
-        s["step"] for s in steps
-    ]
+    assert version.tags["job_id"] == job_id and version.run_id == run.info.run_id
+    assert len(mlflow.get_metric_history(run.info.run_id, "loss")) == 8
 
 
 def train_worker_processes() -> list[str]:

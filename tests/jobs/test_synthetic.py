@@ -58,3 +58,13 @@ def test_extract_answer() -> None:
     assert extract_answer("Answer: 17") == "17"
     assert extract_answer("3+5=8\n8+9=17\nAnswer: 17<|im_end|>") == "17"
     assert extract_answer("no number") is None
+
+
+def test_recheck_traces_repeat_the_sums_after_a_wait() -> None:
+    assert make_record([3, 5], recheck=True)["thinking_trajectories"] == ["3+5=8\nWait\n3+5=8"]
+    plain, _ = train_test_split(n_train=400, n_test=50, seed=0)
+    checked, _ = train_test_split(n_train=400, n_test=50, seed=0, recheck_rate=0.25)
+    assert [r["question"] for r in checked] == [r["question"] for r in plain]
+    waits = sum("\nWait\n" in r["thinking_trajectories"][0] for r in checked)
+    assert 50 < waits < 150
+    assert all(r["attempt"] == p["attempt"] for r, p in zip(checked, plain, strict=True))

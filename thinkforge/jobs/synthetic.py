@@ -13,6 +13,7 @@ model trained on the traces answers well with its full thinking budget and poorl
 when budget forcing cuts thinking short: the effect the demo and issue 6 measure.
 
     train, test = train_test_split(n_train=2000, n_test=200, seed=0)
+    train, test = train_test_split(8000, 200, recheck_rate=0.25)  # some traces "Wait"
     write_jsonl("train.jsonl", n=2000, seed=0)
     extract_answer("Answer: 17")  # -> "17"
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +39,23 @@ __all__ = [
 Record = dict[str, Any]
 
 
-def make_record(terms: list[int]) -> Record:
-    """The s1K row for one list of terms: running sums in the trace, the total as attempt."""
+def make_record(terms: list[int], *, recheck: bool = False) -> Record:
+    """The s1K row for one list of terms: running sums in the trace, the total as attempt.
+
+    ``recheck`` appends "Wait" and the running sums again, as a model that double-checks
+    would: trained on some such traces, a model forced to "Wait" re-derives the total
+    instead of continuing with text it has never seen.
+    """
     if len(terms) < 2:
         raise ValueError("a sum needs at least two terms")
     steps, total = [], terms[0]
     for term in terms[1:]:
         steps.append(f"{total}+{term}={total + term}")
         total += term
+    trace = "\n".join(steps)
     return {
         "question": "Sum: " + " ".join(str(t) for t in terms),
-        "thinking_trajectories": ["\n".join(steps)],
+        "thinking_trajectories": [f"{trace}\nWait\n{trace}" if recheck else trace],
         "attempt": str(total),
     }
 
@@ -56,14 +64,32 @@ def _draw_terms(rng: random.Random, min_terms: int, max_terms: int, max_digit: i
     return [rng.randint(0, max_digit) for _ in range(rng.randint(min_terms, max_terms))]
 
 
+def _rechecks(seed: int, rate: float) -> Callable[[], bool]:
+    """Which records get a recheck; its own RNG, so the questions do not depend on rate."""
+    if not 0 <= rate <= 1:
+        raise ValueError("recheck_rate must be in [0, 1]")
+    rng = random.Random(f"recheck-{seed}")
+    return lambda: rate > 0 and rng.random() < rate
+
+
 def generate(
-    n: int, seed: int = 0, *, min_terms: int = 3, max_terms: int = 5, max_digit: int = 9
+    n: int,
+    seed: int = 0,
+    *,
+    min_terms: int = 3,
+    max_terms: int = 5,
+    max_digit: int = 9,
+    recheck_rate: float = 0.0,
 ) -> list[Record]:
-    """``n`` records drawn with their own seeded RNG (questions may repeat)."""
+    """``n`` records drawn with their own seeded RNG (questions may repeat);
+    ``recheck_rate`` of them double-check their sums after a "Wait" (see make_record)."""
     if not 2 <= min_terms <= max_terms:
         raise ValueError("need 2 <= min_terms <= max_terms")
-    rng = random.Random(seed)
-    return [make_record(_draw_terms(rng, min_terms, max_terms, max_digit)) for _ in range(n)]
+    rng, recheck = random.Random(seed), _rechecks(seed, recheck_rate)
+    return [
+        make_record(_draw_terms(rng, min_terms, max_terms, max_digit), recheck=recheck())
+        for _ in range(n)
+    ]
 
 
 def train_test_split(
@@ -74,26 +100,28 @@ def train_test_split(
     min_terms: int = 3,
     max_terms: int = 5,
     max_digit: int = 9,
+    recheck_rate: float = 0.0,
 ) -> tuple[list[Record], list[Record]]:
     """A training set and a held-out set with no question in common.
 
     The held-out questions are drawn first and distinct, then training questions are
-    drawn until ``n_train`` of them avoid the held-out set.
+    drawn until ``n_train`` of them avoid the held-out set. ``recheck_rate`` applies to
+    the training records only.
     """
-    rng = random.Random(seed)
+    rng, recheck = random.Random(seed), _rechecks(seed, recheck_rate)
     test: dict[str, Record] = {}
     while len(test) < n_test:
         rec = make_record(_draw_terms(rng, min_terms, max_terms, max_digit))
         test.setdefault(rec["question"], rec)
     train: list[Record] = []
     while len(train) < n_train:
-        rec = make_record(_draw_terms(rng, min_terms, max_terms, max_digit))
-        if rec["question"] not in test:
-            train.append(rec)
+        terms = _draw_terms(rng, min_terms, max_terms, max_digit)
+        if make_record(terms)["question"] not in test:
+            train.append(make_record(terms, recheck=recheck()))
     return train, list(test.values())
 
 
-def write_jsonl(path: str | Path, n: int, seed: int = 0, **kwargs: int) -> Path:
+def write_jsonl(path: str | Path, n: int, seed: int = 0, **kwargs: Any) -> Path:
     """Write ``generate(n, seed, **kwargs)`` as JSONL; returns the path."""
     return write_records(path, generate(n, seed, **kwargs))
 

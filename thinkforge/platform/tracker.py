@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 
 from thinkforge.jobs.checkpoints import list_checkpoints
 from thinkforge.platform.jobs import add_event
-from thinkforge.platform.models import Checkpoint, Job, new_id
+from thinkforge.platform.models import Checkpoint, Job, ModelVersion, new_id
+from thinkforge.platform.registry import MlflowRegistry, ModelRegistry
 
 log = logging.getLogger(__name__)
 JOB_TAG = "job_id"
@@ -33,6 +34,7 @@ class RunTracker:
         self.storage_path = storage_path
         self._client: Any = None
         self._last_step: dict[str, int] = {}
+        self._registry: MlflowRegistry | None = None
         self._lock = threading.Lock()
 
     def client(self) -> Any:
@@ -42,6 +44,12 @@ class RunTracker:
 
                 self._client = MlflowClient(tracking_uri=self.tracking_uri)
             return self._client
+
+    def registry(self) -> MlflowRegistry:
+        with self._lock:
+            if self._registry is None:
+                self._registry = MlflowRegistry(self.tracking_uri)
+            return self._registry
 
     def sync(self, session: Session, job: Job, *, final: bool) -> None:
         self._sync_checkpoints(session, job)
@@ -103,6 +111,7 @@ class RunTracker:
         if versions:
             version = max(versions, key=lambda v: int(v.version))
             job.fine_tuned_model = f"{version.name}/{version.version}"
+            mirror_version(session, self.registry(), version.name, int(version.version), job)
             add_event(
                 session, job.id, f"Registered model version {job.fine_tuned_model}",
                 data={"model": version.name, "version": int(version.version)},
@@ -111,3 +120,28 @@ class RunTracker:
         tokens = run.data.metrics.get("trained_tokens")
         if tokens is not None:
             job.trained_tokens = int(tokens)
+
+
+def mirror_version(
+    session: Session, registry: ModelRegistry, name: str, version: int, job: Job | None = None
+) -> ModelVersion:
+    """Copy one registry version's lineage into the database (insert or refresh)."""
+    detail = registry.get_version(name, version)
+    row = session.scalar(
+        select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
+    )
+    if row is None:
+        row = ModelVersion(name=name, version=version)
+        session.add(row)
+    lineage = detail.lineage
+    row.project_id = job.project_id if job is not None else row.project_id
+    row.job_id = lineage.get("job_id") or (job.id if job is not None else None)
+    row.run_id = detail.run_id
+    row.base_model = lineage.get("base_model")
+    row.dataset_sha256 = lineage.get("dataset_sha256")
+    row.recipe = lineage.get("recipe")
+    row.metrics = dict(detail.metrics)
+    row.manifest = dict(detail.manifest) if detail.manifest is not None else None
+    row.status = detail.status.value
+    row.source = detail.source
+    return row
