@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound
+from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound, first_error_location
 from thinkforge.platform.models import Deployment, new_id
 from thinkforge.platform.registry import ModelRegistry, parse_ref
 from thinkforge.platform.serving import ServeClient
@@ -52,9 +52,8 @@ def validate_options(name: str, model: str, options: dict[str, Any]) -> dict[str
     try:
         cfg = ModelServeConfig.model_validate({"name": name, "model_path": model, **options})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise InvalidRequest(f"{loc}: {err['msg']}", param=loc or None) from None
+        loc, msg = first_error_location(exc)
+        raise InvalidRequest(f"{loc}: {msg}", param=loc or None) from None
     return cfg.model_dump(mode="json", include=set(options))
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 
 class PlatformError(Exception):
     status_code = 500
@@ -95,3 +97,9 @@ def error_body(
     message: str, type: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def first_error_location(exc: ValidationError) -> tuple[str, str]:
+    """The dotted location and message of a pydantic error's first problem."""
+    err = exc.errors()[0]
+    return ".".join(str(p) for p in err["loc"]), str(err["msg"])

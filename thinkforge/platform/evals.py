@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.jobs.evaluate import EVAL_TAG, PLOT_FILE, RESULTS_FILE, EvalConfig
 from thinkforge.platform.deployments import get_deployment
-from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound
+from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound, first_error_location
 from thinkforge.platform.files import get_file
 from thinkforge.platform.launcher import JobLauncher, LaunchSpec, LaunchState
 from thinkforge.platform.models import Evaluation, new_id, utcnow
@@ -71,8 +71,8 @@ def create_eval(
             }
         )
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise InvalidRequest(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        loc, msg = first_error_location(exc)
+        raise InvalidRequest(f"{loc}: {msg}") from None
     row = Evaluation(
         id=eval_id, project_id=project_id, status="queued", deployment=deployment.name,
         model_version=deployment.served_version, config=config.model_dump(mode="json"),

@@ -16,7 +16,13 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.jobs.config import SFTConfig
-from thinkforge.platform.errors import Conflict, InvalidFile, InvalidRequest, NotFound
+from thinkforge.platform.errors import (
+    Conflict,
+    InvalidFile,
+    InvalidRequest,
+    NotFound,
+    first_error_location,
+)
 from thinkforge.platform.files import get_file, validate_dataset
 from thinkforge.platform.launcher import JobLauncher, LaunchSpec
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, new_id, utcnow
@@ -126,9 +132,8 @@ def _resolve_config(settings: Settings, spec: JobCreate, dataset_path: str) -> S
     try:
         return SFTConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise InvalidRequest(f"{loc}: {err['msg']}", param=_param_for(loc, spec)) from None
+        loc, msg = first_error_location(exc)
+        raise InvalidRequest(f"{loc}: {msg}", param=_param_for(loc, spec)) from None
 
 
 def _param_for(loc: str, spec: JobCreate) -> str:
