@@ -344,7 +344,13 @@ def deploy(
     if max_thinking is not None:
         body["default_thinking"] = {"max_tokens": max_thinking}
     with Client(api_url, api_key) as tf:
-        dep = tf.create_deployment(body)
+        try:
+            dep = tf.create_deployment(body)
+        except APIError as exc:
+            if exc.status_code != 409:
+                raise
+            update = {k: v for k, v in body.items() if k != "name"}
+            dep = tf.request("PATCH", f"/v1/deployments/{name}", json=update)
         if wait:
             dep = tf.wait_for_deployment(name)
         _print(dep)

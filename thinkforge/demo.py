@@ -38,6 +38,7 @@ from thinkforge.platform.ray_cluster import free_port
 
 console = Console()
 REPO = Path(__file__).resolve().parents[1]
+MARKER = ".thinkforge-demo"
 SWEEP = [{"max_tokens": 0}, {"max_tokens": 4}, {"max_tokens": 8}, {"max_tokens": 16}, {}]
 
 
@@ -203,8 +204,11 @@ def evaluate(tf: Client, deployment: str, file_id: str, n_eval: int) -> dict[str
 
 def run(args: argparse.Namespace) -> DemoResult:
     data_dir = Path(args.data_dir).absolute()
+    if data_dir.exists() and any(data_dir.iterdir()) and not (data_dir / MARKER).exists():
+        raise SystemExit(f"{data_dir} is not empty and not a demo folder: pick another --data-dir")
     shutil.rmtree(data_dir, ignore_errors=True)  # the demo's own folder: every run starts afresh
     data_dir.mkdir(parents=True)
+    (data_dir / MARKER).write_text("made by `make demo`; the next run deletes this folder\n")
     result = DemoResult()
     key = "tf-demo-" + secrets.token_hex(16)
     console.rule("[bold]thinkforge demo")

@@ -7,6 +7,7 @@ keeps serving; deleting the deployment removes it from Serve.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -57,6 +58,16 @@ def wait_deployment(client: httpx.Client, version: str, timeout: float = 300) ->
         if dep["status"] == "running" and dep["served_version"] == version:
             return dep
         assert dep["status"] != "failed", dep
+        assert time.monotonic() < deadline, dep
+        time.sleep(1)
+
+
+def wait_status(client: httpx.Client, status: str, timeout: float = 300) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        dep = dict(client.get(f"/v1/deployments/{NAME}").json())
+        if dep["status"] == status:
+            return dep
         assert time.monotonic() < deadline, dep
         time.sleep(1)
 
@@ -139,6 +150,22 @@ def test_deploy_roll_refuse_and_delete(ray_cluster: LocalRayCluster, tmp_path: P
             )
             assert chat(serve_port).headers["x-thinkforge-model-version"] == "2"
             assert client.get(f"/v1/deployments/{NAME}").json()["served_version"] == f"{NAME}/2"
+
+            # Files that match their manifest but do not load: the rollout fails, v2 serves on.
+            broken = tmp_path / "broken"
+            shutil.copytree(tiny, broken)
+            (broken / "config.json").write_text('{"model_type": "qwen2", "vocab_size": "many"}')
+            assert register(uri, artifacts, broken, "ftjob-4") == f"{NAME}/4"
+            moved = client.put(
+                f"/v1/registry/models/{NAME}/aliases/production", json={"version": 4}
+            )
+            assert moved.status_code == 200, moved.text
+            dep = wait_status(client, "degraded")
+            assert dep["served_version"] == f"{NAME}/2" and dep["message"]
+            assert chat(serve_port).headers["x-thinkforge-model-version"] == "2"
+            back = client.post(f"/v1/registry/models/{NAME}/aliases/production/rollback")
+            assert back.status_code == 200 and back.json()["version"] == 2, back.text
+            wait_deployment(client, f"{NAME}/2")
 
             assert client.delete(f"/v1/deployments/{NAME}").status_code == 200
             deadline = time.monotonic() + 120

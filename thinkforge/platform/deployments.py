@@ -88,6 +88,8 @@ def update_deployment(
     model: str | None, options: dict[str, Any],
 ) -> Deployment:  # fmt: skip
     row = get_deployment(session, project_id=project_id, name=name)
+    if row.status == "deleting":
+        raise Conflict(f"deployment {name!r} is being deleted", param="name")
     merged = {**row.config, **options}
     new_model = model or row.model
     row.config = validate_options(name, new_model, merged)

@@ -310,6 +310,9 @@ def _validate_job_dataset(session: Session, job: Job) -> None:
     except InvalidFile as exc:
         fail(session, job, FailureKind.INVALID_FILE, exc.message, exc.param)
         return
+    except OSError as exc:
+        fail(session, job, FailureKind.INVALID_FILE, f"cannot read the training data: {exc}")
+        return
     job.dataset_sha256 = info.sha256
     set_status(
         session,
@@ -340,3 +343,6 @@ def submit(sessions: sessionmaker[Session], launcher: JobLauncher, job: Job) -> 
         return
     with sessions.begin() as session:
         add_event(session, job.id, "Submitted to the cluster", dedupe_key="submitted")
+        status = session.scalar(select(Job.status).where(Job.id == job.id))
+    if status in (JobStatus.CANCELLING.value, JobStatus.CANCELLED.value):
+        launcher.cancel(job.id)  # cancelled while the submission was on its way

@@ -10,6 +10,7 @@ ends on one of them, and the audit log chains ``from -> to`` in the order they h
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from thinkforge.platform.models import AuditEntry, ModelAlias, new_id
 from thinkforge.platform.registry import ModelRegistry, VersionStatus
 
 OnMoved = Callable[[str, str, int | None], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,11 @@ def promote(
     check_promotable(registry, name, version, policy)
     with sessions.begin() as session:
         _lock(session, name, alias)
+        if registry.get_alias(name, alias) == version:  # already there: nothing moves
+            return AliasMove(name, alias, version, version, audit_id="")
         previous = registry.set_alias(name, alias, version)
         move = _record(session, actor, "promote", name, alias, previous, version, reason)
-    if on_moved is not None:
-        on_moved(name, alias, version)
+    _notify(on_moved, name, alias, version)
     return move
 
 
@@ -117,8 +120,7 @@ def rollback(
             raise Conflict(f"{name}@{alias} moved meanwhile; look again and retry", param="alias")
         previous = registry.set_alias(name, alias, target)
         move = _record(session, actor, "rollback", name, alias, previous, target, reason)
-    if on_moved is not None:
-        on_moved(name, alias, target)
+    _notify(on_moved, name, alias, target)
     return move
 
 
@@ -165,9 +167,18 @@ def delete_alias(
         _lock(session, name, alias)
         previous = registry.delete_alias(name, alias)
         move = _record(session, actor, "delete", name, alias, previous, None, reason)
-    if on_moved is not None:
-        on_moved(name, alias, None)
+    _notify(on_moved, name, alias, None)
     return move
+
+
+def _notify(on_moved: OnMoved | None, name: str, alias: str, version: int | None) -> None:
+    """Roll what follows the alias now; if that fails the reconciler rolls it later."""
+    if on_moved is None:
+        return
+    try:
+        on_moved(name, alias, version)
+    except Exception:  # the alias has moved and is audited: the answer is still a success
+        log.exception("rolling deployments after %s@%s moved failed", name, alias)
 
 
 def _lock(session: Session, name: str, alias: str) -> ModelAlias:

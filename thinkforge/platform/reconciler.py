@@ -64,6 +64,8 @@ def _reconcile_job(
         advance_job(sessions, launcher, job_id)
         return
     status = launcher.status(job_id)
+    with sessions() as session:  # the status may have moved while Ray was asked (a cancel)
+        job.status = session.scalar(select(Job.status).where(Job.id == job_id)) or job.status
     if status.state is LaunchState.UNKNOWN and job.status == JobStatus.QUEUED.value:
         submit(sessions, launcher, job)  # claimed but never reached the cluster: submit again
         return
@@ -85,7 +87,11 @@ def _apply(
     state = status.state
     final = state in (LaunchState.SUCCEEDED, LaunchState.FAILED, LaunchState.STOPPED)
     if tracker is not None and state is not LaunchState.PENDING:
-        tracker.sync(session, job, final=final)
+        try:
+            with session.begin_nested():
+                tracker.sync(session, job, final=final)
+        except Exception:  # MLflow down must not hold back what Ray says about the run
+            log.exception("job %s: reading progress failed; status still applied", job.id)
     if state is LaunchState.RUNNING:
         set_status(session, job, JobStatus.RUNNING, message="Training started")
     elif state is LaunchState.SUCCEEDED:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from thinkforge.jobs.checkpoints import list_checkpoints
 from thinkforge.platform.jobs import add_event
-from thinkforge.platform.models import Checkpoint, Job, ModelVersion, new_id
+from thinkforge.platform.models import Checkpoint, Job, JobEvent, ModelVersion, new_id
 from thinkforge.platform.registry import MlflowRegistry, ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ class RunTracker:
         self.tracking_uri = tracking_uri
         self.storage_path = storage_path
         self._client: Any = None
-        self._last_step: dict[str, int] = {}
         self._registry: MlflowRegistry | None = None
         self._lock = threading.Lock()
 
@@ -79,15 +78,20 @@ class RunTracker:
         for key, points in history.items():
             for point in points:
                 by_step.setdefault(int(point.step), {})[key] = float(point.value)
-        last = self._last_step.get(job.id, -1)
-        for step in sorted(s for s in by_step if s > last):
+        recorded = set(
+            session.scalars(
+                select(JobEvent.dedupe_key).where(
+                    JobEvent.job_id == job.id, JobEvent.type == "metrics"
+                )
+            )
+        )
+        for step in sorted(s for s in by_step if f"metrics:{s}" not in recorded):
             values = by_step[step]
             shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             add_event(
                 session, job.id, f"Step {step}: {shown}", type="metrics",
                 data={"step": step, **values}, dedupe_key=f"metrics:{step}",
             )  # fmt: skip
-            self._last_step[job.id] = step
 
     def _sync_checkpoints(self, session: Session, job: Job) -> None:
         known = set(session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job.id)))

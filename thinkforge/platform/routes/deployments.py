@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Path
@@ -9,6 +10,7 @@ from sqlalchemy import select
 
 from thinkforge.platform import deployments
 from thinkforge.platform.deps import CtxDep, PrincipalDep
+from thinkforge.platform.errors import PlatformError
 from thinkforge.platform.models import Deployment
 from thinkforge.platform.schemas import (
     DeploymentCreate,
@@ -21,6 +23,7 @@ from thinkforge.platform.schemas import (
 from thinkforge.platform.views import ts
 
 router = APIRouter(prefix="/v1", tags=["deployments"])
+log = logging.getLogger(__name__)
 NamePath = Annotated[str, Path(max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
 
@@ -28,12 +31,13 @@ NamePath = Annotated[str, Path(max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._
 def create(ctx: CtxDep, principal: PrincipalDep, body: DeploymentCreate) -> DeploymentObject:
     options = body.given()
     options.pop("name"), options.pop("model")
+    manager = ctx.deployments()  # 503 before anything is written when serving is off
     with ctx.sessions.begin() as session:
         row = deployments.create_deployment(
             session, ctx.registry(), project_id=principal.project_id, name=body.name,
             model=body.model, options=options,
         )  # fmt: skip
-    ctx.deployments().reconcile()
+    _apply_now(manager)
     return _view_by_name(ctx, principal.project_id, row.name)
 
 
@@ -60,22 +64,24 @@ def update(
 ) -> DeploymentObject:
     options = body.given()
     model = options.pop("model", None)
+    manager = ctx.deployments()
     with ctx.sessions.begin() as session:
         deployments.update_deployment(
             session, ctx.registry(), project_id=principal.project_id, name=name, model=model,
             options=options,
         )  # fmt: skip
-    ctx.deployments().reconcile()
+    _apply_now(manager)
     return _view_by_name(ctx, principal.project_id, name)
 
 
 @router.delete("/deployments/{name}", response_model=DeploymentDeleted)
 def delete(ctx: CtxDep, principal: PrincipalDep, name: NamePath) -> DeploymentDeleted:
+    manager = ctx.deployments()
     with ctx.sessions.begin() as session:
         row = deployments.get_deployment(session, project_id=principal.project_id, name=name)
         row_id = row.id
         row.status = "deleting"  # gone from the front door first, then from Serve
-    ctx.deployments().reconcile()
+    _apply_now(manager)
     return DeploymentDeleted(id=row_id)
 
 
@@ -117,3 +123,11 @@ def _view(row: Deployment) -> DeploymentObject:
         served_version=row.served_version, message=row.message, config=row.config,
         created_at=ts(row.created_at) or 0, updated_at=ts(row.updated_at) or 0,
     )  # fmt: skip
+
+
+def _apply_now(manager: deployments.DeploymentManager) -> None:
+    """Apply at once; if Serve is unreachable the reconciler applies it on a later pass."""
+    try:
+        manager.reconcile()
+    except PlatformError as exc:
+        log.warning("applying deployments now failed (the reconciler retries): %s", exc)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 from fastapi import APIRouter, BackgroundTasks, Request
 from fastapi.responses import JSONResponse
 
@@ -19,6 +22,8 @@ from thinkforge.platform.schemas import (
 from thinkforge.platform.views import checkpoint_view, event_view, job_view
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+log = logging.getLogger(__name__)
+_METADATA_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @router.post("", response_model=FineTuningJob)
@@ -70,8 +75,10 @@ def _metadata_filter(request: Request) -> dict[str, str]:
     for name, value in request.query_params.multi_items():
         if name.startswith("metadata[") and name.endswith("]"):
             key = name[len("metadata[") : -1]
-            if not key or len(key) > 64 or "\x00" in key + value:
-                raise InvalidRequest("metadata filter keys are 1 to 64 characters", param=name)
+            if not _METADATA_KEY.fullmatch(key) or "\x00" in value:
+                raise InvalidRequest(
+                    "metadata filter keys are 1 to 64 letters, digits, '_', '.' or '-'", param=name
+                )
             found[key] = value
     return found
 
@@ -104,7 +111,10 @@ def cancel_job(
         handler=handler,
     )
     if must_stop:
-        ctx.launcher.cancel(job_id)
+        try:
+            ctx.launcher.cancel(job_id)
+        except Exception:  # the job is cancelling; the reconciler asks Ray again each pass
+            log.exception("job %s: stopping the run failed; the reconciler retries", job_id)
     return JSONResponse(body, status_code=status)
 
 

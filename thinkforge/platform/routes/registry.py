@@ -8,7 +8,9 @@ from fastapi import APIRouter, Path, Query
 from sqlalchemy import select
 
 from thinkforge.platform import promotions
+from thinkforge.platform.auth import Principal
 from thinkforge.platform.deps import AfterQuery, CtxDep, LimitQuery, PrincipalDep
+from thinkforge.platform.errors import PermissionDenied
 from thinkforge.platform.models import AuditEntry
 from thinkforge.platform.pagination import page
 from thinkforge.platform.registry import ModelVersionDetail, ModelVersionInfo
@@ -78,6 +80,7 @@ def get_version(
 def promote(
     ctx: CtxDep, principal: PrincipalDep, name: NamePath, alias: AliasPath, body: AliasMoveCreate
 ) -> AliasObject:
+    _require_admin(principal)
     move = promotions.promote(
         ctx.sessions, ctx.registry(), actor=principal, name=name, alias=alias,
         version=body.version, reason=body.reason, on_moved=ctx.on_alias_moved,
@@ -90,6 +93,7 @@ def promote(
 def delete_alias(
     ctx: CtxDep, principal: PrincipalDep, name: NamePath, alias: AliasPath
 ) -> AliasObject:
+    _require_admin(principal)
     move = promotions.delete_alias(
         ctx.sessions, ctx.registry(), actor=principal, name=name, alias=alias,
         on_moved=ctx.on_alias_moved,
@@ -105,6 +109,7 @@ def rollback(
     alias: AliasPath,
     body: AliasAction | None = None,
 ) -> AliasObject:
+    _require_admin(principal)
     move = promotions.rollback(
         ctx.sessions, ctx.registry(), actor=principal, name=name, alias=alias,
         reason=body.reason if body else None, on_moved=ctx.on_alias_moved,
@@ -169,3 +174,11 @@ def _alias_view(move: promotions.AliasMove) -> AliasObject:
         name=move.name, alias=move.alias, version=move.version,
         previous_version=move.previous, audit_id=move.audit_id,
     )  # fmt: skip
+
+
+def _require_admin(principal: Principal) -> None:
+    if not principal.is_admin:
+        raise PermissionDenied(
+            "moving an alias needs an admin key (thinkforge keys create --admin)",
+            code="admin_required",
+        )
