@@ -88,7 +88,7 @@ def _resolve_training_file(
                 code="file_not_found",
             ) from None
         return row.path, row.sha256, row.format
-    path = Path(ref.removeprefix("file://")).expanduser()
+    path = Path(ref.removeprefix("file://"))
     if not path.is_absolute():
         raise InvalidRequest(f"{param} must be a file id or an absolute dataset path", param=param)
     resolved = path.resolve()

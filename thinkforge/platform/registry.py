@@ -253,6 +253,8 @@ class MlflowRegistry:
             raise self._unavailable(what, exc) from exc
         except OSError as exc:
             raise self._unavailable(what, exc) from exc
+        except ValueError as exc:  # e.g. a page token MLflow cannot decode
+            raise InvalidReference(f"{what}: {exc}", param=param) from exc
 
     def _unavailable(self, what: str, exc: BaseException) -> RegistryError:
         return RegistryError(
