@@ -75,16 +75,18 @@ def wait_status(client: httpx.Client, status: str, timeout: float = 300) -> dict
 def test_deploy_roll_refuse_and_delete(ray_cluster: LocalRayCluster, tmp_path: Path) -> None:
     data = tmp_path / "data"
     serve_port = free_port()
+    uri, artifacts = f"sqlite:///{data / 'mlflow.db'}", str(data / "mlartifacts")
+    tiny = ensure_tiny_model(tmp_path / "models")
+    # Registered before the control plane opens the same SQLite MLflow store (whose first
+    # opening migrates it; two processes doing that at once collide).
+    for i in (1, 2, 3):
+        assert register(uri, artifacts, tiny, f"ftjob-{i}") == f"{NAME}/{i}"
     plane = ControlPlane(
         data,
         ray_cluster,
         THINKFORGE_SERVE_PORT=str(serve_port),
         THINKFORGE_SERVE_REPLICA_CPUS="0.5",
     ).start()
-    uri, artifacts = f"sqlite:///{data / 'mlflow.db'}", str(data / "mlartifacts")
-    tiny = ensure_tiny_model(tmp_path / "models")
-    for i in (1, 2, 3):
-        assert register(uri, artifacts, tiny, f"ftjob-{i}") == f"{NAME}/{i}"
     try:
         with plane.client() as client:
             assert (
