@@ -60,6 +60,7 @@ def create_app(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.database_url)
     cluster = None
+    runs_jobs = launcher is None  # jobs on Ray will open the MLflow store too
     if launcher is None:
         launcher, serve, cluster = ray_launcher_for(settings)
     ctx = AppContext(
@@ -79,6 +80,8 @@ def create_app(
             cluster.start_in_background()
         if settings.migrate_on_start:
             upgrade(settings.database_url)
+        if runs_jobs:
+            _init_local_mlflow(settings.mlflow_tracking_uri)
         with ctx.sessions.begin() as session:
             ensure_project(session, DEFAULT_PROJECT)
         reconciler = Reconciler(
@@ -125,6 +128,15 @@ def create_app(
     app.include_router(deployments.router)
     app.include_router(evals.router)
     return app
+
+
+def _init_local_mlflow(tracking_uri: str) -> None:
+    """Create a SQLite MLflow store now, before jobs open it too: MLflow migrates a new
+    store on first use, and two processes doing that at once collide."""
+    if tracking_uri.startswith("sqlite:"):
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
 
 
 def ray_launcher_for(
