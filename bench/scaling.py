@@ -4,13 +4,15 @@ Trains ``thinkforge/tiny`` on the synthetic running-sum task through the real jo
 (``thinkforge.jobs.sft.run_training``: Ray Train, 2 DDP workers on a local 2-CPU Ray
 cluster, the recipe ``recipes/tiny-cpu.yaml``), then answers held-out questions
 (``synthetic.train_test_split``) with ``TransformersEngine`` at a sweep of thinking budgets
-(greedy) and prints budget -> accuracy and average thinking tokens. Answers are graded
-with ``thinkforge.jobs.answers.is_correct``; ``--output`` also writes results.json and
-the scaling plot in ``thinkforge.jobs.evaluate``'s format.
+(greedy) and prints budget -> accuracy and average thinking tokens. The training data are
+2000 problems (the demo's default), a quarter of whose traces "Wait" and redo their sums.
+Answers are graded with ``thinkforge.jobs.answers.is_correct``; ``--output`` also writes
+results.json and the scaling plot in ``thinkforge.jobs.evaluate``'s format.
 
-    .venv/bin/python bench/scaling.py                        # train (~4 min) + evaluate
+    .venv/bin/python bench/scaling.py                        # train (~3-4 min) + evaluate
     .venv/bin/python bench/scaling.py --model DIR            # evaluate a trained model only
-    .venv/bin/python bench/scaling.py hyperparameters.n_epochs=2 --n-train 2000
+    .venv/bin/python bench/scaling.py --recheck-rate 0       # no "Wait" in the traces
+    .venv/bin/python bench/scaling.py hyperparameters.n_epochs=2 --n-train 8000
 """
 
 from __future__ import annotations
@@ -43,11 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. hyperparameters.n_epochs=2")
     p.add_argument("--recipe", default=str(ROOT / "recipes" / "tiny-cpu.yaml"))
-    p.add_argument("--n-train", type=int, default=4000)
+    p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0, help="data split seed")
     p.add_argument(
-        "--recheck-rate", type=float, default=0.0, help="training traces that 'Wait' and recheck"
+        "--recheck-rate", type=float, default=0.25, help="training traces that 'Wait' and recheck"
     )
     p.add_argument("--model", help="evaluate this trained model directory; skip training")
     p.add_argument("--workdir", help="data, Ray storage and the final model (default: a temp dir)")
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     engine = load_engine(model)
     budgets = json.loads(args.budgets) if args.budgets else DEFAULT_SWEEP
-    result = sweep(engine, budgets, test_rows, str(model))
+    result = sweep(engine, budgets, test_rows, "tiny-cpu" if not args.model else model.name)
     print(
         f"\nevaluated {len(budgets)} budgets x {len(test_rows)} questions "
         f"in {result.duration_s:.0f} s; model: {model}"

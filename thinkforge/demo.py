@@ -40,6 +40,7 @@ console = Console()
 REPO = Path(__file__).resolve().parents[1]
 MARKER = ".thinkforge-demo"
 SWEEP = [{"max_tokens": 0}, {"max_tokens": 4}, {"max_tokens": 8}, {"max_tokens": 16}, {}]
+WAITS = {"num_waits": 1}
 
 
 @dataclass
@@ -110,7 +111,9 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], data_dir: Path) -> None
 
 
 def make_data(data_dir: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
-    train, held_out = train_test_split(n_train, n_eval, seed=0)
+    # A quarter of the traces end with "Wait" and a second pass, so forced waits are
+    # something the model has seen (bench/scaling.py measures both ways).
+    train, held_out = train_test_split(n_train, n_eval, seed=0, recheck_rate=0.25)
     return (
         write_records(data_dir / "datasets" / "sums-train.jsonl", train),
         write_records(data_dir / "datasets" / "sums-heldout.jsonl", held_out),
@@ -186,7 +189,7 @@ def show_answer(a: dict[str, Any]) -> None:
 
 
 def evaluate(tf: Client, deployment: str, file_id: str, n_eval: int) -> dict[str, Any]:
-    budgets = [*SWEEP, {"max_tokens": 8, "num_waits": 1}]
+    budgets = [*SWEEP, WAITS]
     ev = tf.request(
         "POST", "/v1/evals",
         json={"deployment": deployment, "dataset": file_id, "budgets": budgets, "limit": n_eval,

@@ -37,7 +37,7 @@ def test_demo_path(tmp_path: Path) -> None:
     by_budget = {b["budget"]: b for b in ev["budgets"]}
     assert set(by_budget) == {
         "max_tokens=0", "max_tokens=4", "max_tokens=8", "max_tokens=16", "full",
-        "max_tokens=8,num_waits=1",
+        "num_waits=1",
     }  # fmt: skip
     assert all(b["questions"] == 12 and 0 <= b["accuracy"] <= 1 for b in by_budget.values())
     assert by_budget["max_tokens=0"]["avg_thinking_tokens"] == 0

@@ -83,6 +83,8 @@ def test_load_questions_names_the_bad_line(tmp_path: Path, line: str, message: s
 def test_config_rejects_unbounded_concurrency() -> None:
     with pytest.raises(ValueError, match="concurrency"):
         EvalConfig(dataset="d", base_url="u", model="m", concurrency=1000)
+    with pytest.raises(ValueError, match="budgets must be distinct"):
+        EvalConfig(dataset="d", base_url="u", model="m", budgets=[{}, {"max_tokens": None}])
 
 
 def test_entrypoint_rejects_a_bad_config_in_one_line(tmp_path: Path) -> None:
@@ -93,14 +95,15 @@ def test_entrypoint_rejects_a_bad_config_in_one_line(tmp_path: Path) -> None:
     assert (
         proc.stderr.strip()
         .splitlines()[-1]
-        .startswith("thinkforge eval error: invalid --config-json: ('base_url',): Field required")
+        .startswith("thinkforge job error: invalid --config-json: ('base_url',): Field required")
     )
 
 
 def test_evaluate_never_imports_the_control_plane() -> None:
     code = (
         "import sys, thinkforge.jobs.evaluate, thinkforge.jobs.answers; "
-        "bad = [m for m in sys.modules if m == 'sqlalchemy' or m.startswith('thinkforge.platform')]; "
+        "bad = [m for m in sys.modules "
+        "       if m == 'sqlalchemy' or m.startswith('thinkforge.platform')]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -119,7 +122,7 @@ def test_unreachable_endpoint_is_recorded_and_fails_the_job(dataset: Path, tmp_p
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("thinkforge eval error: every request failed, e.g. APIConnectionError")
+    assert last.startswith("thinkforge job error: every request failed, e.g. APIConnectionError")
     result = EvalResult.model_validate_json((tmp_path / "results.json").read_text())
     assert result.budgets[0].errors == 2 and result.budgets[0].accuracy == 0
     assert all("APIConnectionError" in (r.error or "") for r in result.results)
@@ -285,4 +288,5 @@ def test_entrypoint_writes_results_plot_and_events(
     assert finished["errors"] == 0 and finished["mlflow_run_id"]
     result = EvalResult.model_validate_json((tmp_path / "out" / "results.json").read_text())
     assert result.questions == 3 and result.budgets[0].accuracy == pytest.approx(2 / 3)
+    assert result.mlflow_run_id == finished["mlflow_run_id"]
     assert (tmp_path / "out" / "plot.png").read_bytes()[:4] == b"\x89PNG"

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from thinkforge.jobs.answers import extract_answer, is_correct
 
@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 EVENT_PREFIX = "THINKFORGE_EVENT"
-ERROR_PREFIX = "thinkforge eval error:"
+ERROR_PREFIX = "thinkforge job error:"  # what the control plane's launcher looks for
 EVAL_TAG = "eval_id"
 RESULTS_FILE = "results.json"
 PLOT_FILE = "plot.png"
@@ -110,6 +110,13 @@ class EvalConfig(BaseModel):
     request_timeout_s: float = Field(default=300, gt=0)
     max_retries: int = Field(default=2, ge=0, le=10)
 
+    @model_validator(mode="after")
+    def _distinct_budgets(self) -> EvalConfig:
+        labels = [b.label for b in self.budgets]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"budgets must be distinct: {labels}")
+        return self
+
 
 class Question(BaseModel):
     index: int
@@ -159,6 +166,7 @@ class EvalResult(BaseModel):
     duration_s: float
     budgets: list[BudgetSummary]
     results: list[QuestionResult]
+    mlflow_run_id: str | None = None  # set by the job entrypoint once it has logged the run
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)
@@ -441,6 +449,8 @@ def run_job(args: argparse.Namespace) -> EvalResult:
             tags={EVAL_TAG: args.eval_id},
             artifact_location=args.mlflow_artifact_root,
         )
+        result.mlflow_run_id = run_id
+        result.write(results_path)
     emit_event(
         "eval_finished",
         eval_id=args.eval_id,
@@ -454,7 +464,7 @@ def run_job(args: argparse.Namespace) -> EvalResult:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0 when at least one request was answered; else 1, with the reason last on
-    stderr as ``thinkforge eval error: ...``."""
+    stderr as ``thinkforge job error: ...`` (as ``python -m thinkforge.jobs``)."""
     args = parse_args(argv)
     try:
         result = run_job(args)

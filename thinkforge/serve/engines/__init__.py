@@ -25,4 +25,13 @@ def create_engine(cfg: ModelServeConfig) -> Engine:
             dtype=cfg.dtype,
             max_batch_size=cfg.max_batch_size,
         )
+    if cfg.engine is EngineName.VLLM:
+        from thinkforge.serve.engines.vllm import VllmEngine
+
+        return VllmEngine(
+            cfg.model_path,
+            template=cfg.template,
+            dtype=cfg.dtype,
+            max_batch_size=cfg.max_batch_size,
+        )
     raise NotImplementedError(f"engine {cfg.engine.value!r} is not available in this build")
