@@ -270,7 +270,10 @@ def test_rayservice_serves_build_app_with_autoscaling() -> None:
     assert config.http_options.port == Settings.model_fields["serve_port"].default == SERVE_PORT
     (app,) = config.applications
     assert app.import_path == "thinkforge.serve.app:build_app"
-    model_names = {m["name"] for m in app.args["models"]}
+    from thinkforge.serve.app import AppArgs, deployment_name
+
+    AppArgs.model_validate(app.args)  # exactly what build_app accepts
+    model_names = {deployment_name(m["name"]) for m in app.args["models"]}
     for model in app.args["models"]:
         assert model["model_uri"].startswith("models:/"), model
         # The app resolves model_uri to the local path ModelServeConfig loads from.
@@ -278,7 +281,7 @@ def test_rayservice_serves_build_app_with_autoscaling() -> None:
         ModelServeConfig.model_validate({**fields, "model_path": "/models/x"})
     assert app.deployments, "autoscaling is set per deployment in serveConfigV2"
     for deployment in app.deployments:
-        assert deployment.name in model_names, "deployments are named after their model"
+        assert deployment.name in model_names, "overrides must name build_app's deployments"
         scaling = AutoscalingConfig(**deployment.autoscaling_config)
         assert scaling.min_replicas <= scaling.max_replicas
     head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
