@@ -145,7 +145,11 @@ def desired_config(
 
 
 def _app(name: str, prefix: str | None, args: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    full = {**args, "mlflow_tracking_uri": settings.mlflow_tracking_uri}
+    full = {
+        **args,
+        "mlflow_tracking_uri": settings.mlflow_tracking_uri,
+        "model_cache_dir": str(settings.data_dir / "serve-cache"),
+    }
     return {
         "name": name,
         "route_prefix": prefix,

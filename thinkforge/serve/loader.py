@@ -114,7 +114,9 @@ def resolve(uri: str, *, tracking_uri: str | None) -> ModelRef:
 
 def fetch(ref: ModelRef, *, cache_dir: str | Path, tracking_uri: str | None) -> Path:
     """The verified local model directory for ``ref``: cached, else downloaded."""
-    root = Path(cache_dir) / _safe(ref.name) / ref.version
+    # Keyed by content too: "name/1" of another registry (or a re-created one) is not this.
+    folder = f"{ref.version}-{ref.manifest_sha256[:16]}" if ref.manifest_sha256 else ref.version
+    root = Path(cache_dir) / _safe(ref.name) / folder
     if not root.is_dir():
         _download(ref, root, tracking_uri)
     # Verified every time, the cached copy too: the cache is only as trustworthy as its disk.
