@@ -107,7 +107,7 @@ def test_mlflow_run_and_registered_version(finished_job: str, workdir: Path) -> 
     assert verify_manifest(local) == []
 
 
-def test_resume_after_a_worker_failure_is_exact(
+def test_resume_after_a_killed_worker_is_exact(
     finished_job: str, workdir: Path, data_dir: Path, config: SFTConfig
 ) -> None:
     from thinkforge.jobs.sft import run_training
@@ -119,7 +119,7 @@ def test_resume_after_a_worker_failure_is_exact(
         "job-b",
         str(workdir / "ckpt"),
         model_path=str(ensure_tiny_model(data_dir)),
-        fail_at_step=6,  # the first attempt dies before step 6; the retry resumes at 4
+        fail_at_step=6,  # a worker process is killed before step 6; the retry resumes at 4
     )
     assert result.error is None
     resumed = {c.step: c.metrics["loss"] for c in list_checkpoints(workdir / "ckpt", "job-b")}

@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -174,12 +176,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logger = None
     if rank == 0 and loop_config.get("run_id"):
         logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
-    fail_at = loop_config.get("fail_at_step")  # test hook: fail once, before any resume
-    if fail_at is not None and checkpoint is not None:
+    fail_at = loop_config.get("fail_at_step")  # test hook: kill a worker once per job
+    marker = loop_config.get("fail_marker")
+    if fail_at is not None and (checkpoint is not None or (marker and Path(marker).exists())):
         fail_at = None
     if rank == 0:
         emit_event("training_started", step=worker.step, **asdict(worker.plan))
-    _train(worker, logger, fail_at)
+    _train(worker, logger, fail_at, marker)
     if logger is not None:
         logger.flush()
 
@@ -293,7 +296,17 @@ def _optimizer(model: Any, cfg: SFTConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.adam_beta1, hp.adam_beta2))
 
 
-def _train(worker: _Worker, logger: Any, fail_at: int | None) -> None:
+def _kill_one_worker(worker: _Worker, marker: str | None) -> None:
+    """Test hook: the last rank's process dies as if OOM-killed (no exception, no cleanup);
+    the others are left waiting in the next all-reduce until Ray Train restarts the group."""
+    if worker.rank == worker.plan.world_size - 1:
+        if marker:
+            Path(marker).parent.mkdir(parents=True, exist_ok=True)
+            Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _train(worker: _Worker, logger: Any, fail_at: int | None, marker: str | None = None) -> None:
     plan, cfg = worker.plan, worker.cfg
     every = cfg.checkpoint_every_steps
     while worker.step < plan.total_steps:
@@ -303,7 +316,7 @@ def _train(worker: _Worker, logger: Any, fail_at: int | None) -> None:
         batches = iter(worker.loader)
         for _ in range(done_in_epoch, plan.steps_per_epoch):
             if fail_at is not None and worker.step + 1 == fail_at:
-                raise RuntimeError(f"injected failure before step {fail_at} (test hook)")
+                _kill_one_worker(worker, marker)
             micro = [next(batches) for _ in range(plan.accumulation)]
             metrics = _train_step(worker, micro)
             if logger is not None:
@@ -473,6 +486,10 @@ def run_training(
         "tracking_uri": tracking_uri,
         "run_id": run_id,
         "fail_at_step": fail_at_step,
+        # The test hook kills once per job: a marker outlives the killed attempt.
+        "fail_marker": str(Path(storage_path) / job_id / ".killed-once")
+        if "://" not in storage_path
+        else None,
     }
     env = {
         "HF_HUB_OFFLINE": "1",
