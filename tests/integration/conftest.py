@@ -19,7 +19,7 @@ from thinkforge.platform.ray_cluster import LocalRayCluster
 API_KEY = "tf-integration-key-0123456789abcdef0123"
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRayCluster]:
     log = tmp_path_factory.mktemp("ray") / "head.log"
     cluster = LocalRayCluster(

@@ -174,5 +174,9 @@ def test_deploy_roll_refuse_and_delete(ray_cluster: LocalRayCluster, tmp_path: P
             while chat(serve_port).status_code == 200 and time.monotonic() < deadline:
                 time.sleep(1)
             assert chat(serve_port).status_code == 404
+            deadline = time.monotonic() + 120  # the model's app leaves Serve once the door has
+            while client.get(f"/v1/deployments/{NAME}").status_code != 404:
+                assert time.monotonic() < deadline, "the deployment was never removed"
+                time.sleep(1)
     finally:
         plane.stop()
