@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import free_port
+from tests.serve.conftest import save_tiny_model
 from thinkforge.jobs.evaluate import (
     EvalConfig,
     EvalResult,
@@ -133,19 +134,7 @@ def test_unreachable_endpoint_is_recorded_and_fails_the_job(dataset: Path, tmp_p
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from thinkforge.jobs.tiny import EOS_TOKEN, PAD_TOKEN, build_tiny_model, build_tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-eval")
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(
-        len(tokenizer),
-        eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
-        pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
-        hidden_size=64,
-    )
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-eval"), hidden_size=64, biased=False)
 
 
 @pytest.fixture(scope="module")

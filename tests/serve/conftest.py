@@ -110,20 +110,26 @@ def _bias_model(model: Any, tokenizer: Any) -> None:
             weight[tokenizer.convert_tokens_to_ids(token)] *= 2.0
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny biased Qwen2 model and its tokenizer, saved with save_pretrained."""
+def save_tiny_model(path: Path, *, hidden_size: int, biased: bool) -> Path:
+    """A tiny random Qwen2 and its tokenizer saved with save_pretrained (``biased``: made
+    chatty, and trying to end thinking now and then)."""
     from thinkforge.jobs.tiny import EOS_TOKEN, PAD_TOKEN, build_tiny_model, build_tiny_tokenizer
 
-    path = tmp_path_factory.mktemp("tiny-serve")
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(
         len(tokenizer),
         eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
         pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
-        hidden_size=64,
+        hidden_size=hidden_size,
     )
-    _bias_model(model, tokenizer)
+    if biased:
+        _bias_model(model, tokenizer)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny biased Qwen2 model and its tokenizer, saved with save_pretrained."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-serve"), hidden_size=64, biased=True)

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.serve.conftest import save_tiny_model
 from thinkforge.jobs.config import TemplateFamily
 from thinkforge.serve.budget import BudgetState, DelimiterSpec, ThinkingBudget
 from thinkforge.serve.config import EngineName, ModelServeConfig, ThinkingParams
@@ -570,27 +571,7 @@ def test_processor_class_is_a_vllm_logits_processor() -> None:
 @pytest.fixture(scope="module")
 def gpu_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Qwen2 with a head size vLLM's attention kernels take, made chatty."""
-    from thinkforge.jobs.tiny import EOS_TOKEN, PAD_TOKEN, build_tiny_model, build_tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-vllm")
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(
-        len(tokenizer),
-        eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
-        pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
-        hidden_size=256,
-    )
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-        weight = model.get_input_embeddings().weight
-        for token in ("<|im_start|>", "</think>", "<|im_end|>"):
-            weight[tokenizer.convert_tokens_to_ids(token)] *= 2.0
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-vllm"), hidden_size=256, biased=True)
 
 
 def test_vllm_engine_on_gpu_equals_the_transformers_engine(gpu_model_dir: Path) -> None:
