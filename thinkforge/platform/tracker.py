@@ -57,7 +57,7 @@ class RunTracker:
             log.info("job %s: no MLflow run yet", job.id)
             return
         job.mlflow_run_id = run.info.run_id
-        self._sync_metrics(session, job, run.info.run_id)
+        self._sync_metrics(session, job, run.info.run_id, final=final)
         if final:
             self._sync_result(session, job, run)
 
@@ -71,13 +71,20 @@ class RunTracker:
         runs = client.search_runs(experiments, filter_string=f"tags.{JOB_TAG} = '{job.id}'")
         return runs[0] if runs else None
 
-    def _sync_metrics(self, session: Session, job: Job, run_id: str) -> None:
+    def _sync_metrics(self, session: Session, job: Job, run_id: str, *, final: bool) -> None:
+        """One event per step, written once, so only complete steps are written. The job
+        logs a step's metrics together and steps in order, while each metric's history is
+        read here one after another: every step below the last one ``loss`` has was
+        complete before the reading started; the newest step waits for the next pass, or
+        for the job to end."""
         client = self.client()
         history = {key: client.get_metric_history(run_id, key) for key in STEP_METRICS}
+        horizon = max((int(p.step) for p in history[STEP_METRICS[0]]), default=-1)
         by_step: dict[int, dict[str, float]] = {}
         for key, points in history.items():
-            for point in points:
-                by_step.setdefault(int(point.step), {})[key] = float(point.value)
+            for point in sorted(points, key=lambda p: p.timestamp):  # a resumed job re-logs
+                if final or int(point.step) < horizon:
+                    by_step.setdefault(int(point.step), {})[key] = float(point.value)
         recorded = set(
             session.scalars(
                 select(JobEvent.dedupe_key).where(

@@ -1,0 +1,107 @@
+"""RunTracker against a real local MLflow store, with the job writing while it reads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from thinkforge.jobs.config import SFTConfig
+from thinkforge.jobs.tracking import MetricLogger, open_job_run
+from thinkforge.platform.auth import ensure_project
+from thinkforge.platform.db import make_engine, make_sessionmaker
+from thinkforge.platform.models import Base, Job, JobEvent, new_id
+from thinkforge.platform.status import JobStatus
+from thinkforge.platform.tracker import STEP_METRICS, RunTracker
+
+
+@pytest.fixture
+def sessions() -> Iterator[sessionmaker[Session]]:
+    engine = make_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    factory = make_sessionmaker(engine)
+    with factory.begin() as session:
+        ensure_project(session, "default")
+    yield factory
+    engine.dispose()
+
+
+def step_metrics(step: int) -> dict[str, float]:
+    return {key: 10.0 - step if key == "loss" else float(step) for key in STEP_METRICS}
+
+
+class WritesBetweenReads(RunTracker):
+    """The job logs its next step while the tracker is half-way through reading histories."""
+
+    def __init__(self, logger: MetricLogger, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.logger = logger
+        self.next_step = 1
+        self.writing = True
+
+    def client(self) -> Any:
+        real = super().client()
+        tracker = self
+
+        class Interleaving:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def get_metric_history(self, run_id: str, key: str) -> Any:
+                points = real.get_metric_history(run_id, key)
+                if tracker.writing and key == STEP_METRICS[0]:  # after the first metric
+                    tracker.logger.log(step_metrics(tracker.next_step), step=tracker.next_step)
+                    tracker.logger.flush()
+                    tracker.next_step += 1
+                return points
+
+        return Interleaving()
+
+
+def test_only_complete_steps_are_recorded_while_the_job_writes(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job_id = new_id("ftjob")
+    config = SFTConfig(model="thinkforge/tiny", dataset="train.jsonl")
+    run_id = open_job_run(tracking_uri=uri, job_id=job_id, config=config, dataset_sha256="d" * 64)
+    tracker = WritesBetweenReads(
+        MetricLogger(uri, run_id), tracking_uri=uri, storage_path=str(tmp_path / "ckpt")
+    )
+    with sessions.begin() as session:
+        session.add(
+            Job(
+                id=job_id, project_id="default", status=JobStatus.RUNNING.value, model="m",
+                training_file="f", dataset_path="/nonexistent", dataset_sha256="", seed=0, config={},
+            )
+        )  # fmt: skip
+
+    def recorded() -> dict[int, dict[str, Any]]:
+        with sessions() as session:
+            rows = session.scalars(select(JobEvent).where(JobEvent.type == "metrics"))
+            return {row.data["step"]: row.data for row in rows}
+
+    for _ in range(4):  # steps 1-4 are logged, each in the middle of a pass
+        with sessions.begin() as session:
+            tracker.sync(session, _job(session, job_id), final=False)
+    seen = recorded()
+    # The last pass read loss up to step 3; step 3 may still be half-written, step 4 is
+    # newer than what was read first: both wait for a later pass.
+    assert sorted(seen) == [1, 2]
+    for step, data in seen.items():
+        assert data == {"step": step, **step_metrics(step)}
+
+    tracker.writing = False
+    with sessions.begin() as session:  # the job has ended: the last step is written too
+        tracker.sync(session, _job(session, job_id), final=True)
+    seen = recorded()
+    assert sorted(seen) == [1, 2, 3, 4]
+    assert all(set(data) == {"step", *STEP_METRICS} for data in seen.values())
+
+
+def _job(session: Session, job_id: str) -> Job:
+    return session.scalars(select(Job).where(Job.id == job_id)).one()
