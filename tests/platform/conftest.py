@@ -30,6 +30,14 @@ class Api:
             base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
         )
 
+    def new_key(self, project_id: str, role: str = "member") -> str:
+        """A fresh API key of ``project_id`` (created if missing)."""
+        from thinkforge.platform.auth import create_key
+
+        with self.app.state.ctx.sessions.begin() as session:  # type: ignore[attr-defined]
+            secret = self.settings.secret_key.get_secret_value()
+            return create_key(session, secret, project_id=project_id, role=role)
+
 
 def make_settings(tmp_path: Path, database_url: str, **overrides: object) -> Settings:
     return Settings(

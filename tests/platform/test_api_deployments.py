@@ -3,11 +3,13 @@ promotion. The real Ray Serve path is covered in tests/integration/test_serving_
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.platform.conftest import Api
+from tests.platform.conftest import BOOTSTRAP_KEY, Api
 from tests.platform.test_api_files import assert_error
 from tests.platform.test_registry_mlflow import NAME
 
@@ -87,3 +89,27 @@ def test_duplicate_name_conflicts(api: Api, versions: list[str]) -> None:
     assert api.client.post("/v1/deployments", json=body).status_code == 200
     assert_error(api.client.post("/v1/deployments", json=body), 409, "name")
     assert len(api.client.get("/v1/deployments").json()["data"]) == 1
+
+
+def test_concurrent_creates_of_one_name_across_projects_make_one(
+    api: Api, versions: list[str]
+) -> None:
+    """Names are global (clients send them to one front door), so two projects racing for
+    one name get one deployment and a 409, never a 500 or two rows."""
+    keys = [BOOTSTRAP_KEY, api.new_key("other", role="admin")] * 5
+
+    def post(key: str) -> httpx.Response:
+        with api.keyed(key) as client:
+            return client.post("/v1/deployments", json={"name": "race", "model": f"{NAME}/1"})
+
+    with cf.ThreadPoolExecutor(max_workers=len(keys)) as pool:
+        responses = list(pool.map(post, keys))
+    assert sorted(r.status_code for r in responses) == [200] + [409] * 9
+    for r in responses:
+        if r.status_code == 409:
+            assert_error(r, 409, "name")
+    owners = [k for k, r in zip(keys, responses, strict=True) if r.status_code == 200]
+    for key in set(keys):
+        with api.keyed(key) as client:
+            listed = client.get("/v1/deployments").json()["data"]
+        assert [d["name"] for d in listed] == (["race"] if key in owners else [])

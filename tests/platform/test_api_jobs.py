@@ -187,6 +187,8 @@ def test_auth(api: Api, file_id: str) -> None:
         assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel"), 404)
         assert_error(client.get(f"/v1/fine_tuning/jobs/{job_id}/events"), 404)
         assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+        listed = client.get("/v1/fine_tuning/jobs", params={"after": job_id})
+        assert_error(listed, 400, "after")  # another project's id is no cursor
         assert_error(create_with(client, file_id), 400, "training_file")
     with api.keyed(same) as client:
         assert client.get(f"/v1/fine_tuning/jobs/{job_id}").status_code == 200

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound, first_error_location
@@ -64,14 +65,22 @@ def create_deployment(
     clean = validate_options(name, model, options)
     registry.resolve(model)  # 404 now, not a failed rollout later
     if session.scalar(select(Deployment.id).where(Deployment.name == name)) is not None:
-        raise Conflict(f"a deployment named {name!r} exists; pick another name", param="name")
+        raise name_taken(name)
     row = Deployment(
         id=new_id("deploy"), project_id=project_id, name=name, model=model,
         engine=str(clean.get("engine", "transformers")), config=clean, status="pending",
     )  # fmt: skip
     session.add(row)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # another request took the name since the check above
+        raise name_taken(name) from None
     return row
+
+
+def name_taken(name: str) -> Conflict:
+    """Names are unique across projects: a name is the ``model`` sent to the one front door."""
+    return Conflict(f"a deployment named {name!r} exists; pick another name", param="name")
 
 
 def get_deployment(session: Session, *, project_id: str, name: str) -> Deployment:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -35,16 +36,18 @@ class AppContext:
     _deployments: DeploymentManager | None = None
     alias_listeners: list[OnMoved] = field(default_factory=list)
     _registry: ModelRegistry | None = None
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)  # lazy parts
 
     def registry(self) -> ModelRegistry:
-        if self._registry is None:
-            if self.registry_factory is not None:
-                self._registry = self.registry_factory()
-            else:
-                from thinkforge.platform.registry import MlflowRegistry
+        with self._lock:
+            if self._registry is None:
+                if self.registry_factory is not None:
+                    self._registry = self.registry_factory()
+                else:
+                    from thinkforge.platform.registry import MlflowRegistry
 
-                self._registry = MlflowRegistry(self.settings.mlflow_tracking_uri)
-        return self._registry
+                    self._registry = MlflowRegistry(self.settings.mlflow_tracking_uri)
+            return self._registry
 
     def promotion_policy(self) -> EvalPolicy | None:
         if not self.settings.promotion_requires_eval:
@@ -54,11 +57,12 @@ class AppContext:
     def deployments(self) -> DeploymentManager:
         if self.serve is None:
             raise Unavailable("serving is not configured: this control plane has no Ray Serve")
-        if self._deployments is None:
-            self._deployments = DeploymentManager(
-                self.sessions, self.serve, self.registry(), self.settings
-            )
-        return self._deployments
+        with self._lock:  # one manager: its lock is what keeps applies in turn
+            if self._deployments is None:
+                self._deployments = DeploymentManager(
+                    self.sessions, self.serve, self.registry(), self.settings
+                )
+            return self._deployments
 
     def on_alias_moved(self, name: str, alias: str, version: int | None) -> None:
         for listener in self.alias_listeners:

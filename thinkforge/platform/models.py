@@ -182,12 +182,12 @@ class ModelAlias(Base):
 
 class Deployment(Base):
     __tablename__ = "deployments"
-    __table_args__ = (UniqueConstraint("project_id", "name"),)
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(40), unique=True)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
-    name: Mapped[str] = mapped_column(String(128))
+    # Unique across projects: the name is the ``model`` clients send to the one front door.
+    name: Mapped[str] = mapped_column(String(128), unique=True)
     model: Mapped[str] = mapped_column(Text)
     engine: Mapped[str] = mapped_column(String(32), default="transformers")
     config: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
 from thinkforge.platform.errors import InvalidRequest
@@ -17,7 +17,8 @@ def page(
 ) -> tuple[list[Any], bool]:
     """Return up to ``limit`` rows of ``stmt`` after the row with id ``after``, and has_more."""
     if after is not None:
-        cursor = session.scalar(select(model.seq).where(model.id == after))
+        # Looked up through the list's own filters: another project's id is no cursor here.
+        cursor = session.scalar(stmt.with_only_columns(model.seq).where(model.id == after))
         if cursor is None:
             raise InvalidRequest(f"cursor {after!r} is not an object of this list", param="after")
         stmt = stmt.where(model.seq < cursor)

@@ -92,7 +92,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("seq"),
         sa.UniqueConstraint("id"),
-        sa.UniqueConstraint("project_id", "name"),
+        sa.UniqueConstraint("name"),
     )
     with op.batch_alter_table("deployments", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_deployments_project_id"), ["project_id"], unique=False)
