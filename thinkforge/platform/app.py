@@ -77,13 +77,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if cluster is not None:
-            cluster.start_in_background()
-        if settings.migrate_on_start:
-            upgrade(settings.database_url)
-        if runs_jobs:
-            _init_local_mlflow(settings.mlflow_tracking_uri)
-        with ctx.sessions.begin() as session:
-            ensure_project(session, DEFAULT_PROJECT)
+            cluster.start_in_background()  # Ray comes up while the database migrates
         reconciler = Reconciler(
             ctx.sessions,
             ctx.launcher,
@@ -94,10 +88,16 @@ def create_app(
                 *([lambda: ctx.deployments().reconcile()] if serve is not None else []),
             ],
         )
-        if settings.start_reconciler:
-            reconciler.start()
-        app.state.ready = True
-        try:
+        try:  # a start that fails half-way (say, the database is down) leaves no Ray head
+            if settings.migrate_on_start:
+                upgrade(settings.database_url)
+            if runs_jobs:
+                _init_local_mlflow(settings.mlflow_tracking_uri)
+            with ctx.sessions.begin() as session:
+                ensure_project(session, DEFAULT_PROJECT)
+            if settings.start_reconciler:
+                reconciler.start()
+            app.state.ready = True
             yield
         finally:
             app.state.ready = False
