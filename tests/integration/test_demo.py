@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import httpx
@@ -34,6 +35,8 @@ def test_demo_path(tmp_path: Path) -> None:
     ev = result.evaluation
     assert ev["status"] == "succeeded", ev.get("error")
     assert ev["model_version"] == "sums/1" and ev["mlflow_run_id"]
+    answers = json.loads((tmp_path / "demo" / "evals" / ev["id"] / "results.json").read_text())
+    assert answers["model_versions"] == [1]  # every answer said which version gave it
     by_budget = {b["budget"]: b for b in ev["budgets"]}
     assert set(by_budget) == {
         "max_tokens=0", "max_tokens=4", "max_tokens=8", "max_tokens=16", "full",

@@ -194,6 +194,7 @@ def test_per_budget_accuracy_and_thinking_tokens(result: EvalResult) -> None:
     ]
     assert result.questions == len(ROWS) and len(result.results) == 3 * len(ROWS)
     assert all(r.error is None for r in result.results)
+    assert result.model_versions == []  # a local directory is no registry version
     forced = [r for r in result.results if r.forced_end and "prefix" in r.budget]
     assert forced and all(r.content.startswith(PREFIX) for r in forced)
     zero, three, six = result.budgets

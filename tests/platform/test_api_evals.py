@@ -26,12 +26,15 @@ def reconcile(api: Api) -> None:
     reconcile_evals(ctx.sessions, ctx.launcher, ctx.settings)
 
 
-def finish(api: Api, eval_id: str, accuracy: float) -> None:
+def finish(api: Api, eval_id: str, accuracy: float, answered_by: list[int] | None = None) -> None:
     """What the evaluation job leaves behind, then Ray saying it succeeded."""
     out = api.settings.data_dir / "evals" / eval_id
     out.mkdir(parents=True)
     budgets = [{"budget": "full", "accuracy": accuracy, "avg_thinking_tokens": 12.0}]
-    (out / "results.json").write_text(json.dumps({"budgets": budgets, "mlflow_run_id": "r1"}))
+    results = {"budgets": budgets, "mlflow_run_id": "r1"}
+    if answered_by is not None:
+        results["model_versions"] = answered_by
+    (out / "results.json").write_text(json.dumps(results))
     (out / "plot.png").write_bytes(PNG)
     api.launcher.set(eval_id, LaunchState.SUCCEEDED)
     reconcile(api)
@@ -101,5 +104,36 @@ def test_promotion_policy_requires_a_passing_eval(api: Api, versions: list[str])
         finish(api, strong, 0.9)
         put = api.client.put(f"/v1/registry/models/{NAME}/aliases/production", json={"version": 2})
         assert put.status_code == 200, put.text
+    finally:
+        api.settings.promotion_requires_eval = False
+
+
+def test_an_evaluation_vouches_for_the_version_that_answered(api: Api, versions: list[str]) -> None:
+    """The deployment served 2 when the sweep was created; what answered decides."""
+    api.settings.promotion_requires_eval = True
+    api.settings.promotion_min_accuracy = 0.8
+    try:
+        deploy(api, 2)
+        file_id = upload(api, jsonl(S1K)).json()["id"]
+        body = {"deployment": "sums", "dataset": file_id, "budgets": [{}]}
+        rolled = api.client.post("/v1/evals", json=body).json()
+        assert rolled["model_version"] == f"{NAME}/2"
+        reconcile(api)
+        finish(api, rolled["id"], 0.9, answered_by=[3])  # rolled to 3 before the sweep ran
+        done = api.client.get(f"/v1/evals/{rolled['id']}").json()
+        assert done["status"] == "succeeded" and done["model_version"] == f"{NAME}/3"
+        put = api.client.put(f"/v1/registry/models/{NAME}/aliases/production", json={"version": 2})
+        assert assert_error(put, 409, "version")["code"] == "evaluation_required"
+
+        mixed = api.client.post("/v1/evals", json=body).json()["id"]
+        reconcile(api)
+        finish(api, mixed, 0.95, answered_by=[2, 3])  # rolled during the sweep
+        done = api.client.get(f"/v1/evals/{mixed}").json()
+        assert done["status"] == "succeeded" and done["model_version"] is None
+        assert done["error"]["code"] == "mixed_versions" and "2, 3" in done["error"]["message"]
+        put = api.client.put(f"/v1/registry/models/{NAME}/aliases/production", json={"version": 2})
+        assert assert_error(put, 409, "version")["code"] == "evaluation_required"
+        put = api.client.put(f"/v1/registry/models/{NAME}/aliases/production", json={"version": 3})
+        assert put.status_code == 200, put.text  # the first sweep measured 3 alone
     finally:
         api.settings.promotion_requires_eval = False

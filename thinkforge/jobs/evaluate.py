@@ -38,6 +38,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from thinkforge.jobs.answers import extract_answer, is_correct
+from thinkforge.serve.config import VERSION_HEADER
 
 __all__ = [
     "BudgetPoint",
@@ -142,6 +143,7 @@ class QuestionResult(BaseModel):
     completion_tokens: int = 0
     finish_reason: str | None = None
     latency_s: float = 0.0
+    model_version: int | None = None  # the registry version that answered, when it says
     error: str | None = None
 
 
@@ -166,6 +168,8 @@ class EvalResult(BaseModel):
     duration_s: float
     budgets: list[BudgetSummary]
     results: list[QuestionResult]
+    # Every registry version that answered: one, unless the deployment rolled mid-sweep.
+    model_versions: list[int] = []
     mlflow_run_id: str | None = None  # set by the job entrypoint once it has logged the run
 
     def write(self, path: str | Path) -> Path:
@@ -230,7 +234,7 @@ def _ask(client: Any, cfg: EvalConfig, point: BudgetPoint, q: Question) -> Quest
     )
     started = time.perf_counter()
     try:
-        body = client.chat.completions.create(
+        raw = client.chat.completions.with_raw_response.create(
             model=cfg.model,
             messages=q.messages,
             temperature=cfg.temperature,
@@ -238,10 +242,13 @@ def _ask(client: Any, cfg: EvalConfig, point: BudgetPoint, q: Question) -> Quest
             seed=cfg.seed,
             extra_body={"thinking": point.thinking()},
         )
+        body = raw.parse()
     except openai.APIError as exc:
         out.error = f"{type(exc).__name__}: {exc}"
         return out
     out.latency_s = time.perf_counter() - started
+    version = raw.headers.get(VERSION_HEADER, "")
+    out.model_version = int(version) if version.isdigit() else None
     choice = body.choices[0]
     out.content = choice.message.content or ""
     out.reasoning = (choice.message.model_extra or {}).get("reasoning_content") or ""
@@ -312,6 +319,7 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None) -> EvalRes
         duration_s=time.perf_counter() - started,
         budgets=[summarize(p, by_label[p.label]) for p in config.budgets],
         results=results,
+        model_versions=sorted({r.model_version for r in results if r.model_version is not None}),
     )
 
 

@@ -161,7 +161,27 @@ def _finish(row: Evaluation) -> None:
         row.best_accuracy = max((b["accuracy"] for b in row.summary or []), default=0.0)
         row.mlflow_run_id = data.get("mlflow_run_id")
         row.status = "succeeded"
+        _record_answering_version(row, data.get("model_versions") or [])
     row.finished_at = utcnow()
+
+
+def _record_answering_version(row: Evaluation, seen: list[int]) -> None:
+    """The version an evaluation vouches for is the one that answered, not the one the
+    deployment served when it was created: an alias moved mid-sweep rolls the deployment.
+    Answers from several versions vouch for none of them (and the row says why)."""
+    name = (row.model_version or "").partition("/")[0]
+    if not seen or not name:
+        return  # the answers named no registry version: keep what was served at creation
+    if len(seen) == 1:
+        row.model_version = f"{name}/{seen[0]}"
+        return
+    row.model_version = None
+    listed = ", ".join(str(v) for v in seen)
+    row.error = {
+        "code": "mixed_versions",
+        "message": f"answers came from versions {listed} of {name} (the deployment rolled "
+        "during the sweep): this evaluation counts for no version when promoting",
+    }
 
 
 def _eval_run(tracking_uri: str, eval_id: str) -> str | None:

@@ -49,7 +49,12 @@ from ray.serve.deployment import Deployment
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from thinkforge.serve.config import ModelServeConfig, ReasoningEffort, ThinkingParams
+from thinkforge.serve.config import (
+    VERSION_HEADER,
+    ModelServeConfig,
+    ReasoningEffort,
+    ThinkingParams,
+)
 from thinkforge.serve.loader import parse_model_uri, resolve
 from thinkforge.serve.replica import ModelServerDeployment, RequestRejected
 
@@ -62,7 +67,6 @@ __all__ = [
     "deployment_name",
 ]
 
-VERSION_HEADER = "x-thinkforge-model-version"
 
 # ---------------------------------------------------------------- build_app arguments
 
@@ -552,15 +556,19 @@ async def _generate(front: FrontDoor, body: _Request, kind: str, shape: Any, chu
     rid = f"{kind}-{uuid.uuid4().hex}"
     if not body.stream:
         final = await front.complete(model, payload)
-        headers = {VERSION_HEADER: str(final["version"])}
-        return JSONResponse(shape(rid, model.name, final), headers=headers)
+        return JSONResponse(shape(rid, model.name, final), headers=_version_header(final))
     first, rest = await front.stream(model, payload)
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     return StreamingResponse(
         chunks(rid, model.name, rest, include_usage),
         media_type="text/event-stream",
-        headers={VERSION_HEADER: str(first["version"]), "Cache-Control": "no-cache"},
+        headers={**_version_header(first), "Cache-Control": "no-cache"},
     )
+
+
+def _version_header(event: dict[str, Any]) -> dict[str, str]:
+    version = event.get("version")
+    return {} if version is None else {VERSION_HEADER: str(version)}
 
 
 @serve.ingress()

@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from thinkforge.jobs.config import TemplateFamily
 
+# Each answer says which registry version produced it (absent for a local directory).
+VERSION_HEADER = "x-thinkforge-model-version"
+
 __all__ = [
     "AutoscalingOptions",
     "EffortBudgets",
