@@ -44,7 +44,9 @@ def make_model_dir(root: Path, seed: str) -> Path:
     return root
 
 
-def register_job(uri: str, tmp_path: Path, job_id: str, *, artifact_root: str | None = None) -> str:
+def register_job(
+    uri: str, tmp_path: Path, job_id: str, *, artifact_root: str | None = None, name: str = NAME
+) -> str:
     """Open the job's run, log metrics and register its model, as a training job does."""
     config = SFTConfig(model="thinkforge/tiny", dataset="train.jsonl", recipe="tiny-cpu")
     run_id = open_job_run(
@@ -62,7 +64,7 @@ def register_job(uri: str, tmp_path: Path, job_id: str, *, artifact_root: str | 
         tracking_uri=uri,
         run_id=run_id,
         model_dir=make_model_dir(tmp_path / job_id, seed=job_id),
-        name=NAME,
+        name=name,
         job_id=job_id,
         base_model=config.model,
         dataset_sha256="d" * 64,

@@ -63,7 +63,7 @@ def create_deployment(
     options: dict[str, Any],
 ) -> Deployment:  # fmt: skip
     clean = validate_options(name, model, options)
-    registry.resolve(model)  # 404 now, not a failed rollout later
+    registry.resolve(model)  # 404 now, not a failed rollout later; before the first read
     if session.scalar(select(Deployment.id).where(Deployment.name == name)) is not None:
         raise name_taken(name)
     row = Deployment(
@@ -96,6 +96,9 @@ def update_deployment(
     session: Session, registry: ModelRegistry, *, project_id: str, name: str,
     model: str | None, options: dict[str, Any],
 ) -> Deployment:  # fmt: skip
+    if model is not None:
+        # Before the first read: a project-scoped registry reads in a session of its own.
+        registry.resolve(model)
     row = get_deployment(session, project_id=project_id, name=name)
     if row.status == "deleting":
         raise Conflict(f"deployment {name!r} is being deleted", param="name")
@@ -103,7 +106,6 @@ def update_deployment(
     new_model = model or row.model
     row.config = validate_options(name, new_model, merged)
     if model is not None:
-        registry.resolve(model)
         row.model = model
     row.engine = str(row.config.get("engine", row.engine))
     row.status = "updating"

@@ -15,6 +15,7 @@ from thinkforge.platform.auth import Principal, authenticate
 from thinkforge.platform.deployments import DeploymentManager
 from thinkforge.platform.errors import Unavailable
 from thinkforge.platform.launcher import JobLauncher
+from thinkforge.platform.ownership import ScopedRegistry
 from thinkforge.platform.promotions import EvalPolicy, OnMoved
 from thinkforge.platform.reconciler import ProgressTracker
 from thinkforge.platform.registry import ModelRegistry
@@ -48,6 +49,10 @@ class AppContext:
 
                     self._registry = MlflowRegistry(self.settings.mlflow_tracking_uri)
             return self._registry
+
+    def registry_for(self, project_id: str) -> ScopedRegistry:
+        """The registry as one project sees it (routes); one per request."""
+        return ScopedRegistry(self.registry(), self.sessions, project_id)
 
     def promotion_policy(self) -> EvalPolicy | None:
         if not self.settings.promotion_requires_eval:

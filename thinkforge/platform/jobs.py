@@ -2,7 +2,9 @@
 
 Routes call these keyword-only functions inside a transaction; launching happens after
 the commit (``advance_job``), from the request's background task or the reconciler,
-whichever comes first: both claim the job with a conditional update.
+whichever comes first: both claim the job with a conditional update. Creating a job
+also claims, for its project, the registered model name it will register under
+(``ownership.claim``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.jobs.config import SFTConfig
+from thinkforge.jobs.tracking import default_registered_name
+from thinkforge.platform import ownership
 from thinkforge.platform.errors import (
     Conflict,
     InvalidFile,
@@ -53,6 +57,11 @@ def create_job(session: Session, settings: Settings, *, project_id: str, spec: J
             f"config.format is {config.format.value!r} but the training file is {file_format!r}",
             param="config.format",
         )
+    base = ownership.registry_name(config.model)
+    if base is not None:
+        ownership.require_visible(session, project_id=project_id, name=base)
+    registered = config.registered_model_name or default_registered_name(config.model)
+    ownership.claim(session, project_id=project_id, name=registered)
     job = Job(
         id=new_id("ftjob"),
         project_id=project_id,

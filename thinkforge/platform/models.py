@@ -180,6 +180,19 @@ class ModelAlias(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class RegisteredModelOwner(Base):
+    """The project a registry name belongs to: claimed when that project's first job that
+    registers under it is created. A name without a row (registered straight into MLflow
+    by an operator) is shared by every project; see ``thinkforge.platform.ownership``."""
+
+    __tablename__ = "registered_models"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(256), unique=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Deployment(Base):
     __tablename__ = "deployments"
 

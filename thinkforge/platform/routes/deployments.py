@@ -34,8 +34,8 @@ def create(ctx: CtxDep, principal: PrincipalDep, body: DeploymentCreate) -> Depl
     manager = ctx.deployments()  # 503 before anything is written when serving is off
     with ctx.sessions.begin() as session:
         row = deployments.create_deployment(
-            session, ctx.registry(), project_id=principal.project_id, name=body.name,
-            model=body.model, options=options,
+            session, ctx.registry_for(principal.project_id), project_id=principal.project_id,
+            name=body.name, model=body.model, options=options,
         )  # fmt: skip
     _apply_now(manager)
     return _view_by_name(ctx, principal.project_id, row.name)
@@ -67,8 +67,8 @@ def update(
     manager = ctx.deployments()
     with ctx.sessions.begin() as session:
         deployments.update_deployment(
-            session, ctx.registry(), project_id=principal.project_id, name=name, model=model,
-            options=options,
+            session, ctx.registry_for(principal.project_id), project_id=principal.project_id,
+            name=name, model=model, options=options,
         )  # fmt: skip
     _apply_now(manager)
     return _view_by_name(ctx, principal.project_id, name)
@@ -96,7 +96,7 @@ def list_models(ctx: CtxDep, principal: PrincipalDep) -> ListResponse[ModelObjec
             data.append(
                 ModelObject(id=row.name, created=ts(row.created_at) or 0, owned_by=row.project_id)
             )
-    registry = ctx.registry()
+    registry = ctx.registry_for(principal.project_id)
     token = None
     while True:
         found = registry.list_models(max_results=100, page_token=token)

@@ -1,4 +1,5 @@
-"""/v1/registry: registered models and versions with lineage; aliases moved with checks."""
+"""/v1/registry: registered models and versions with lineage, as the key's project sees them
+(another project's models look absent: see ``ownership``); aliases moved with checks."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from thinkforge.platform.auth import Principal
 from thinkforge.platform.deps import AfterQuery, CtxDep, LimitQuery, PrincipalDep
 from thinkforge.platform.errors import PermissionDenied
 from thinkforge.platform.models import AuditEntry
+from thinkforge.platform.ownership import ScopedRegistry
 from thinkforge.platform.pagination import page
 from thinkforge.platform.registry import ModelVersionDetail, ModelVersionInfo
 from thinkforge.platform.schemas import (
@@ -33,11 +35,12 @@ AliasPath = Annotated[str, Path(max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_-
 @router.get("/registry/models", response_model=ListResponse[RegisteredModelObject])
 def list_models(
     ctx: CtxDep,
-    _: PrincipalDep,
+    principal: PrincipalDep,
     limit: LimitQuery = 20,
     page_token: Annotated[str | None, Query(max_length=512)] = None,
 ) -> ListResponse[RegisteredModelObject]:
-    found = ctx.registry().list_models(max_results=limit, page_token=page_token)
+    registry = ctx.registry_for(principal.project_id)
+    found = registry.list_models(max_results=limit, page_token=page_token)
     data = [_model_view(m) for m in found.items]
     listing = ListResponse[RegisteredModelObject].of(data, found.next_page_token is not None)
     listing.last_id = found.next_page_token
@@ -45,17 +48,17 @@ def list_models(
 
 
 @router.get("/registry/models/{name}", response_model=RegisteredModelObject)
-def get_model(ctx: CtxDep, _: PrincipalDep, name: NamePath) -> RegisteredModelObject:
-    return _model_view(ctx.registry().get_model(name))
+def get_model(ctx: CtxDep, principal: PrincipalDep, name: NamePath) -> RegisteredModelObject:
+    return _model_view(ctx.registry_for(principal.project_id).get_model(name))
 
 
 @router.get("/registry/models/{name}/versions", response_model=ListResponse[ModelVersionObject])
 def list_versions(
-    ctx: CtxDep, _: PrincipalDep, name: NamePath,
+    ctx: CtxDep, principal: PrincipalDep, name: NamePath,
     after: Annotated[int | None, Query(ge=1, description="versions below this one")] = None,
     limit: LimitQuery = 20,
 ) -> ListResponse[ModelVersionObject]:  # fmt: skip
-    registry = ctx.registry()
+    registry = ctx.registry_for(principal.project_id)
     versions: list[ModelVersionInfo] = []
     token = None
     while True:  # newest first; a registered model has few enough versions to walk
@@ -71,18 +74,22 @@ def list_versions(
 
 @router.get("/registry/models/{name}/versions/{version}", response_model=ModelVersionObject)
 def get_version(
-    ctx: CtxDep, _: PrincipalDep, name: NamePath, version: Annotated[int, Path(ge=1, le=2**31 - 1)]
+    ctx: CtxDep,
+    principal: PrincipalDep,
+    name: NamePath,
+    version: Annotated[int, Path(ge=1, le=2**31 - 1)],
 ) -> ModelVersionObject:
-    return _version_view(ctx, ctx.registry().get_version(name, version))
+    registry = ctx.registry_for(principal.project_id)
+    return _version_view(ctx, registry.get_version(name, version))
 
 
 @router.put("/registry/models/{name}/aliases/{alias}", response_model=AliasObject)
 def promote(
     ctx: CtxDep, principal: PrincipalDep, name: NamePath, alias: AliasPath, body: AliasMoveCreate
 ) -> AliasObject:
-    _require_admin(principal)
+    registry = _alias_registry(ctx, principal, name)
     move = promotions.promote(
-        ctx.sessions, ctx.registry(), actor=principal, name=name, alias=alias,
+        ctx.sessions, registry, actor=principal, name=name, alias=alias,
         version=body.version, reason=body.reason, on_moved=ctx.on_alias_moved,
         policy=ctx.promotion_policy(),
     )  # fmt: skip
@@ -93,9 +100,9 @@ def promote(
 def delete_alias(
     ctx: CtxDep, principal: PrincipalDep, name: NamePath, alias: AliasPath
 ) -> AliasObject:
-    _require_admin(principal)
+    registry = _alias_registry(ctx, principal, name)
     move = promotions.delete_alias(
-        ctx.sessions, ctx.registry(), actor=principal, name=name, alias=alias,
+        ctx.sessions, registry, actor=principal, name=name, alias=alias,
         on_moved=ctx.on_alias_moved,
     )  # fmt: skip
     return _alias_view(move)
@@ -109,9 +116,9 @@ def rollback(
     alias: AliasPath,
     body: AliasAction | None = None,
 ) -> AliasObject:
-    _require_admin(principal)
+    registry = _alias_registry(ctx, principal, name)
     move = promotions.rollback(
-        ctx.sessions, ctx.registry(), actor=principal, name=name, alias=alias,
+        ctx.sessions, registry, actor=principal, name=name, alias=alias,
         reason=body.reason if body else None, on_moved=ctx.on_alias_moved,
     )  # fmt: skip
     return _alias_view(move)
@@ -174,6 +181,14 @@ def _alias_view(move: promotions.AliasMove) -> AliasObject:
         name=move.name, alias=move.alias, version=move.version,
         previous_version=move.previous, audit_id=move.audit_id,
     )  # fmt: skip
+
+
+def _alias_registry(ctx: CtxDep, principal: Principal, name: str) -> ScopedRegistry:
+    """An admin's registry, with ``name`` checked now: before the alias lock is taken."""
+    _require_admin(principal)
+    registry = ctx.registry_for(principal.project_id)
+    registry.check(name)
+    return registry
 
 
 def _require_admin(principal: Principal) -> None:

@@ -233,6 +233,24 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_model_versions_name"), ["name"], unique=False)
 
     op.create_table(
+        "registered_models",
+        sa.Column("seq", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("name", sa.String(length=256), nullable=False),
+        sa.Column("project_id", sa.String(length=64), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["project_id"],
+            ["projects.id"],
+        ),
+        sa.PrimaryKeyConstraint("seq"),
+        sa.UniqueConstraint("name"),
+    )
+    with op.batch_alter_table("registered_models", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_registered_models_project_id"), ["project_id"], unique=False
+        )
+
+    op.create_table(
         "checkpoints",
         sa.Column("seq", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("id", sa.String(length=40), nullable=False),
@@ -281,6 +299,10 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_checkpoints_job_id"))
 
     op.drop_table("checkpoints")
+    with op.batch_alter_table("registered_models", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_registered_models_project_id"))
+
+    op.drop_table("registered_models")
     with op.batch_alter_table("model_versions", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_model_versions_name"))
         batch_op.drop_index(batch_op.f("ix_model_versions_job_id"))
