@@ -36,9 +36,12 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def config(workdir: Path) -> SFTConfig:
     data = write_jsonl(workdir / "sums.jsonl", n=128, seed=0)
+    # 17 held-out sequences: shares of 9 and 8, so the ranks run 3 and 2 real batches of 4.
+    held_out = write_jsonl(workdir / "held-out.jsonl", n=17, seed=1)
     return SFTConfig.model_validate(
         {
             "dataset": str(data),
+            "validation_dataset": str(held_out),
             "block_size": 128,
             "checkpoint_every_steps": 4,
             "seed": 0,
@@ -122,6 +125,47 @@ def test_resume_after_a_killed_worker_is_exact(
         fail_at_step=6,  # a worker process is killed before step 6; the retry resumes at 4
     )
     assert result.error is None
-    resumed = {c.step: c.metrics["loss"] for c in list_checkpoints(workdir / "ckpt", "job-b")}
-    straight = {c.step: c.metrics["loss"] for c in list_checkpoints(workdir / "ckpt", "job-a")}
-    assert resumed == pytest.approx(straight, rel=1e-6)
+    for key in ("loss", "val_loss"):
+        resumed = {c.step: c.metrics[key] for c in list_checkpoints(workdir / "ckpt", "job-b")}
+        straight = {c.step: c.metrics[key] for c in list_checkpoints(workdir / "ckpt", "job-a")}
+        assert resumed == pytest.approx(straight, rel=1e-6)
+
+
+def test_validation_loss_at_every_checkpoint_is_the_whole_held_out_set(
+    finished_job: str, workdir: Path, config: SFTConfig
+) -> None:
+    """val_loss is logged with each checkpoint's step and equals the token-weighted loss of
+    the final weights over all 17 held-out sequences, computed here in one process."""
+    import torch
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from thinkforge.jobs.data import IGNORE_INDEX, ensure_pad_token, load_examples
+
+    client = MlflowClient(tracking_uri=finished_job)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("thinkforge").experiment_id], "tags.job_id = 'job-a'"
+    )
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert sorted(int(m.step) for m in history) == [4, 8, 12, 16]
+    by_step = {int(m.step): m.value for m in history}
+    assert by_step[16] < by_step[4]
+    final = list_checkpoints(workdir / "ckpt", "job-a")[-1]
+    assert final.metrics["val_loss"] == pytest.approx(by_step[16])
+
+    tokenizer = AutoTokenizer.from_pretrained(final.path)
+    ensure_pad_token(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(final.path, dtype=torch.float32).eval()
+    assert config.validation_dataset is not None
+    examples, _ = load_examples(
+        config.validation_dataset, tokenizer, template=config.template, block_size=128
+    )
+    assert len(examples) == 17
+    total = tokens = 0.0
+    with torch.no_grad():
+        for ex in examples:
+            labels = torch.tensor([ex.labels])
+            loss = model(input_ids=torch.tensor([ex.input_ids]), labels=labels).loss
+            n = int(labels[:, 1:].ne(IGNORE_INDEX).sum())
+            total, tokens = total + float(loss) * n, tokens + n
+    assert by_step[16] == pytest.approx(total / tokens, rel=1e-4)

@@ -37,7 +37,13 @@ from torch.utils.data import DataLoader, Sampler
 
 from thinkforge.jobs.checkpoints import STATE_FILE, TRAINER_STATE_FILE, checkpoint_dir_name
 from thinkforge.jobs.config import SFTConfig
-from thinkforge.jobs.data import TokenizedExample, collate, ensure_pad_token, load_examples
+from thinkforge.jobs.data import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    collate,
+    ensure_pad_token,
+    load_examples,
+)
 
 __all__ = [
     "EpochSampler",
@@ -156,6 +162,8 @@ class _Worker:
     plan: TrainPlan
     autocast: Callable[[], contextlib.AbstractContextManager[Any]]
     step: int = 0
+    validation: list[TokenizedExample] | None = None  # this rank's share, in file order
+    validation_size: int = 0  # 0 when the set has fewer sequences than ranks: a filler share
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -247,9 +255,66 @@ def _build_worker(
         plan=plan,
         autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
     )
+    if cfg.validation_dataset:
+        examples = _validation_set(cfg, tokenizer, rank)
+        worker.validation = examples[rank::world] or examples[:1]
+        worker.validation_size = len(examples[rank::world])
     if ckpt_dir:
         _restore_state(worker, Path(ckpt_dir))
     return worker
+
+
+def _validation_set(cfg: SFTConfig, tokenizer: Any, rank: int) -> list[TokenizedExample]:
+    assert cfg.validation_dataset is not None
+    examples, stats = load_examples(
+        cfg.validation_dataset,
+        tokenizer,
+        fmt=cfg.format,
+        template=cfg.template,
+        block_size=cfg.block_size,
+        overlong=cfg.overlong,
+    )
+    if not examples:
+        raise ValueError(f"{cfg.validation_dataset} holds no sequence within block_size")
+    if rank == 0:
+        emit_event("validation_data", **stats.as_dict())
+    return examples
+
+
+def _validation_loss(worker: _Worker) -> float:
+    """Mean loss per predicted token over the whole validation set, all ranks together.
+
+    Every rank runs the same number of forward passes (FSDP gathers parameters in each):
+    a rank whose share ran out repeats a batch that counts for nothing."""
+    import torch.distributed as dist
+
+    assert worker.validation is not None
+    model, plan, micro = worker.model, worker.plan, worker.cfg.hyperparameters.micro_batch_size
+    share = worker.validation
+    batches = -(-worker.validation_size // micro)
+    device = next(model.parameters()).device  # NCCL reduces device tensors, gloo CPU ones
+    rounds = torch.tensor([batches], device=device)
+    if plan.world_size > 1:
+        dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
+    forward = model if _is_fsdp(model) else _unwrap(model)  # DDP's forward syncs buffers
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss x tokens, tokens
+    model.eval()
+    try:
+        with torch.no_grad(), worker.autocast():
+            for i in range(int(rounds)):
+                rows = share[i * micro : (i + 1) * micro] or share[:micro]
+                batch = collate(rows, worker.tokenizer.pad_token_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                predicted = int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())
+                counted = predicted if i < batches else 0
+                loss = forward(**batch).loss
+                totals[0] += loss.detach().double() * counted
+                totals[1] += counted
+    finally:
+        model.train()
+    if plan.world_size > 1:
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[1].clamp(min=1))
 
 
 def _loader(
@@ -319,10 +384,13 @@ def _train(worker: _Worker, logger: Any, fail_at: int | None, marker: str | None
                 _kill_one_worker(worker, marker)
             micro = [next(batches) for _ in range(plan.accumulation)]
             metrics = _train_step(worker, micro)
+            last = worker.step >= plan.total_steps
+            saving = last or (every and worker.step % every == 0)
+            if saving and worker.validation is not None:
+                metrics["val_loss"] = _validation_loss(worker)
             if logger is not None:
                 logger.log(metrics, step=worker.step)
-            last = worker.step >= plan.total_steps
-            if last or (every and worker.step % every == 0):
+            if saving:
                 if logger is not None:
                     logger.flush()
                 _save_checkpoint(worker, metrics)

@@ -25,7 +25,7 @@ from thinkforge.platform.registry import MlflowRegistry, ModelRegistry
 
 log = logging.getLogger(__name__)
 JOB_TAG = "job_id"
-STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "epoch", "total_steps")
+STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "epoch", "total_steps", "val_loss")
 
 
 class RunTracker:
