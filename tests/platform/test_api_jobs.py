@@ -6,11 +6,13 @@ import concurrent.futures as cf
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from tests.platform.conftest import Api
 from tests.platform.data import S1K, jsonl
 from tests.platform.test_api_files import assert_error, upload
 from thinkforge.platform.launcher import LaunchState
+from thinkforge.platform.models import File
 from thinkforge.platform.reconciler import reconcile_once
 
 
@@ -47,6 +49,19 @@ def test_create_get_and_defaults(api: Api, file_id: str) -> None:
     events = api.client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()
     messages = [e["message"] for e in events["data"]]
     assert any("queued" in m for m in messages) and any("Validating" in m for m in messages)
+
+
+def test_validation_file_reaches_the_training_config(api: Api, file_id: str) -> None:
+    held_out = upload(api, jsonl(S1K)).json()
+    resp = create(api, file_id, validation_file=held_out["id"])
+    assert resp.status_code == 200, resp.text
+    job = resp.json()
+    assert job["validation_file"] == held_out["id"]
+    with api.app.state.ctx.sessions() as session:  # type: ignore[attr-defined]
+        paths = {fid: path for fid, path in session.execute(select(File.id, File.path))}
+    assert job["config"]["dataset"] == paths[file_id]
+    assert job["config"]["validation_dataset"] == paths[held_out["id"]]  # the job evaluates it
+    assert_error(create(api, file_id, validation_file="file-nope"), 400, "validation_file")
 
 
 def test_lifecycle_to_succeeded_and_terminal_is_final(api: Api, file_id: str) -> None:

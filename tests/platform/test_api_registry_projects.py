@@ -113,6 +113,10 @@ def test_another_projects_model_cannot_be_deployed_or_trained_on(
         assert taken["code"] == "model_name_taken" and "another project" in taken["message"]
         assert jobs_of(api, "other") == [] and claims(api) == {OWNED: "default"}
         assert b.get("/v1/fine_tuning/jobs").json()["data"] == []
+        # A shared model's name is no project's to take: that would hide it from the rest.
+        shared = assert_error(post_job(b, file_b, suffix=NAME), 409, "suffix")
+        assert shared["code"] == "model_name_taken" and "shared" in shared["message"]
+        assert jobs_of(api, "other") == [] and NAME not in claims(api)
         # A shared base model is fine, and the job's own name becomes the other project's.
         ok = post_job(b, file_b, model=f"models:/{NAME}/1", suffix="mine")
         assert ok.status_code == 200, ok.text

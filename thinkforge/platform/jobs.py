@@ -32,6 +32,7 @@ from thinkforge.platform.launcher import JobLauncher, LaunchSpec
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, new_id, utcnow
 from thinkforge.platform.pagination import page
 from thinkforge.platform.recipes import load_recipe
+from thinkforge.platform.registry import ModelRegistry
 from thinkforge.platform.schemas import JobCreate
 from thinkforge.platform.settings import Settings
 from thinkforge.platform.status import FailureKind, JobStatus
@@ -39,12 +40,22 @@ from thinkforge.platform.status import FailureKind, JobStatus
 log = logging.getLogger(__name__)
 
 
-def create_job(session: Session, settings: Settings, *, project_id: str, spec: JobCreate) -> Job:
+def create_job(
+    session: Session,
+    settings: Settings,
+    *,
+    project_id: str,
+    spec: JobCreate,
+    registry: ModelRegistry | None = None,
+) -> Job:
+    """Validate and write a job (not yet launched). With a ``registry``, a name that
+    exists there unclaimed (an operator's shared model) cannot be claimed."""
     dataset_path, dataset_sha, file_format = _resolve_training_file(
         session, settings, project_id=project_id, ref=spec.training_file
     )
+    validation_path = None
     if spec.validation_file is not None:
-        _resolve_training_file(
+        validation_path, _, _ = _resolve_training_file(
             session,
             settings,
             project_id=project_id,
@@ -52,6 +63,8 @@ def create_job(session: Session, settings: Settings, *, project_id: str, spec: J
             param="validation_file",
         )
     config = _resolve_config(settings, spec, dataset_path)
+    if validation_path is not None:
+        config = config.model_copy(update={"validation_dataset": validation_path})
     if config.format.value not in ("auto", file_format):
         raise InvalidRequest(
             f"config.format is {config.format.value!r} but the training file is {file_format!r}",
@@ -61,7 +74,7 @@ def create_job(session: Session, settings: Settings, *, project_id: str, spec: J
     if base is not None:
         ownership.require_visible(session, project_id=project_id, name=base)
     registered = config.registered_model_name or default_registered_name(config.model)
-    ownership.claim(session, project_id=project_id, name=registered)
+    ownership.claim(session, project_id=project_id, name=registered, registry=registry)
     job = Job(
         id=new_id("ftjob"),
         project_id=project_id,

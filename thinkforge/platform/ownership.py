@@ -56,8 +56,12 @@ def _hidden(name: str) -> ModelNotFound:
     )
 
 
-def claim(session: Session, *, project_id: str, name: str) -> None:
-    """Make ``name`` this project's (a no-op if it already is); 409 if another's."""
+def claim(
+    session: Session, *, project_id: str, name: str, registry: ModelRegistry | None = None
+) -> None:
+    """Make ``name`` this project's (a no-op if it already is); 409 if another's, or, when
+    a ``registry`` is given, if it is already there unclaimed: a shared model no project
+    may take over (its versions would vanish from every other project)."""
     if len(name) > NAME_MAX or "\x00" in name:
         raise InvalidRequest(
             f"the registered model name {name[:40]!r}... is not a valid name (at most "
@@ -67,6 +71,13 @@ def claim(session: Session, *, project_id: str, name: str) -> None:
     owner = _owner(session, name)
     if owner == project_id:
         return
+    if owner is None and registry is not None and _registered(registry, name):
+        raise Conflict(
+            f"{name!r} is a shared registered model (registered outside thinkforge); pass "
+            "a suffix to register this job's model under a name of your own",
+            param="suffix",
+            code="model_name_taken",
+        )
     if owner is None:
         try:
             with session.begin_nested():
@@ -82,6 +93,14 @@ def claim(session: Session, *, project_id: str, name: str) -> None:
         param="suffix",
         code="model_name_taken",
     )
+
+
+def _registered(registry: ModelRegistry, name: str) -> bool:
+    try:
+        registry.get_model(name)
+    except ModelNotFound:
+        return False
+    return True
 
 
 def registry_name(model: str) -> str | None:

@@ -35,7 +35,10 @@ def create_job(
     idempotency_key: IdempotencyKeyDep = None,
 ) -> JSONResponse:
     def handler(session):  # type: ignore[no-untyped-def]
-        job = jobs.create_job(session, ctx.settings, project_id=principal.project_id, spec=spec)
+        job = jobs.create_job(
+            session, ctx.settings, project_id=principal.project_id, spec=spec,
+            registry=ctx.registry(),
+        )  # fmt: skip
         return 200, job_view(job).model_dump(mode="json")
 
     status, body = run_idempotent(
