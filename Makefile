@@ -17,16 +17,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# Helm for the chart tests, fetched once; without it those tests skip and say so.
+$(BIN)/helm: | $(STAMP)
+	@$(BIN)/python infra/fetch_helm.py $@ || echo "helm not fetched: the chart tests will skip"
+
 lint: setup
-	$(BIN)/ruff check thinkforge tests bench
-	$(BIN)/ruff format --check thinkforge tests bench
+	$(BIN)/ruff check thinkforge tests bench infra
+	$(BIN)/ruff format --check thinkforge tests bench infra
 	$(BIN)/mypy thinkforge
 
 format: setup
-	$(BIN)/ruff check --fix thinkforge tests bench
-	$(BIN)/ruff format thinkforge tests bench
+	$(BIN)/ruff check --fix thinkforge tests bench infra
+	$(BIN)/ruff format thinkforge tests bench infra
 
-test: lint
+test: lint $(BIN)/helm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: setup
