@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,11 +137,37 @@ def test_manifest_flatten_and_names(tmp_path: Path) -> None:
     assert default_registered_name("thinkforge/tiny") == "thinkforge-tiny-sft"
 
 
-def test_list_checkpoints_skips_incomplete(tmp_path: Path) -> None:
+def write_checkpoints(fs: Any, root: str) -> None:
+    """Step 2 complete; step 4's state lists a file bigger than what was copied so far."""
     for step, size in ((2, 3), (4, 99)):
-        d = tmp_path / "j" / f"checkpoint_{step:08d}"
-        d.mkdir(parents=True)
-        (d / "model.safetensors").write_text("abc")
-        state = {"step": step, "epoch": 0.5, "metrics": {}, "files": {"model.safetensors": size}}
-        (d / STATE_FILE).write_text(json.dumps(state))
-    assert [c.step for c in list_checkpoints(tmp_path, "j")] == [2]
+        d = f"{root}/j/checkpoint_{step:08d}"
+        fs.create_dir(d, recursive=True)
+        with fs.open_output_stream(f"{d}/model.safetensors") as out:
+            out.write(b"abc")
+        state = {
+            "step": step,
+            "epoch": 0.5,
+            "metrics": {"loss": 1.5},
+            "files": {"model.safetensors": size},
+        }
+        with fs.open_output_stream(f"{d}/{STATE_FILE}") as out:
+            out.write(json.dumps(state).encode())
+
+
+@pytest.mark.parametrize("where", ["directory", "file-uri", "object-store"])
+def test_list_checkpoints_skips_incomplete(tmp_path: Path, where: str) -> None:
+    """Local directories, URIs (what s3:// goes through) and a non-disk store alike."""
+    import pyarrow.fs as pafs
+
+    if where == "object-store":  # pyarrow's in-memory filesystem: no local path at all
+        fs, storage, shown = pafs._MockFileSystem(), "bucket/ckpt", "bucket/ckpt"
+        write_checkpoints(fs, storage)
+        found = list_checkpoints(storage, "j", filesystem=fs)
+    else:
+        write_checkpoints(pafs.LocalFileSystem(), str(tmp_path))
+        uri = where == "file-uri"
+        storage = f"file://{tmp_path}" if uri else str(tmp_path)
+        shown = storage
+        found = list_checkpoints(storage, "j")
+    assert [(c.step, c.epoch, c.metrics) for c in found] == [(2, 0.5, {"loss": 1.5})]
+    assert found[0].path == f"{shown}/j/checkpoint_00000002"

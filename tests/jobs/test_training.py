@@ -74,7 +74,7 @@ def test_loss_falls_and_checkpoints_are_saved(finished_job: str, workdir: Path) 
     checkpoints = list_checkpoints(workdir / "ckpt", "job-a")
     assert [c.step for c in checkpoints] == [4, 8, 12, 16]
     assert checkpoints[-1].epoch == 2.0
-    final = checkpoints[-1].path
+    final = Path(checkpoints[-1].path)
     assert {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"} <= {
         p.name for p in final.iterdir()
     }

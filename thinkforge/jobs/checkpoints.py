@@ -5,10 +5,12 @@ a Hugging Face model directory (config, safetensors, tokenizer) plus the trainer
 (``trainer_state.pt``: optimizer, scheduler, step, RNG) and ``thinkforge_checkpoint.json``
 (step, epoch, metrics, and the size of every other file, so a reader can tell a fully
 copied checkpoint from one Ray Train is still uploading).
-The control plane lists them to turn checkpoints into rows:
+The control plane lists them to turn checkpoints into rows. The storage path is a local
+directory or any URI pyarrow opens (``s3://``, ``gs://``, ``abfs://``: what Ray Train
+writes to), listed through ``pyarrow.fs``:
 
     latest = latest_checkpoint(settings.storage_path, job_id)   # CheckpointInfo | None
-    latest.step, latest.path
+    latest.step, latest.path                                    # path: a directory or URI
 """
 
 from __future__ import annotations
@@ -41,38 +43,81 @@ def checkpoint_dir_name(step: int) -> str:
 class CheckpointInfo:
     step: int
     epoch: float
-    path: Path
+    path: str  # a local directory, or a URI under a remote storage path
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def list_checkpoints(storage_path: str | Path, job_id: str) -> list[CheckpointInfo]:
-    """Complete checkpoints of a job (local storage only), oldest step first."""
-    root = Path(storage_path) / job_id
+def list_checkpoints(
+    storage_path: str | Path, job_id: str, *, filesystem: Any = None
+) -> list[CheckpointInfo]:
+    """Complete checkpoints of a job, oldest step first. ``filesystem`` (a
+    ``pyarrow.fs.FileSystem``) is taken for a path on it instead of opening a URI."""
+    text = str(storage_path)
+    if filesystem is None and "://" not in text:
+        return _list_local(Path(text) / job_id)
+    return _list_remote(text, job_id, filesystem)
+
+
+def _list_local(root: Path) -> list[CheckpointInfo]:
     found = []
     for state in root.glob(f"{_PREFIX}*/{STATE_FILE}"):
         try:
             data = json.loads(state.read_text())
         except (OSError, ValueError):
             continue  # being written or damaged: not a usable checkpoint
-        if not _complete(state.parent, data.get("files", {})):
-            continue
-        found.append(
-            CheckpointInfo(
-                step=int(data["step"]),
-                epoch=float(data.get("epoch", 0.0)),
-                path=state.parent,
-                metrics=dict(data.get("metrics", {})),
-            )
-        )
+        sizes = {rel: _local_size(state.parent / rel) for rel in data.get("files", {})}
+        info = _info(str(state.parent), data, sizes)
+        if info is not None:
+            found.append(info)
     return sorted(found, key=lambda c: c.step)
 
 
-def _complete(directory: Path, files: dict[str, int]) -> bool:
-    for rel, size in files.items():
-        path = directory / rel
-        if not path.is_file() or path.stat().st_size != size:
-            return False
-    return True
+def _local_size(path: Path) -> int | None:
+    return path.stat().st_size if path.is_file() else None
+
+
+def _list_remote(uri: str, job_id: str, filesystem: Any) -> list[CheckpointInfo]:
+    import pyarrow.fs as pafs
+
+    if filesystem is None:
+        filesystem, root = pafs.FileSystem.from_uri(uri)
+        shown = uri.split("?", 1)[0].rstrip("/")  # what the rows show: the URI, no options
+    else:
+        root = shown = uri.rstrip("/")
+    root = root.rstrip("/")
+    selector = pafs.FileSelector(f"{root}/{job_id}", allow_not_found=True, recursive=True)
+    sizes = {
+        i.path: i.size for i in filesystem.get_file_info(selector) if i.type == pafs.FileType.File
+    }
+    found = []
+    for path in sizes:
+        directory, _, name = path.rpartition("/")
+        if name != STATE_FILE or not directory.rpartition("/")[2].startswith(_PREFIX):
+            continue
+        try:
+            with filesystem.open_input_stream(path) as stream:
+                data = json.loads(stream.read())
+        except (OSError, ValueError):
+            continue
+        present = {rel: sizes.get(f"{directory}/{rel}") for rel in data.get("files", {})}
+        info = _info(shown + directory[len(root) :], data, present)
+        if info is not None:
+            found.append(info)
+    return sorted(found, key=lambda c: c.step)
+
+
+def _info(
+    location: str, data: dict[str, Any], sizes: dict[str, int | None]
+) -> CheckpointInfo | None:
+    """The checkpoint, if every file its state lists is there at its full size."""
+    if any(sizes.get(rel) != size for rel, size in data.get("files", {}).items()):
+        return None  # Ray Train is still copying it, or it is damaged
+    return CheckpointInfo(
+        step=int(data["step"]),
+        epoch=float(data.get("epoch", 0.0)),
+        path=location,
+        metrics=dict(data.get("metrics", {})),
+    )
 
 
 def latest_checkpoint(storage_path: str | Path, job_id: str) -> CheckpointInfo | None:

@@ -108,12 +108,12 @@ class RunTracker:
             session.add(
                 Checkpoint(
                     id=new_id("ftckpt"), job_id=job.id, step=info.step,
-                    path=str(info.path), metrics=info.metrics,
+                    path=info.path, metrics=info.metrics,
                 )
             )  # fmt: skip
             add_event(
                 session, job.id, f"Checkpoint saved at step {info.step}",
-                data={"step": info.step, "path": str(info.path)}, dedupe_key=f"checkpoint:{info.step}",
+                data={"step": info.step, "path": info.path}, dedupe_key=f"checkpoint:{info.step}",
             )  # fmt: skip
 
     def _sync_result(self, session: Session, job: Job, run: Any) -> None:
