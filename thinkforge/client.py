@@ -135,6 +135,15 @@ class Client:
     def delete_deployment(self, name: str) -> dict[str, Any]:
         return self.request("DELETE", f"/v1/deployments/{name}")  # type: ignore[no-any-return]
 
+    def create_eval(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/v1/evals", json=body)  # type: ignore[no-any-return]
+
+    def get_eval(self, eval_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/evals/{eval_id}")  # type: ignore[no-any-return]
+
+    def cancel_eval(self, eval_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/evals/{eval_id}/cancel")  # type: ignore[no-any-return]
+
     def wait_for_deployment(self, name: str, timeout_s: float = 600) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         while True:

@@ -13,9 +13,15 @@ class FakeLauncher:
         self.cancelled: list[str] = []
         self.states: dict[str, LaunchStatus] = {}
         self.fail_submit: Exception | None = None
+        # Set ``gate`` to hold submissions until it is set; ``entered`` says one is held.
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
         self._lock = threading.Lock()
 
     def submit(self, spec: LaunchSpec) -> None:
+        if self.gate is not None:
+            self.entered.set()
+            self.gate.wait(timeout=30)
         if self.fail_submit is not None:
             raise self.fail_submit
         with self._lock:

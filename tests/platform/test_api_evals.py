@@ -4,6 +4,8 @@ the plot, and the promotion policy that requires a passing evaluation."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 from tests.platform.conftest import Api
@@ -137,3 +139,58 @@ def test_an_evaluation_vouches_for_the_version_that_answered(api: Api, versions:
         assert put.status_code == 200, put.text  # the first sweep measured 3 alone
     finally:
         api.settings.promotion_requires_eval = False
+
+
+def poll(predicate, timeout_s: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_cancel_before_during_and_after_the_launch(api: Api, versions: list[str]) -> None:
+    deploy(api, 1)
+    body = {"deployment": "sums", "dataset": upload(api, jsonl(S1K)).json()["id"], "budgets": [{}]}
+    # Cancelled while its launch is on the way: the run is stopped once it exists.
+    api.launcher.gate = threading.Event()
+    racing = api.client.post("/v1/evals", json=body).json()["id"]
+    assert api.launcher.entered.wait(15), "the reconciler never launched the evaluation"
+    cancelled = api.client.post(f"/v1/evals/{racing}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    api.launcher.gate.set()
+    poll(lambda: racing in api.launcher.cancelled)
+    assert api.client.get(f"/v1/evals/{racing}").json()["status"] == "cancelled"
+    api.launcher.gate = None
+
+    running = api.client.post("/v1/evals", json=body).json()["id"]
+    reconcile(api)
+    api.launcher.set(running, LaunchState.RUNNING)
+    reconcile(api)
+    assert api.client.get(f"/v1/evals/{running}").json()["status"] == "running"
+    stopping = api.client.post(f"/v1/evals/{running}/cancel").json()
+    assert stopping["status"] == "cancelling" and running in api.launcher.cancelled
+    reconcile(api)  # Ray says stopped
+    done = api.client.get(f"/v1/evals/{running}").json()
+    assert done["status"] == "cancelled" and done["finished_at"] is not None
+    assert_error(api.client.post(f"/v1/evals/{running}/cancel"), 409)
+    with api.keyed(api.new_key("other")) as other:
+        assert_error(other.post(f"/v1/evals/{running}/cancel"), 404)
+
+
+def test_create_is_idempotent_and_a_failed_launch_says_why(api: Api, versions: list[str]) -> None:
+    deploy(api, 1)
+    body = {"deployment": "sums", "dataset": upload(api, jsonl(S1K)).json()["id"], "budgets": [{}]}
+    key = {"Idempotency-Key": "sweep-1"}
+    first = api.client.post("/v1/evals", json=body, headers=key)
+    again = api.client.post("/v1/evals", json=body, headers=key)
+    assert first.status_code == again.status_code == 200 and first.json() == again.json()
+    other = api.client.post("/v1/evals", json={**body, "limit": 1}, headers=key)
+    assert_error(other, 422, "Idempotency-Key")
+    assert len(api.client.get("/v1/evals").json()["data"]) == 1
+
+    api.launcher.fail_submit = RuntimeError("the Ray dashboard refused the job")
+    failed = api.client.post("/v1/evals", json=body).json()["id"]
+    reconcile(api)
+    row = api.client.get(f"/v1/evals/{failed}").json()
+    assert row["status"] == "failed" and row["error"]["code"] == "launch_failed"
+    assert "refused the job" in row["error"]["message"] and row["finished_at"] is not None

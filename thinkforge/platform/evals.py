@@ -33,6 +33,7 @@ from thinkforge.platform.settings import Settings
 
 log = logging.getLogger(__name__)
 TERMINAL = ("succeeded", "failed", "cancelled")
+# queued -> running -> succeeded | failed; cancelling -> cancelled once Ray has stopped it
 
 
 def create_eval(
@@ -83,13 +84,24 @@ def create_eval(
     return row
 
 
-def get_eval(session: Session, *, project_id: str, eval_id: str) -> Evaluation:
-    row = session.scalar(
-        select(Evaluation).where(Evaluation.id == eval_id, Evaluation.project_id == project_id)
-    )
+def get_eval(session: Session, *, project_id: str, eval_id: str, lock: bool = False) -> Evaluation:
+    stmt = select(Evaluation).where(Evaluation.id == eval_id, Evaluation.project_id == project_id)
+    row = session.scalar(stmt.with_for_update() if lock else stmt)
     if row is None:
         raise NotFound(f"no evaluation {eval_id!r} in this project", param="eval_id")
     return row
+
+
+def cancel_eval(session: Session, *, project_id: str, eval_id: str) -> tuple[Evaluation, bool]:
+    """Cancel an evaluation; returns it and whether its launched run must be stopped."""
+    row = get_eval(session, project_id=project_id, eval_id=eval_id, lock=True)
+    if row.status in TERMINAL:
+        raise Conflict(f"evaluation {eval_id} already ended ({row.status}); nothing to cancel")
+    if row.submitted_at is None:
+        row.status, row.finished_at = "cancelled", utcnow()
+        return row, False
+    row.status = "cancelling"
+    return row, True
 
 
 def plot_path(row: Evaluation) -> Path:
@@ -127,15 +139,21 @@ def _advance(
     sessions: sessionmaker[Session], launcher: JobLauncher, settings: Settings, row: Evaluation
 ) -> None:
     if row.submitted_at is None:
-        launcher.submit(launch_spec(row, settings))
-        with sessions.begin() as session:
-            session.get(Evaluation, row.seq).submitted_at = utcnow()  # type: ignore[union-attr]
+        _submit(sessions, launcher, settings, row)
         return
     status = launcher.status(row.id)
+    if row.status == "cancelling" and status.state in (LaunchState.PENDING, LaunchState.RUNNING):
+        launcher.cancel(row.id)
+        return
     with sessions.begin() as session:
-        current = session.get(Evaluation, row.seq)
-        assert current is not None
-        if status.state is LaunchState.RUNNING:
+        current = session.scalar(
+            select(Evaluation).where(Evaluation.seq == row.seq).with_for_update()
+        )
+        if current is None or current.status in TERMINAL:
+            return
+        if current.status == "cancelling" and status.state is not LaunchState.SUCCEEDED:
+            current.status, current.finished_at = "cancelled", utcnow()
+        elif status.state is LaunchState.RUNNING:
             current.status = "running"
         elif status.state is LaunchState.SUCCEEDED:
             _finish(current)
@@ -148,6 +166,33 @@ def _advance(
             current.status = "cancelled" if status.state is LaunchState.STOPPED else "failed"
             current.error = {"code": "eval_failed", "message": message}
             current.finished_at = utcnow()
+
+
+def _submit(
+    sessions: sessionmaker[Session], launcher: JobLauncher, settings: Settings, row: Evaluation
+) -> None:
+    """Launch, as jobs do: a launcher error ends the evaluation with the reason kept.
+    A second submission of one id is a no-op in the launcher, so a crash between the
+    submit and the row's update is safe."""
+    failure: dict[str, str] | None = None
+    try:
+        launcher.submit(launch_spec(row, settings))
+    except Exception as exc:
+        log.exception("evaluation %s: launch failed", row.id)
+        failure = {"code": "launch_failed", "message": f"could not start the run: {exc}"}
+    with sessions.begin() as session:
+        current = session.scalar(
+            select(Evaluation).where(Evaluation.seq == row.seq).with_for_update()
+        )
+        if current is None:
+            return
+        cancelled = current.status in ("cancelling", "cancelled")
+        if failure is not None and not cancelled:
+            current.status, current.error, current.finished_at = "failed", failure, utcnow()
+        elif failure is None:
+            current.submitted_at = utcnow()
+    if cancelled and failure is None:
+        launcher.cancel(row.id)  # cancelled while the submission was on its way
 
 
 def _finish(row: Evaluation) -> None:

@@ -2,32 +2,77 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Path
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import select
 
 from thinkforge.platform import evals
-from thinkforge.platform.deps import AfterQuery, CtxDep, LimitQuery, PrincipalDep
+from thinkforge.platform.deps import (
+    AfterQuery,
+    CtxDep,
+    IdempotencyKeyDep,
+    LimitQuery,
+    PrincipalDep,
+)
+from thinkforge.platform.idempotency import fingerprint, run_idempotent
 from thinkforge.platform.models import Evaluation
 from thinkforge.platform.pagination import page
 from thinkforge.platform.schemas import EvalCreate, EvalObject, ListResponse
 from thinkforge.platform.views import ts
 
 router = APIRouter(prefix="/v1/evals", tags=["evaluations"])
+log = logging.getLogger(__name__)
 EvalId = Annotated[str, Path(max_length=40, pattern=r"^eval-[0-9a-f]+$")]
 
 
 @router.post("", response_model=EvalObject)
 def create(
-    ctx: CtxDep, principal: PrincipalDep, body: EvalCreate, background: BackgroundTasks
-) -> EvalObject:
-    with ctx.sessions.begin() as session:
+    ctx: CtxDep,
+    principal: PrincipalDep,
+    body: EvalCreate,
+    background: BackgroundTasks,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> JSONResponse:
+    def handler(session):  # type: ignore[no-untyped-def]
         row = evals.create_eval(session, ctx.settings, project_id=principal.project_id, spec=body)
-        view = _view(row)
+        return 200, _view(row).model_dump(mode="json")
+
+    status, view = run_idempotent(
+        ctx.sessions, project_id=principal.project_id, key=idempotency_key, method="POST",
+        path="/v1/evals", request_fingerprint=fingerprint(body.model_dump(mode="json")),
+        ttl_s=ctx.settings.idempotency_ttl_s, handler=handler,
+    )  # fmt: skip
     background.add_task(evals.reconcile_evals, ctx.sessions, ctx.launcher, ctx.settings)
-    return view
+    return JSONResponse(view, status_code=status)
+
+
+@router.post("/{eval_id}/cancel", response_model=EvalObject)
+def cancel(
+    ctx: CtxDep, principal: PrincipalDep, eval_id: EvalId, idempotency_key: IdempotencyKeyDep = None
+) -> JSONResponse:
+    must_stop = False
+
+    def handler(session):  # type: ignore[no-untyped-def]
+        nonlocal must_stop
+        row, must_stop = evals.cancel_eval(
+            session, project_id=principal.project_id, eval_id=eval_id
+        )
+        return 200, _view(row).model_dump(mode="json")
+
+    status, view = run_idempotent(
+        ctx.sessions, project_id=principal.project_id, key=idempotency_key, method="POST",
+        path=f"/v1/evals/{eval_id}/cancel", request_fingerprint=fingerprint(eval_id),
+        ttl_s=ctx.settings.idempotency_ttl_s, handler=handler,
+    )  # fmt: skip
+    if must_stop:
+        try:
+            ctx.launcher.cancel(eval_id)
+        except Exception:  # still cancelling: the reconciler asks Ray again each pass
+            log.exception("evaluation %s: stopping the run failed; retried", eval_id)
+    return JSONResponse(view, status_code=status)
 
 
 @router.get("", response_model=ListResponse[EvalObject])
