@@ -91,6 +91,20 @@ def test_duplicate_name_conflicts(api: Api, versions: list[str]) -> None:
     assert len(api.client.get("/v1/deployments").json()["data"]) == 1
 
 
+def test_create_with_an_idempotency_key_replays_the_first_answer(
+    api: Api, versions: list[str]
+) -> None:
+    body = {"name": "once", "model": f"{NAME}/1"}
+    key = {"Idempotency-Key": "deploy-once"}
+    first = api.client.post("/v1/deployments", json=body, headers=key)
+    again = api.client.post("/v1/deployments", json=body, headers=key)
+    assert first.status_code == again.status_code == 200 and first.json() == again.json()
+    assert len(serve_of(api).configs) == 1  # applied once
+    other = api.client.post("/v1/deployments", json={**body, "model": f"{NAME}/2"}, headers=key)
+    assert_error(other, 422, "Idempotency-Key")
+    assert [d["name"] for d in api.client.get("/v1/deployments").json()["data"]] == ["once"]
+
+
 def test_concurrent_creates_of_one_name_across_projects_make_one(
     api: Api, versions: list[str]
 ) -> None:

@@ -75,6 +75,23 @@ def test_promote_and_rollback_with_audit(api: Api, versions: list[str]) -> None:
     assert_error(api.client.delete(f"/v1/registry/models/{NAME}/aliases/production"), 404)
 
 
+def test_a_retried_rollback_moves_the_alias_once(api: Api, versions: list[str]) -> None:
+    for version in (1, 2, 3):
+        assert promote(api, version).status_code == 200
+    url = f"/v1/registry/models/{NAME}/aliases/production/rollback"
+    key = {"Idempotency-Key": "undo-3"}
+    first = api.client.post(url, json={"reason": "bad"}, headers=key)
+    again = api.client.post(url, json={"reason": "bad"}, headers=key)
+    assert first.status_code == again.status_code == 200 and first.json() == again.json()
+    assert first.json()["version"] == 2 and alias(api) == 2  # not walked back to 1
+    assert [r["action"] for r in audit(api)].count("rollback") == 1
+    assert_error(api.client.post(url, json={"reason": "other"}, headers=key), 422)
+    failed = api.client.post(url.replace("production", "nowhere"), headers={"Idempotency-Key": "k"})
+    assert_error(failed, 409)
+    retry = api.client.post(url, headers={"Idempotency-Key": "k"})  # a failure keeps no key
+    assert retry.status_code == 200 and alias(api) == 1
+
+
 @pytest.mark.parametrize("damage", ["corrupt", "delete"])
 def test_damaged_version_is_not_promoted(api: Api, versions: list[str], damage: str) -> None:
     assert promote(api, 1).status_code == 200

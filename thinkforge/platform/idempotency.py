@@ -43,24 +43,46 @@ def run_idempotent(
     if key is None:
         with sessions.begin() as session:
             return handler(session)
-    if not key or len(key) > 255 or "\x00" in key:
-        raise InvalidRequest("Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key")
     claim = _claim(sessions, project_id, key, method, path, request_fingerprint, ttl_s)
     if isinstance(claim, tuple):
         return claim
     try:
         with sessions.begin() as session:
             status, body = handler(session)
-            session.execute(
-                update(IdempotencyKey)
-                .where(IdempotencyKey.seq == claim)
-                .values(state="done", response_status=status, response_body=body)
-            )
+            _keep_response(session, claim, status, body)
         return status, body
     except BaseException:
-        with sessions.begin() as session:
-            session.execute(delete(IdempotencyKey).where(IdempotencyKey.seq == claim))
+        _release(sessions, claim)
         raise
+
+
+def run_idempotent_action(
+    sessions: sessionmaker[Session],
+    *,
+    project_id: str,
+    key: str | None,
+    method: str,
+    path: str,
+    request_fingerprint: str,
+    ttl_s: int,
+    action: Callable[[], tuple[int, dict[str, Any]]],
+) -> tuple[int, dict[str, Any]]:
+    """``run_idempotent`` for work that opens its own transactions or calls out (an alias
+    move in MLflow, a Serve rollout): at most once per key; the response is stored right
+    after. A crash in between leaves the key in flight until its lease ends."""
+    if key is None:
+        return action()
+    claim = _claim(sessions, project_id, key, method, path, request_fingerprint, ttl_s)
+    if isinstance(claim, tuple):
+        return claim
+    try:
+        status, body = action()
+    except BaseException:
+        _release(sessions, claim)
+        raise
+    with sessions.begin() as session:
+        _keep_response(session, claim, status, body)
+    return status, body
 
 
 def _claim(
@@ -73,6 +95,8 @@ def _claim(
     ttl_s: int,
 ) -> int | tuple[int, dict[str, Any]]:
     """Insert an in-flight row and return its seq, or return the stored response."""
+    if not key or len(key) > 255 or "\x00" in key:
+        raise InvalidRequest("Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key")
     for _ in range(5):
         try:
             with sessions.begin() as session:
@@ -99,6 +123,20 @@ def _claim(
         except IntegrityError:
             continue  # another request inserted the same key first: look again
     raise IdempotencyInFlight("a request with this Idempotency-Key is in progress; retry shortly")
+
+
+def _keep_response(session: Session, claim: int, status: int, body: dict[str, Any]) -> None:
+    session.execute(
+        update(IdempotencyKey)
+        .where(IdempotencyKey.seq == claim)
+        .values(state="done", response_status=status, response_body=body)
+    )
+
+
+def _release(sessions: sessionmaker[Session], claim: int) -> None:
+    """A request that failed keeps no key: the same key may be used again."""
+    with sessions.begin() as session:
+        session.execute(delete(IdempotencyKey).where(IdempotencyKey.seq == claim))
 
 
 def _expired(row: IdempotencyKey, ttl_s: int) -> bool:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
+from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from thinkforge.platform import deployments
-from thinkforge.platform.deps import CtxDep, PrincipalDep
+from thinkforge.platform.deps import CtxDep, IdempotencyKeyDep, PrincipalDep
 from thinkforge.platform.errors import PlatformError
+from thinkforge.platform.idempotency import fingerprint, run_idempotent_action
 from thinkforge.platform.models import Deployment
 from thinkforge.platform.schemas import (
     DeploymentCreate,
@@ -28,17 +30,31 @@ NamePath = Annotated[str, Path(max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._
 
 
 @router.post("/deployments", response_model=DeploymentObject)
-def create(ctx: CtxDep, principal: PrincipalDep, body: DeploymentCreate) -> DeploymentObject:
+def create(
+    ctx: CtxDep,
+    principal: PrincipalDep,
+    body: DeploymentCreate,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> JSONResponse:
     options = body.given()
     options.pop("name"), options.pop("model")
     manager = ctx.deployments()  # 503 before anything is written when serving is off
-    with ctx.sessions.begin() as session:
-        row = deployments.create_deployment(
-            session, ctx.registry_for(principal.project_id), project_id=principal.project_id,
-            name=body.name, model=body.model, options=options,
-        )  # fmt: skip
-    _apply_now(manager)
-    return _view_by_name(ctx, principal.project_id, row.name)
+
+    def action() -> tuple[int, dict[str, Any]]:
+        with ctx.sessions.begin() as session:
+            row = deployments.create_deployment(
+                session, ctx.registry_for(principal.project_id), project_id=principal.project_id,
+                name=body.name, model=body.model, options=options,
+            )  # fmt: skip
+        _apply_now(manager)
+        return 200, _view_by_name(ctx, principal.project_id, row.name).model_dump(mode="json")
+
+    status, view = run_idempotent_action(
+        ctx.sessions, project_id=principal.project_id, key=idempotency_key, method="POST",
+        path="/v1/deployments", request_fingerprint=fingerprint(body.model_dump(mode="json")),
+        ttl_s=ctx.settings.idempotency_ttl_s, action=action,
+    )  # fmt: skip
+    return JSONResponse(view, status_code=status)
 
 
 @router.get("/deployments", response_model=ListResponse[DeploymentObject])

@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
+from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from thinkforge.platform import promotions
 from thinkforge.platform.auth import Principal
-from thinkforge.platform.deps import AfterQuery, CtxDep, LimitQuery, PrincipalDep
+from thinkforge.platform.deps import AfterQuery, CtxDep, IdempotencyKeyDep, LimitQuery, PrincipalDep
 from thinkforge.platform.errors import PermissionDenied
+from thinkforge.platform.idempotency import fingerprint, run_idempotent_action
 from thinkforge.platform.models import AuditEntry
 from thinkforge.platform.ownership import ScopedRegistry
 from thinkforge.platform.pagination import page
@@ -115,13 +117,26 @@ def rollback(
     name: NamePath,
     alias: AliasPath,
     body: AliasAction | None = None,
-) -> AliasObject:
+    idempotency_key: IdempotencyKeyDep = None,
+) -> JSONResponse:
+    """A retried rollback with its Idempotency-Key replays the first answer instead of
+    walking the alias back a second step."""
     registry = _alias_registry(ctx, principal, name)
-    move = promotions.rollback(
-        ctx.sessions, registry, actor=principal, name=name, alias=alias,
-        reason=body.reason if body else None, on_moved=ctx.on_alias_moved,
+
+    def action() -> tuple[int, dict[str, Any]]:
+        move = promotions.rollback(
+            ctx.sessions, registry, actor=principal, name=name, alias=alias,
+            reason=body.reason if body else None, on_moved=ctx.on_alias_moved,
+        )  # fmt: skip
+        return 200, _alias_view(move).model_dump(mode="json")
+
+    status, view = run_idempotent_action(
+        ctx.sessions, project_id=principal.project_id, key=idempotency_key, method="POST",
+        path=f"/v1/registry/models/{name}/aliases/{alias}/rollback",
+        request_fingerprint=fingerprint(body.model_dump(mode="json") if body else None),
+        ttl_s=ctx.settings.idempotency_ttl_s, action=action,
     )  # fmt: skip
-    return _alias_view(move)
+    return JSONResponse(view, status_code=status)
 
 
 @router.get("/audit", response_model=ListResponse[AuditObject])
