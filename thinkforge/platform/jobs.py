@@ -190,20 +190,19 @@ def list_jobs(
     return page(session, stmt, Job, after=after, limit=limit)
 
 
-def list_events(
-    session: Session, *, project_id: str, job_id: str, after: str | None, limit: int
-) -> tuple[list[JobEvent], bool]:
+def list_job_rows(
+    session: Session,
+    model: type[JobEvent] | type[Checkpoint],
+    *,
+    project_id: str,
+    job_id: str,
+    after: str | None,
+    limit: int,
+) -> tuple[list[Any], bool]:
+    """A page of one job's events or checkpoints, newest first; 404 for another's job."""
     get_job(session, project_id=project_id, job_id=job_id)
-    stmt = select(JobEvent).where(JobEvent.job_id == job_id)
-    return page(session, stmt, JobEvent, after=after, limit=limit)
-
-
-def list_checkpoints(
-    session: Session, *, project_id: str, job_id: str, after: str | None, limit: int
-) -> tuple[list[Checkpoint], bool]:
-    get_job(session, project_id=project_id, job_id=job_id)
-    stmt = select(Checkpoint).where(Checkpoint.job_id == job_id)
-    return page(session, stmt, Checkpoint, after=after, limit=limit)
+    stmt = select(model).where(model.job_id == job_id)
+    return page(session, stmt, model, after=after, limit=limit)
 
 
 def add_event(

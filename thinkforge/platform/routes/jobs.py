@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, Request
 from fastapi.responses import JSONResponse
@@ -12,6 +14,7 @@ from thinkforge.platform import jobs
 from thinkforge.platform.deps import AfterQuery, CtxDep, IdempotencyKeyDep, LimitQuery, PrincipalDep
 from thinkforge.platform.errors import InvalidRequest
 from thinkforge.platform.idempotency import fingerprint, run_idempotent
+from thinkforge.platform.models import Checkpoint, JobEvent
 from thinkforge.platform.schemas import (
     CheckpointObject,
     FineTuningJob,
@@ -129,12 +132,7 @@ def list_events(
     after: AfterQuery = None,
     limit: LimitQuery = 20,
 ) -> ListResponse[JobEventObject]:
-    with ctx.sessions() as session:
-        rows, more = jobs.list_events(
-            session, project_id=principal.project_id, job_id=job_id, after=after, limit=limit
-        )
-        data = [event_view(r) for r in rows]
-    return ListResponse.of(data, more)
+    return _job_rows(ctx, principal, job_id, JobEvent, event_view, after, limit)
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListResponse[CheckpointObject])
@@ -145,9 +143,21 @@ def list_checkpoints(
     after: AfterQuery = None,
     limit: LimitQuery = 20,
 ) -> ListResponse[CheckpointObject]:
+    return _job_rows(ctx, principal, job_id, Checkpoint, checkpoint_view, after, limit)
+
+
+def _job_rows(
+    ctx: CtxDep,
+    principal: PrincipalDep,
+    job_id: str,
+    model: type[JobEvent] | type[Checkpoint],
+    view: Callable[[Any], Any],
+    after: str | None,
+    limit: int,
+) -> ListResponse[Any]:
     with ctx.sessions() as session:
-        rows, more = jobs.list_checkpoints(
-            session, project_id=principal.project_id, job_id=job_id, after=after, limit=limit
-        )
-        data = [checkpoint_view(r) for r in rows]
-    return ListResponse.of(data, more)
+        rows, more = jobs.list_job_rows(
+            session, model, project_id=principal.project_id, job_id=job_id, after=after,
+            limit=limit,
+        )  # fmt: skip
+        return ListResponse.of([view(r) for r in rows], more)
