@@ -194,3 +194,48 @@ def test_create_is_idempotent_and_a_failed_launch_says_why(api: Api, versions: l
     row = api.client.get(f"/v1/evals/{failed}").json()
     assert row["status"] == "failed" and row["error"]["code"] == "launch_failed"
     assert "refused the job" in row["error"]["message"] and row["finished_at"] is not None
+
+
+def test_results_come_from_mlflow_when_the_run_wrote_them_on_another_node(
+    api: Api, versions: list[str]
+) -> None:
+    """Nothing in the control plane's output folder: the evaluation's MLflow run has it."""
+    from thinkforge.jobs.evaluate import (
+        EVAL_TAG,
+        BudgetSummary,
+        EvalResult,
+        QuestionResult,
+        log_to_mlflow,
+    )
+
+    deploy(api, 1)
+    body = {"deployment": "sums", "dataset": upload(api, jsonl(S1K)).json()["id"], "budgets": [{}]}
+    ev = api.client.post("/v1/evals", json=body).json()["id"]
+    reconcile(api)
+    summary = BudgetSummary(
+        budget="full", key="full", thinking={}, questions=2, correct=1, accuracy=0.5,
+        avg_thinking_tokens=7.0, avg_waits=0.0, forced_end_rate=0.0, errors=0,
+    )  # fmt: skip
+    answers = [
+        QuestionResult(budget="full", index=i, question="q", reference="4", prediction=p,
+                       correct=p == "4", thinking_tokens=7, model_version=1)
+        for i, p in enumerate(["4", "5"])
+    ]  # fmt: skip
+    result = EvalResult(
+        model="sums", base_url="http://serve/v1", dataset="d.jsonl", questions=2, duration_s=1.0,
+        budgets=[summary], results=answers, model_versions=[1],
+    )  # fmt: skip
+    run_id = log_to_mlflow(
+        result, api.settings.mlflow_tracking_uri, run_name=ev, tags={EVAL_TAG: ev},
+        artifact_location=api.settings.mlflow_artifact_root,
+    )  # fmt: skip
+    assert not (api.settings.data_dir / "evals" / ev / "results.json").exists()
+    api.launcher.set(ev, LaunchState.SUCCEEDED)
+    reconcile(api)
+    done = api.client.get(f"/v1/evals/{ev}").json()
+    assert done["status"] == "succeeded", done["error"]
+    assert done["best_accuracy"] == 0.5 and done["mlflow_run_id"] == run_id
+    assert done["budgets"][0]["avg_thinking_tokens"] == 7.0
+    assert done["model_version"] == f"{NAME}/1"
+    png = api.client.get(done["plot_url"])
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG\r\n\x1a\n")

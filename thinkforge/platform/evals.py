@@ -156,6 +156,7 @@ def _advance(
         elif status.state is LaunchState.RUNNING:
             current.status = "running"
         elif status.state is LaunchState.SUCCEEDED:
+            _fetch_from_mlflow(current, settings.mlflow_tracking_uri)
             _finish(current)
             if current.status == "succeeded" and current.mlflow_run_id is None:
                 current.mlflow_run_id = _eval_run(settings.mlflow_tracking_uri, current.id)
@@ -195,6 +196,28 @@ def _submit(
         launcher.cancel(row.id)  # cancelled while the submission was on its way
 
 
+def _fetch_from_mlflow(row: Evaluation, tracking_uri: str) -> None:
+    """When the run wrote its results on another node's disk (a cluster without shared
+    storage), take them from the evaluation's MLflow run instead."""
+    out = Path(row.output_dir)
+    if (out / RESULTS_FILE).is_file():
+        return
+    run_id = _eval_run(tracking_uri, row.id)
+    if run_id is None:
+        return
+    import mlflow.artifacts
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (RESULTS_FILE, PLOT_FILE):
+        try:
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=name, dst_path=str(out), tracking_uri=tracking_uri
+            )
+        except Exception as exc:  # a missing plot still leaves the results usable
+            log.warning("evaluation %s: %s not in MLflow run %s: %s", row.id, name, run_id, exc)
+    row.mlflow_run_id = run_id
+
+
 def _finish(row: Evaluation) -> None:
     results = Path(row.output_dir) / RESULTS_FILE
     try:
@@ -204,7 +227,7 @@ def _finish(row: Evaluation) -> None:
     else:
         row.summary = data.get("budgets", [])
         row.best_accuracy = max((b["accuracy"] for b in row.summary or []), default=0.0)
-        row.mlflow_run_id = data.get("mlflow_run_id")
+        row.mlflow_run_id = data.get("mlflow_run_id") or row.mlflow_run_id
         row.status = "succeeded"
         _record_answering_version(row, data.get("model_versions") or [])
     row.finished_at = utcnow()
