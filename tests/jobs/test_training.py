@@ -107,6 +107,8 @@ def test_mlflow_run_and_registered_version(finished_job: str, workdir: Path) -> 
     )
     manifest = json.loads((Path(local) / MANIFEST_FILE).read_text())
     assert "model.safetensors" in manifest and "trainer_state.pt" not in manifest
+    mlmodel = (Path(local) / "MLmodel").read_text()  # an MLflow pyfunc model, task llm/v1/chat
+    assert "loader_module: thinkforge.serve.pyfunc" in mlmodel and "llm/v1/chat" in mlmodel
     assert verify_manifest(local) == []
 
 

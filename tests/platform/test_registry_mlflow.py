@@ -126,7 +126,8 @@ def test_local_store_read_aliases_and_verify(local_store: tuple[str, Path], tmp_
     assert detail.metrics == {"loss": 0.5, "learning_rate": 1e-5}
     assert detail.params["recipe"] == "tiny-cpu"
     assert detail.manifest is not None
-    assert set(detail.manifest) == {"config.json", "model.safetensors", "tokenizer/tokenizer.json"}
+    files = {"config.json", "model.safetensors", "tokenizer/tokenizer.json", "MLmodel"}
+    assert set(detail.manifest) == files  # MLmodel: the pyfunc flavor, checked like the rest
     assert detail.manifest["model.safetensors"]["size"] == 4096
 
     assert registry.set_alias(NAME, "production", 1) is None

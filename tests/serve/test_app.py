@@ -282,6 +282,43 @@ def test_serves_a_registered_version_through_a_front_door(
         serve.delete("reg")
 
 
+def test_a_registered_version_is_an_mlflow_pyfunc_chat_model(
+    registry: dict[str, Any], tmp_path: Path
+) -> None:
+    """What a job registers loads with mlflow.pyfunc and answers with budget forcing."""
+    import mlflow
+    import mlflow.pyfunc
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(registry["uri"])
+    try:
+        model = mlflow.pyfunc.load_model("models:/tiny-reg@production", dst_path=str(tmp_path))
+        assert model.metadata.metadata["task"] == "llm/v1/chat"
+        ask = {"messages": [{"role": "user", "content": "Sum: 1 2"}], "max_completion_tokens": 24}
+        capped, waited = model.predict(
+            [ask | {"thinking": {"max_tokens": 3}}, ask | {"thinking": {"num_waits": 1}}]
+        )
+        for answer in (capped, waited):
+            assert answer["object"] == "chat.completion"
+            message = answer["choices"][0]["message"]
+            assert isinstance(message["content"], str) and isinstance(
+                message["reasoning_content"], str
+            )
+            usage = answer["usage"]
+            assert (
+                usage["completion_tokens_details"]["reasoning_tokens"]
+                == answer["thinking"]["tokens"]
+            )
+        assert capped["thinking"]["tokens"] <= 3
+        assert waited["thinking"]["waits_inserted"] <= 1
+        assert capped["model"] == "tiny-reg"
+        (tmp_path / "v2").mkdir()
+        with pytest.raises(ValueError, match="does not match its manifest"):
+            mlflow.pyfunc.load_model("models:/tiny-reg/2", dst_path=str(tmp_path / "v2"))
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
 def test_a_corrupted_version_never_becomes_healthy(
     cluster: str, registry: dict[str, Any], tiny_model_dir: Path
 ) -> None:

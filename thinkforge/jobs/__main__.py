@@ -191,6 +191,7 @@ def _train_and_register(
             job_id=args.job_id,
             base_model=config.model,
             dataset_sha256=sha,
+            template=config.template.value,
         )
     emit_event("registered", model_version=ref, run_id=run_id)
     return ref

@@ -179,11 +179,16 @@ def register_model(
     job_id: str,
     base_model: str,
     dataset_sha256: str,
+    template: str = "s1",
 ) -> str:
-    """Log the HF directory (and its manifest) under ``model/`` and register it: "name/N".
+    """Log the HF directory under ``model/`` as an MLflow pyfunc model (an ``MLmodel``
+    beside the files, see ``thinkforge.serve.pyfunc``) with a manifest of every file, and
+    register it: "name/N".
 
     Idempotent per run: a restarted job that already registered gets the same version.
     """
+    from thinkforge.serve.pyfunc import mlmodel_file
+
     client = _client(tracking_uri)
     for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         return f"{name}/{version.version}"
@@ -195,6 +200,12 @@ def register_model(
         sub = MODEL_ARTIFACT_PATH if rel_parent == "." else f"{MODEL_ARTIFACT_PATH}/{rel_parent}"
         client.log_artifact(run_id, str(path), artifact_path=sub)
     with tempfile.TemporaryDirectory() as tmp:
+        mlmodel = mlmodel_file(
+            Path(tmp), run_id=run_id, artifact_path=MODEL_ARTIFACT_PATH, name=name,
+            template=template,
+        )  # fmt: skip
+        manifest |= build_manifest([mlmodel], Path(tmp))
+        client.log_artifact(run_id, str(mlmodel), artifact_path=MODEL_ARTIFACT_PATH)
         manifest_path = Path(tmp) / MANIFEST_FILE
         manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         client.log_artifact(run_id, str(manifest_path), artifact_path=MODEL_ARTIFACT_PATH)
