@@ -52,3 +52,20 @@ def test_production_starts_with_real_secrets(tmp_path: Path) -> None:
         database_url="postgresql://thinkforge@db/thinkforge",
     )  # fmt: skip
     assert s.env == "production"
+
+
+@pytest.mark.parametrize("env", ["development", "production"])
+def test_browsable_api_pages_only_in_development(tmp_path: Path, env: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from tests.platform.fakes import FakeLauncher
+    from thinkforge.platform.app import create_app
+
+    s = Settings(
+        env=env, data_dir=tmp_path, secret_key=STRONG, bootstrap_api_key=STRONG,  # type: ignore[arg-type]
+        database_url="postgresql+psycopg://thinkforge@db.invalid/thinkforge",
+    )  # fmt: skip
+    client = TestClient(create_app(s, launcher=FakeLauncher()))  # no lifespan: no database
+    public = {"/docs": env == "development", "/redoc": env == "development", "/openapi.json": True}
+    for path, served in public.items():
+        assert (client.get(path).status_code == 200) is served, path

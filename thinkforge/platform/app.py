@@ -106,11 +106,16 @@ def create_app(
                 cluster.stop()
             engine.dispose()
 
+    development = settings.env == "development"
     app = FastAPI(
         title="thinkforge",
         version="0.1.0",
         description="Fine-tune reasoning models on Ray and serve them with budget forcing.",
         lifespan=lifespan,
+        # The schema stays public (clients generate from it); the browsable pages, which
+        # load scripts from a CDN, only in development.
+        docs_url="/docs" if development else None,
+        redoc_url="/redoc" if development else None,
     )
     app.state.ctx = ctx
     app.state.ready = False

@@ -62,7 +62,6 @@ class Settings(BaseSettings):
     # Limits.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     max_request_bytes: int = Field(default=1024 * 1024, ge=1)
-    max_page_size: int = Field(default=100, ge=1)
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
 
     # Background loops.
