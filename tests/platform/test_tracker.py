@@ -105,3 +105,32 @@ def test_only_complete_steps_are_recorded_while_the_job_writes(
 
 def _job(session: Session, job_id: str) -> Job:
     return session.scalars(select(Job).where(Job.id == job_id)).one()
+
+
+def test_what_tokenization_did_to_the_dataset_is_one_event(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job_id = new_id("ftjob")
+    config = SFTConfig(model="thinkforge/tiny", dataset="train.jsonl")
+    run_id = open_job_run(tracking_uri=uri, job_id=job_id, config=config, dataset_sha256="d" * 64)
+    stats = {"records": 10, "kept": 8, "overlong": 3, "truncated": 1, "dropped": 2}
+    logger = MetricLogger(uri, run_id)
+    logger.log({f"data_{k}": v for k, v in {**stats, "sequences": 8}.items()}, step=0)
+    logger.flush()
+    tracker = RunTracker(tracking_uri=uri, storage_path=str(tmp_path / "ckpt"))
+    with sessions.begin() as session:
+        session.add(
+            Job(
+                id=job_id, project_id="default", status=JobStatus.RUNNING.value, model="m",
+                training_file="f", dataset_path="/x", dataset_sha256="", seed=0,
+                config={"block_size": 128},
+            )
+        )  # fmt: skip
+    for _ in range(2):  # any number of passes: one event
+        with sessions.begin() as session:
+            tracker.sync(session, _job(session, job_id), final=False)
+    with sessions() as session:
+        (event,) = session.scalars(select(JobEvent).where(JobEvent.dedupe_key == "data"))
+    assert event.level == "warning" and event.data == {**stats, "sequences": 8, "block_size": 128}
+    assert "3 longer than block_size 128 (1 truncated, 2 dropped)" in event.message

@@ -164,6 +164,7 @@ class _Worker:
     step: int = 0
     validation: list[TokenizedExample] | None = None  # this rank's share, in file order
     validation_size: int = 0  # 0 when the set has fewer sequences than ranks: a filler share
+    data_stats: dict[str, int] | None = None  # what tokenization kept, cut and dropped
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -188,6 +189,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     marker = loop_config.get("fail_marker")
     if fail_at is not None and (checkpoint is not None or (marker and Path(marker).exists())):
         fail_at = None
+    if logger is not None and worker.data_stats is not None:
+        # Step 0 holds the dataset's figures; the control plane turns them into an event.
+        logger.log({f"data_{k}": v for k, v in worker.data_stats.items()}, step=0)
+        logger.flush()
     if rank == 0:
         emit_event("training_started", step=worker.step, **asdict(worker.plan))
     _train(worker, logger, fail_at, marker)
@@ -243,6 +248,7 @@ def _build_worker(
     sampler = EpochSampler(len(examples), rank=rank, world_size=world, seed=cfg.seed)
     loader = _loader(examples, sampler, hp.micro_batch_size, tokenizer.pad_token_id, cfg.packing)
     worker = _Worker(
+        data_stats=stats.as_dict(),
         cfg=cfg,
         rank=rank,
         model=model,

@@ -57,6 +57,7 @@ class RunTracker:
             log.info("job %s: no MLflow run yet", job.id)
             return
         job.mlflow_run_id = run.info.run_id
+        _sync_data_stats(session, job, dict(run.data.metrics))
         self._sync_metrics(session, job, run.info.run_id, final=final)
         if final:
             self._sync_result(session, job, run)
@@ -131,6 +132,30 @@ class RunTracker:
         tokens = run.data.metrics.get("trained_tokens")
         if tokens is not None:
             job.trained_tokens = int(tokens)
+
+
+def _sync_data_stats(session: Session, job: Job, metrics: dict[str, float]) -> None:
+    """One event with what tokenization did to the dataset: examples longer than the
+    block size are said out loud (s1: truncating its traces cost 20 AIME points)."""
+    stats = {k.removeprefix("data_"): int(v) for k, v in metrics.items() if k.startswith("data_")}
+    if "records" not in stats:
+        return
+    block = job.config.get("block_size")
+    message = (
+        f"Dataset: {stats.get('kept', 0)} of {stats['records']} examples kept, "
+        f"{stats.get('sequences', 0)} training sequences, {stats.get('trained_tokens', 0)} "
+        "trained tokens"
+    )
+    overlong = stats.get("overlong", 0)
+    if overlong:
+        message += (
+            f"; {overlong} longer than block_size {block} ({stats.get('truncated', 0)} "
+            f"truncated, {stats.get('dropped', 0)} dropped)"
+        )
+    add_event(
+        session, job.id, message, level="warning" if overlong else "info",
+        data={**stats, "block_size": block}, dedupe_key="data",
+    )  # fmt: skip
 
 
 def mirror_version(
