@@ -68,7 +68,9 @@ def train(args: argparse.Namespace, work: Path, train_rows: list[dict[str, Any]]
     from thinkforge.jobs.tiny import resolve_base_model
 
     dataset = write_records(work / "train.jsonl", train_rows)
-    cfg = SFTConfig.from_yaml(args.recipe, overrides=[f"dataset={dataset}", *args.overrides])
+    # 8 epochs (tiny-cpu's own 2 are its one-minute run); given overrides come after.
+    overrides = [f"dataset={dataset}", "hyperparameters.n_epochs=8", *args.overrides]
+    cfg = SFTConfig.from_yaml(args.recipe, overrides=overrides)
     model_path = resolve_base_model(cfg.model, work / "data")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     started = time.perf_counter()
