@@ -9,7 +9,6 @@ thinkforge jobs events ftjob-… --follow
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -350,7 +349,7 @@ def deploy(
             if exc.status_code != 409:
                 raise
             update = {k: v for k, v in body.items() if k != "name"}
-            dep = tf.request("PATCH", f"/v1/deployments/{name}", json=update)
+            dep = tf.update_deployment(name, update)
         if wait:
             dep = tf.wait_for_deployment(name)
         _print(dep)
@@ -377,11 +376,9 @@ def eval_(
         if not dataset.startswith("file-") and Path(dataset).is_file():
             dataset = tf.upload_file(dataset)["id"]
         body = {"deployment": deployment, "dataset": dataset, "budgets": budgets, "limit": limit}
-        ev = tf.request("POST", "/v1/evals", json={k: v for k, v in body.items() if v is not None})
+        ev = tf.create_eval({k: v for k, v in body.items() if v is not None})
         with console.status(f"evaluation {ev['id']}"):
-            while ev["status"] not in ("succeeded", "failed", "cancelled"):
-                time.sleep(2)
-                ev = tf.request("GET", f"/v1/evals/{ev['id']}")
+            ev = tf.wait_for_eval(ev["id"])
         if ev["status"] != "succeeded":
             err_console.print(f"[red]evaluation {ev['status']}: {ev.get('error')}[/red]")
             raise SystemExit(1)

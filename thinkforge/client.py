@@ -77,6 +77,12 @@ class Client:
     def list_files(self, **params: Any) -> dict[str, Any]:
         return self.request("GET", "/v1/files", params=params)  # type: ignore[no-any-return]
 
+    def get_file(self, file_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/files/{file_id}")  # type: ignore[no-any-return]
+
+    def delete_file(self, file_id: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/v1/files/{file_id}")  # type: ignore[no-any-return]
+
     # ---- jobs
     def create_job(
         self, body: dict[str, Any], idempotency_key: str | None = None
@@ -122,9 +128,19 @@ class Client:
         path = f"/v1/registry/models/{name}/aliases/{alias}/rollback"
         return self.request("POST", path, json={"reason": reason})  # type: ignore[no-any-return]
 
+    def delete_alias(self, name: str, alias: str) -> dict[str, Any]:
+        path = f"/v1/registry/models/{name}/aliases/{alias}"
+        return self.request("DELETE", path)  # type: ignore[no-any-return]
+
+    def list_audit(self, **params: Any) -> dict[str, Any]:
+        return self.request("GET", "/v1/audit", params=params)  # type: ignore[no-any-return]
+
     # ---- deployments
     def create_deployment(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", "/v1/deployments", json=body)  # type: ignore[no-any-return]
+
+    def update_deployment(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("PATCH", f"/v1/deployments/{name}", json=body)  # type: ignore[no-any-return]
 
     def get_deployment(self, name: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/deployments/{name}")  # type: ignore[no-any-return]
@@ -143,6 +159,28 @@ class Client:
 
     def cancel_eval(self, eval_id: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/evals/{eval_id}/cancel")  # type: ignore[no-any-return]
+
+    def list_evals(self, **params: Any) -> dict[str, Any]:
+        return self.request("GET", "/v1/evals", params=params)  # type: ignore[no-any-return]
+
+    def eval_plot(self, eval_id: str) -> bytes:
+        """The scaling plot (PNG) of a succeeded evaluation."""
+        resp = self.http.get(f"/v1/evals/{eval_id}/plot.png")
+        if resp.status_code >= 400:
+            self.request("GET", f"/v1/evals/{eval_id}/plot.png")  # raises the APIError
+        return resp.content
+
+    def wait_for_eval(
+        self, eval_id: str, timeout_s: float = 3600, poll_s: float = 2.0
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ev = self.get_eval(eval_id)
+            if ev["status"] in TERMINAL:
+                return ev
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"evaluation {eval_id} still {ev['status']} after {timeout_s}s")
+            time.sleep(poll_s)
 
     def wait_for_deployment(self, name: str, timeout_s: float = 600) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s

@@ -190,19 +190,15 @@ def show_answer(a: dict[str, Any]) -> None:
 
 def evaluate(tf: Client, deployment: str, file_id: str, n_eval: int) -> dict[str, Any]:
     budgets = [*SWEEP, WAITS]
-    ev = tf.request(
-        "POST", "/v1/evals",
-        json={"deployment": deployment, "dataset": file_id, "budgets": budgets, "limit": n_eval,
-              "max_completion_tokens": 96, "concurrency": 16},
+    ev = tf.create_eval(
+        {"deployment": deployment, "dataset": file_id, "budgets": budgets, "limit": n_eval,
+         "max_completion_tokens": 96, "concurrency": 16},
     )  # fmt: skip
     console.print(
         f"  evaluation [bold]{ev['id']}[/bold]: {n_eval} questions x {len(budgets)} budgets"
     )
     with console.status("  evaluating..."):
-        while ev["status"] not in ("succeeded", "failed", "cancelled"):
-            time.sleep(2)
-            ev = tf.request("GET", f"/v1/evals/{ev['id']}")
-    return dict(ev)
+        return tf.wait_for_eval(ev["id"])
 
 
 def run(args: argparse.Namespace) -> DemoResult:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,11 @@ import httpx
 from typer.testing import CliRunner
 
 from tests.conftest import free_port
+from tests.platform.conftest import BOOTSTRAP_KEY, Api
 from tests.platform.data import S1K, jsonl
+from tests.platform.test_api_evals import finish
+from tests.platform.test_api_evals import reconcile as reconcile_evals_now
+from tests.platform.test_registry_mlflow import NAME
 from thinkforge.cli import app, job_request
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -101,3 +106,55 @@ def test_job_request_from_recipe_and_overrides(tmp_path: Path) -> None:
         "recipe": "r",
         "config": {"block_size": 512, "template": "r1"},
     }
+
+
+def test_models_deploy_and_eval_commands(api: Api, versions: list[str], tmp_path: Path) -> None:
+    """The registry, deployment and evaluation commands against a live API (fake Ray)."""
+    env = {"THINKFORGE_API_URL": api.url, "THINKFORGE_API_KEY": BOOTSTRAP_KEY, "COLUMNS": "200"}
+    runner = CliRunner()
+
+    def cli(*args: str) -> str:
+        result = runner.invoke(app, list(args), env=env)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    assert NAME in cli("models", "list")
+    shown = json.loads(cli("models", "show", f"{NAME}/1"))
+    assert shown["version"] == 1 and "config.json" in shown["manifest"]
+    cli("models", "promote", NAME, "1", "--reason", "first")
+    cli("models", "promote", NAME, "2")
+    cli("models", "rollback", NAME, "--reason", "regression")
+    model = api.client.get(f"/v1/registry/models/{NAME}").json()
+    assert model["aliases"] == {"production": 1}
+    audit = api.client.get("/v1/audit", params={"target": f"{NAME}@production"}).json()["data"]
+    assert (audit[0]["action"], audit[0]["reason"]) == ("rollback", "regression")  # newest first
+
+    deployed = json.loads(
+        cli("deploy", "sums", "--model", f"{NAME}@production", "--max-thinking", "64")
+    )
+    assert deployed["status"] == "running" and deployed["served_version"] == f"{NAME}/1"
+    again = json.loads(cli("deploy", "sums", "--model", f"{NAME}/2", "--no-wait"))
+    assert again["model"] == f"{NAME}/2"  # an existing name is updated
+    thinking = api.client.get("/v1/deployments/sums").json()["config"]["default_thinking"]
+    assert thinking["max_tokens"] == 64  # kept through the update
+
+    questions = tmp_path / "heldout.jsonl"
+    questions.write_bytes(jsonl(S1K))
+
+    def finish_when_created() -> None:
+        deadline = time.monotonic() + 30
+        while not (listed := api.client.get("/v1/evals").json()["data"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        reconcile_evals_now(api)
+        finish(api, listed[0]["id"], 0.5)
+
+    helper = threading.Thread(target=finish_when_created)
+    helper.start()
+    out = cli(
+        "eval", "sums", "--dataset", str(questions), "--max-thinking", "0,full", "--limit", "2"
+    )
+    helper.join()
+    assert "full" in out and "50.0%" in out
+    (ev,) = api.client.get("/v1/evals").json()["data"]
+    assert [b["max_tokens"] for b in ev["config"]["budgets"]] == [0, None]  # 0, then full
