@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -136,3 +137,43 @@ def test_concurrent_promotions_of_one_alias(api: Api, versions: list[str]) -> No
     assert chain[0] == (None, "1") and len(chain) == 3
     # Each move starts where the one before it ended: the two ran one after the other.
     assert chain[1][0] == "1" and chain[2][0] == chain[1][1] and chain[2][1] == str(final)
+
+
+def test_the_reconciler_mirrors_versions_registered_outside_jobs(
+    api: Api, versions: list[str]
+) -> None:
+    """The three versions were registered straight into MLflow: no job mirrored them."""
+    from sqlalchemy import select
+
+    from thinkforge.platform.models import ModelVersion
+    from thinkforge.platform.tracker import MirrorRefresher
+
+    ctx = api.app.state.ctx  # type: ignore[attr-defined]
+    reads: list[tuple[str, int]] = []
+
+    class Counting:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def get_version(self, name: str, version: int) -> Any:
+            reads.append((name, version))
+            return self.inner.get_version(name, version)
+
+    registry = Counting(ctx.registry())
+    refresh = MirrorRefresher(ctx.sessions, lambda: registry, every_s=0)
+    refresh()
+    with ctx.sessions() as session:
+        rows = session.scalars(select(ModelVersion).order_by(ModelVersion.version)).all()
+        mirrored = [(r.name, r.version, r.job_id, r.status, r.recipe) for r in rows]
+        assert all(r.manifest and "config.json" in r.manifest for r in rows)
+    assert mirrored == [(NAME, v, f"ftjob-{v}", "READY", "tiny-cpu") for v in (1, 2, 3)]
+    assert sorted(reads) == [(NAME, 1), (NAME, 2), (NAME, 3)]
+    refresh()  # nothing changed in MLflow: nothing is read again
+    assert len(reads) == 3
+    later = MirrorRefresher(ctx.sessions, lambda: registry, every_s=3600)
+    later()
+    later()  # the first pass lists (nothing new); the second, within its interval, skips
+    assert len(reads) == 3

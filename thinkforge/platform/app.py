@@ -32,7 +32,7 @@ from thinkforge.platform.routes import deployments, evals, files, jobs, registry
 from thinkforge.platform.schemas import Health
 from thinkforge.platform.serving import RayServeClient, ServeClient
 from thinkforge.platform.settings import Settings
-from thinkforge.platform.tracker import RunTracker
+from thinkforge.platform.tracker import MirrorRefresher, RunTracker
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ def create_app(
             interval_s=settings.reconcile_interval_s,
             tasks=[
                 lambda: reconcile_evals(ctx.sessions, ctx.launcher, settings),
+                MirrorRefresher(ctx.sessions, ctx.registry),
                 *([lambda: ctx.deployments().reconcile()] if serve is not None else []),
             ],
         )

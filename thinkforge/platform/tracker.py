@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.jobs.checkpoints import list_checkpoints
 from thinkforge.platform.jobs import add_event
@@ -181,3 +183,61 @@ def mirror_version(
     row.status = detail.status.value
     row.source = detail.source
     return row
+
+
+class MirrorRefresher:
+    """A reconciler task that keeps the lineage mirror in step with MLflow, the registry of
+    record: versions registered outside a job (an operator's) and versions whose status
+    changed are (re)copied. Jobs mirror their own version as they end; this pass, at most
+    every ``every_s`` seconds, catches the rest.
+
+        tasks=[MirrorRefresher(ctx.sessions, ctx.registry)]
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        registry: Callable[[], ModelRegistry],
+        *,
+        every_s: float = 30.0,
+    ) -> None:
+        self._sessions = sessions
+        self._registry = registry
+        self._every = every_s
+        self._last = float("-inf")
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self._last < self._every:
+            return
+        self._last = now
+        registry = self._registry()
+        columns = select(ModelVersion.name, ModelVersion.version, ModelVersion.status)
+        with self._sessions() as session:
+            known = {(name, version): status for name, version, status in session.execute(columns)}
+        for name, version, status in _all_versions(registry):
+            if known.get((name, version)) == status:
+                continue
+            try:
+                with self._sessions.begin() as session:
+                    mirror_version(session, registry, name, version)
+            except Exception:  # one unreadable version must not stop the others
+                log.exception("mirroring %s/%s failed; retried on a later pass", name, version)
+
+
+def _all_versions(registry: ModelRegistry) -> list[tuple[str, int, str]]:
+    found = []
+    token = None
+    while True:
+        models = registry.list_models(max_results=100, page_token=token)
+        for model in models.items:
+            vtoken = None
+            while True:
+                page = registry.list_versions(model.name, max_results=200, page_token=vtoken)
+                found += [(v.name, v.version, v.status.value) for v in page.items]
+                vtoken = page.next_page_token
+                if vtoken is None:
+                    break
+        token = models.next_page_token
+        if token is None:
+            return found
