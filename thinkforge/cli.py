@@ -357,7 +357,9 @@ def deploy(
 
 @app.command("eval")
 def eval_(
-    deployment: str,
+    target: Annotated[
+        str, typer.Argument(help="a deployment, or a registry version (NAME/N, NAME@ALIAS)")
+    ],
     dataset: Annotated[str, typer.Option(help="file id, dataset path, or a local file to upload")],
     max_thinking: Annotated[
         str, typer.Option(help="comma-separated max thinking tokens; 'full' for no cap")
@@ -367,7 +369,8 @@ def eval_(
     api_url: ApiUrl = None,
     api_key: ApiKey = None,
 ) -> None:
-    """Sweep thinking budgets over a deployment; prints accuracy per budget."""
+    """Sweep thinking budgets over a deployment or a registry version; prints accuracy per
+    budget. A version is loaded by the evaluation job itself: no deployment needed."""
     budgets: list[dict[str, Any]] = [
         {} if b.strip() == "full" else {"max_tokens": int(b)} for b in max_thinking.split(",") if b
     ]
@@ -375,7 +378,8 @@ def eval_(
     with Client(api_url, api_key) as tf:
         if not dataset.startswith("file-") and Path(dataset).is_file():
             dataset = tf.upload_file(dataset)["id"]
-        body = {"deployment": deployment, "dataset": dataset, "budgets": budgets, "limit": limit}
+        kind = "model" if "/" in target or "@" in target else "deployment"
+        body = {kind: target, "dataset": dataset, "budgets": budgets, "limit": limit}
         ev = tf.create_eval({k: v for k, v in body.items() if v is not None})
         with console.status(f"evaluation {ev['id']}"):
             ev = tf.wait_for_eval(ev["id"])

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from tests.conftest import free_port
 from tests.serve.conftest import save_tiny_model
@@ -96,8 +97,12 @@ def test_entrypoint_rejects_a_bad_config_in_one_line(tmp_path: Path) -> None:
     assert (
         proc.stderr.strip()
         .splitlines()[-1]
-        .startswith("thinkforge job error: invalid --config-json: ('base_url',): Field required")
+        .startswith("thinkforge job error: invalid --config-json: ('model',): Field required")
     )
+    with pytest.raises(ValidationError, match="exactly one of base_url"):
+        EvalConfig(dataset="d", model="m")
+    with pytest.raises(ValidationError, match="exactly one of base_url"):
+        EvalConfig(dataset="d", model="m", base_url="u", model_uri="models:/m/1")
 
 
 def test_evaluate_never_imports_the_control_plane() -> None:
@@ -280,3 +285,34 @@ def test_entrypoint_writes_results_plot_and_events(
     assert result.questions == 3 and result.budgets[0].accuracy == pytest.approx(2 / 3)
     assert result.mlflow_run_id == finished["mlflow_run_id"]
     assert (tmp_path / "out" / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_a_registry_version_is_evaluated_in_process(
+    dataset: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    """No deployment: the version loads through its pyfunc flavor in the evaluating process."""
+    from mlflow.tracking import MlflowClient
+
+    from thinkforge.jobs.tracking import register_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("eval", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment).info.run_id
+    ref = register_model(
+        tracking_uri=uri, run_id=run_id, model_dir=model_dir, name="tiny-eval", job_id="j",
+        base_model="thinkforge/tiny", dataset_sha256="0" * 64,
+    )  # fmt: skip
+    assert ref == "tiny-eval/1"
+    config = {
+        "dataset": str(dataset), "model": "tiny-eval", "model_uri": "models:/tiny-eval/1",
+        "tracking_uri": uri, "budgets": BUDGETS[:2], "max_completion_tokens": 24, "limit": 3,
+    }  # fmt: skip
+    result = run_eval(EvalConfig.model_validate(config))
+    assert result.model_versions == [1] and result.base_url == "models:/tiny-eval/1"
+    assert len(result.results) == 6 and all(r.error is None for r in result.results)
+    zero, three = result.budgets
+    assert zero.avg_thinking_tokens == 0 and zero.forced_end_rate == 1
+    assert all(r.content.startswith(PREFIX) for r in result.results if r.forced_end)
+    assert all(r.thinking_tokens <= 3 for r in result.results if r.budget == three.budget)

@@ -239,3 +239,37 @@ def test_results_come_from_mlflow_when_the_run_wrote_them_on_another_node(
     assert done["model_version"] == f"{NAME}/1"
     png = api.client.get(done["plot_url"])
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_a_registry_version_is_evaluated_without_a_deployment(
+    api: Api, versions: list[str]
+) -> None:
+    api.settings.promotion_requires_eval = True
+    api.settings.promotion_min_accuracy = 0.8
+    try:
+        file_id = upload(api, jsonl(S1K)).json()["id"]
+        body = {"model": f"{NAME}/2", "dataset": file_id, "budgets": [{"max_tokens": 4}, {}]}
+        resp = api.client.post("/v1/evals", json=body)
+        assert resp.status_code == 200, resp.text
+        ev = resp.json()
+        assert ev["deployment"] is None and ev["model_version"] == f"{NAME}/2"
+        assert ev["config"]["model_uri"] == f"models:/{NAME}/2" and ev["config"]["base_url"] is None
+        assert ev["config"]["tracking_uri"] == api.settings.mlflow_tracking_uri
+        reconcile(api)
+        (spec,) = [s for s in api.launcher.submissions if s.job_id == ev["id"]]
+        assert spec.module == "thinkforge.jobs.evaluate"
+        finish(api, ev["id"], 0.9, answered_by=[2])
+        done = api.client.get(f"/v1/evals/{ev['id']}").json()
+        assert done["status"] == "succeeded" and done["model_version"] == f"{NAME}/2"
+        put = api.client.put(f"/v1/registry/models/{NAME}/aliases/production", json={"version": 2})
+        assert put.status_code == 200, put.text  # the version's own evaluation counts
+
+        both = {**body, "deployment": "sums"}
+        assert_error(api.client.post("/v1/evals", json=both), 400)
+        neither = {k: v for k, v in body.items() if k != "model"}
+        assert_error(api.client.post("/v1/evals", json=neither), 400)
+        missing = {**body, "model": "no-such-model/1"}
+        assert_error(api.client.post("/v1/evals", json=missing), 404, "model")
+        assert len(api.client.get("/v1/evals").json()["data"]) == 1
+    finally:
+        api.settings.promotion_requires_eval = False

@@ -25,6 +25,7 @@ last assistant turn holds the reference answer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -99,7 +100,16 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(min_length=1, description="JSONL of questions with reference answers")
-    base_url: str = Field(min_length=1, description="OpenAI-compatible base URL, .../v1")
+    base_url: str | None = Field(
+        default=None, min_length=1, description="OpenAI-compatible base URL, .../v1"
+    )
+    model_uri: str | None = Field(
+        default=None,
+        pattern=r"^models:/",
+        description="instead of base_url: a registry version, loaded in this process "
+        "(thinkforge.serve.pyfunc: the same engine and budget forcing as Serve)",
+    )
+    tracking_uri: str | None = Field(default=None, description="MLflow, for model_uri")
     model: str = Field(min_length=1, description="the request's model name")
     api_key: str | None = Field(default=None, description="bearer key, if the endpoint wants one")
     budgets: list[BudgetPoint] = Field(default_factory=lambda: [BudgetPoint()], min_length=1)
@@ -110,6 +120,12 @@ class EvalConfig(BaseModel):
     seed: int = Field(default=0, ge=0, description="sent as each request's sampling seed")
     request_timeout_s: float = Field(default=300, gt=0)
     max_retries: int = Field(default=2, ge=0, le=10)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> EvalConfig:
+        if (self.base_url is None) == (self.model_uri is None):
+            raise ValueError("give exactly one of base_url (a deployment) and model_uri")
+        return self
 
     @model_validator(mode="after")
     def _distinct_budgets(self) -> EvalConfig:
@@ -226,50 +242,80 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[Question]
 # ---------------------------------------------------------------- running
 
 
-def _ask(client: Any, cfg: EvalConfig, point: BudgetPoint, q: Question) -> QuestionResult:
-    import openai
+Asker = Callable[[dict[str, Any]], tuple[dict[str, Any], int | None]]
 
+
+def _ask(ask: Asker, cfg: EvalConfig, point: BudgetPoint, q: Question) -> QuestionResult:
     out = QuestionResult(
         budget=point.label, index=q.index, question=q.question, reference=q.reference
     )
+    request = {
+        "messages": q.messages,
+        "temperature": cfg.temperature,
+        "max_completion_tokens": cfg.max_completion_tokens,
+        "seed": cfg.seed,
+        "thinking": point.thinking(),
+    }
     started = time.perf_counter()
     try:
-        raw = client.chat.completions.with_raw_response.create(
-            model=cfg.model,
-            messages=q.messages,
-            temperature=cfg.temperature,
-            max_completion_tokens=cfg.max_completion_tokens,
-            seed=cfg.seed,
-            extra_body={"thinking": point.thinking()},
-        )
-        body = raw.parse()
-    except openai.APIError as exc:
+        body, out.model_version = ask(request)
+    except Exception as exc:  # an endpoint error or a rejected request: recorded, not fatal
         out.error = f"{type(exc).__name__}: {exc}"
         return out
     out.latency_s = time.perf_counter() - started
-    version = raw.headers.get(VERSION_HEADER, "")
-    out.model_version = int(version) if version.isdigit() else None
-    choice = body.choices[0]
-    out.content = choice.message.content or ""
-    out.reasoning = (choice.message.model_extra or {}).get("reasoning_content") or ""
-    out.finish_reason = choice.finish_reason
+    choice = body["choices"][0]
+    out.content = choice["message"].get("content") or ""
+    out.reasoning = choice["message"].get("reasoning_content") or ""
+    out.finish_reason = choice.get("finish_reason")
     out.prediction = extract_answer(out.content)
     out.correct = is_correct(out.content, q.reference)
     _read_thinking(body, out)
     return out
 
 
-def _read_thinking(body: Any, out: QuestionResult) -> None:
+def _http_asker(client: Any, cfg: EvalConfig) -> Asker:
+    """Through an OpenAI-compatible endpoint (a Serve deployment)."""
+
+    def ask(request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        thinking = request.pop("thinking")
+        raw = client.chat.completions.with_raw_response.create(
+            model=cfg.model, **request, extra_body={"thinking": thinking}
+        )
+        version = raw.headers.get(VERSION_HEADER, "")
+        return raw.parse().model_dump(), int(version) if version.isdigit() else None
+
+    return ask
+
+
+def _local_asker(cfg: EvalConfig) -> Asker:
+    """A registry version in this process, through its pyfunc flavor."""
+    import mlflow.pyfunc
+
+    assert cfg.model_uri is not None
+    if cfg.tracking_uri:
+        mlflow.set_tracking_uri(cfg.tracking_uri)
+    model = mlflow.pyfunc.load_model(cfg.model_uri)
+    version = cfg.model_uri.rpartition("/")[2]
+
+    def ask(request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        (answer,) = model.predict([request])
+        return answer, int(version) if version.isdigit() else None
+
+    return ask
+
+
+def _read_thinking(body: dict[str, Any], out: QuestionResult) -> None:
     """thinkforge's ``thinking`` summary, else OpenAI's usage reasoning_tokens."""
-    usage = body.usage
-    out.completion_tokens = usage.completion_tokens if usage else 0
-    summary = (body.model_extra or {}).get("thinking")
+    usage = body.get("usage") or {}
+    out.completion_tokens = usage.get("completion_tokens") or 0
+    summary = body.get("thinking")
     if isinstance(summary, dict):
         out.thinking_tokens = int(summary.get("tokens", 0))
         out.waits = int(summary.get("waits_inserted", 0))
         out.forced_end = bool(summary.get("forced_end", False))
-    elif usage is not None and usage.completion_tokens_details is not None:
-        out.thinking_tokens = usage.completion_tokens_details.reasoning_tokens or 0
+    else:
+        details = usage.get("completion_tokens_details") or {}
+        out.thinking_tokens = details.get("reasoning_tokens") or 0
 
 
 def summarize(point: BudgetPoint, results: Sequence[QuestionResult]) -> BudgetSummary:
@@ -294,17 +340,22 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None) -> EvalRes
     import openai
 
     questions = load_questions(config.dataset, config.limit)
-    client = openai.OpenAI(
-        base_url=config.base_url,
-        api_key=config.api_key or "unused",
-        timeout=config.request_timeout_s,
-        max_retries=config.max_retries,
-    )
+    done_with: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if config.base_url is not None:
+        client = openai.OpenAI(
+            base_url=config.base_url,
+            api_key=config.api_key or "unused",
+            timeout=config.request_timeout_s,
+            max_retries=config.max_retries,
+        )
+        ask, workers, done_with = _http_asker(client, config), config.concurrency, client
+    else:  # one engine in this process: questions one after another
+        ask, workers = _local_asker(config), 1
     started = time.perf_counter()
     jobs = [(p, q) for p in config.budgets for q in questions]
     by_label: dict[str, list[QuestionResult]] = {p.label: [] for p in config.budgets}
-    with client, ThreadPoolExecutor(config.concurrency, thread_name_prefix="eval") as pool:
-        futures = [pool.submit(_ask, client, config, p, q) for p, q in jobs]
+    with done_with, ThreadPoolExecutor(workers, thread_name_prefix="eval") as pool:
+        futures = [pool.submit(_ask, ask, config, p, q) for p, q in jobs]
         for done, future in enumerate(as_completed(futures), start=1):
             result = future.result()
             by_label[result.budget].append(result)
@@ -313,7 +364,7 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None) -> EvalRes
     results = [r for p in config.budgets for r in sorted(by_label[p.label], key=_index)]
     return EvalResult(
         model=config.model,
-        base_url=config.base_url,
+        base_url=config.base_url or config.model_uri or "",
         dataset=config.dataset,
         questions=len(questions),
         duration_s=time.perf_counter() - started,

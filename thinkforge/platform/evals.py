@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,17 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def create_eval(
-    session: Session, settings: Settings, *, project_id: str, spec: EvalCreate
+    session: Session,
+    settings: Settings,
+    *,
+    project_id: str,
+    spec: EvalCreate,
+    version: tuple[str, int] | None = None,
 ) -> Evaluation:
-    deployment = get_deployment(session, project_id=project_id, name=spec.deployment)
+    """An evaluation of a deployment (asked through the front door) or of a registry
+    version (``spec.model``, resolved by the caller to ``version`` through its view of the
+    registry; the job loads it in-process)."""
+    target = _target(session, settings, project_id, spec, version)
     if spec.dataset.startswith("file-"):
         try:
             dataset = get_file(session, project_id=project_id, file_id=spec.dataset).path
@@ -62,8 +71,7 @@ def create_eval(
         config = EvalConfig.model_validate(
             {
                 "dataset": dataset,
-                "base_url": settings.serve_url,
-                "model": deployment.name,
+                **target.config,
                 "budgets": [b.model_dump(exclude_none=True) for b in spec.budgets],
                 "max_completion_tokens": spec.max_completion_tokens,
                 "concurrency": spec.concurrency,
@@ -75,13 +83,42 @@ def create_eval(
         loc, msg = first_error_location(exc)
         raise InvalidRequest(f"{loc}: {msg}") from None
     row = Evaluation(
-        id=eval_id, project_id=project_id, status="queued", deployment=deployment.name,
-        model_version=deployment.served_version, config=config.model_dump(mode="json"),
+        id=eval_id, project_id=project_id, status="queued", deployment=target.deployment,
+        model_version=target.version, config=config.model_dump(mode="json"),
         output_dir=str(settings.data_dir / "evals" / eval_id),
     )  # fmt: skip
     session.add(row)
     session.flush()
     return row
+
+
+@dataclass(frozen=True)
+class _Target:
+    deployment: str | None
+    version: str | None  # name/version
+    config: dict[str, Any]  # EvalConfig's fields saying whom to ask
+
+
+def _target(
+    session: Session,
+    settings: Settings,
+    project_id: str,
+    spec: EvalCreate,
+    version: tuple[str, int] | None,
+) -> _Target:
+    if spec.deployment is not None:
+        deployment = get_deployment(session, project_id=project_id, name=spec.deployment)
+        config = {"base_url": settings.serve_url, "model": deployment.name}
+        return _Target(deployment.name, deployment.served_version, config)
+    if version is None:
+        raise InvalidRequest("give a deployment or a registry version", param="model")
+    name, number = version
+    config = {
+        "model_uri": f"models:/{name}/{number}",
+        "tracking_uri": settings.mlflow_tracking_uri,
+        "model": name,
+    }
+    return _Target(None, f"{name}/{number}", config)
 
 
 def get_eval(session: Session, *, project_id: str, eval_id: str, lock: bool = False) -> Evaluation:

@@ -220,7 +220,7 @@ class Evaluation(Base):
     id: Mapped[str] = mapped_column(String(40), unique=True)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     status: Mapped[str] = mapped_column(String(32), index=True)
-    deployment: Mapped[str] = mapped_column(String(128))
+    deployment: Mapped[str | None] = mapped_column(String(128), default=None)
     model_version: Mapped[str | None] = mapped_column(String(300), default=None, index=True)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     output_dir: Mapped[str] = mapped_column(Text)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from thinkforge.jobs.config import Hyperparameters, Resources
 
@@ -319,7 +326,14 @@ class BudgetPointIn(BaseModel):
 class EvalCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    deployment: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+    deployment: Annotated[
+        str | None, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    ] = Field(default=None, description="a deployment to ask through the Serve front door")
+    model: Annotated[SafeStr | None, StringConstraints(min_length=1, max_length=300)] = Field(
+        default=None,
+        description="or a registry version (NAME/VERSION or NAME@ALIAS), loaded by the "
+        "evaluation job itself: no deployment needed",
+    )
     dataset: Annotated[SafeStr, StringConstraints(min_length=1, max_length=2048)] = Field(
         description="a file id, or a JSONL path under a dataset root: questions with answers"
     )
@@ -329,12 +343,18 @@ class EvalCreate(BaseModel):
     limit: int | None = Field(default=None, ge=1, le=100_000)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
+    @model_validator(mode="after")
+    def _one_target(self) -> EvalCreate:
+        if (self.deployment is None) == (self.model is None):
+            raise ValueError("give exactly one of deployment and model (a registry version)")
+        return self
+
 
 class EvalObject(BaseModel):
     id: str
     object: Literal["evaluation"] = "evaluation"
     status: str
-    deployment: str
+    deployment: str | None  # None: a registry version evaluated in the job (model_version)
     model_version: str | None
     budgets: list[dict[str, Any]] | None
     best_accuracy: float | None

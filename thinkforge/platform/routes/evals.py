@@ -36,8 +36,13 @@ def create(
     background: BackgroundTasks,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> JSONResponse:
+    # Resolved before the transaction: the registry's project check reads the database too.
+    version = ctx.registry_for(principal.project_id).resolve(body.model) if body.model else None
+
     def handler(session):  # type: ignore[no-untyped-def]
-        row = evals.create_eval(session, ctx.settings, project_id=principal.project_id, spec=body)
+        row = evals.create_eval(
+            session, ctx.settings, project_id=principal.project_id, spec=body, version=version
+        )
         return 200, _view(row).model_dump(mode="json")
 
     status, view = run_idempotent(

@@ -103,7 +103,7 @@ def upgrade() -> None:
         sa.Column("id", sa.String(length=40), nullable=False),
         sa.Column("project_id", sa.String(length=64), nullable=False),
         sa.Column("status", sa.String(length=32), nullable=False),
-        sa.Column("deployment", sa.String(length=128), nullable=False),
+        sa.Column("deployment", sa.String(length=128), nullable=True),
         sa.Column("model_version", sa.String(length=300), nullable=True),
         sa.Column("config", sa.JSON(), nullable=False),
         sa.Column("output_dir", sa.Text(), nullable=False),
