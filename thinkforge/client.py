@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +58,7 @@ class Client:
             headers.setdefault("Idempotency-Key", str(uuid.uuid4()))
             kwargs["headers"] = headers
         resp = self.http.request(method, path, **kwargs)
-        if resp.status_code >= 400:
-            try:
-                error = resp.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                error = {"message": resp.text, "type": "http_error", "param": None, "code": None}
-            raise APIError(resp.status_code, error)
+        _raise_for_error(resp)
         return resp.json()
 
     # ---- files
@@ -166,21 +161,13 @@ class Client:
     def eval_plot(self, eval_id: str) -> bytes:
         """The scaling plot (PNG) of a succeeded evaluation."""
         resp = self.http.get(f"/v1/evals/{eval_id}/plot.png")
-        if resp.status_code >= 400:
-            self.request("GET", f"/v1/evals/{eval_id}/plot.png")  # raises the APIError
+        _raise_for_error(resp)
         return resp.content
 
     def wait_for_eval(
         self, eval_id: str, timeout_s: float = 3600, poll_s: float = 2.0
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            ev = self.get_eval(eval_id)
-            if ev["status"] in TERMINAL:
-                return ev
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"evaluation {eval_id} still {ev['status']} after {timeout_s}s")
-            time.sleep(poll_s)
+        return _wait_until_ended("evaluation", self.get_eval, eval_id, timeout_s, poll_s)
 
     def wait_for_deployment(self, name: str, timeout_s: float = 600) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
@@ -208,11 +195,33 @@ class Client:
     def wait_for_job(
         self, job_id: str, timeout_s: float = 3600, poll_s: float = 1.0
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            job = self.get_job(job_id)
-            if job["status"] in TERMINAL:
-                return job
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s}s")
-            time.sleep(poll_s)
+        return _wait_until_ended("job", self.get_job, job_id, timeout_s, poll_s)
+
+
+def _raise_for_error(resp: httpx.Response) -> None:
+    """The API's error object as an APIError (any error body if it is not the API's)."""
+    if resp.status_code < 400:
+        return
+    try:
+        error = resp.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        error = {"message": resp.text, "type": "http_error", "param": None, "code": None}
+    raise APIError(resp.status_code, error)
+
+
+def _wait_until_ended(
+    kind: str,
+    get: Callable[[str], dict[str, Any]],
+    object_id: str,
+    timeout_s: float,
+    poll_s: float,
+) -> dict[str, Any]:
+    """Poll a job or an evaluation until its status is terminal."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = get(object_id)
+        if found["status"] in TERMINAL:
+            return found
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{kind} {object_id} still {found['status']} after {timeout_s}s")
+        time.sleep(poll_s)

@@ -8,10 +8,13 @@ import threading
 import time
 from pathlib import Path
 
-from tests.platform.conftest import Api
+import pytest
+
+from tests.platform.conftest import BOOTSTRAP_KEY, Api
 from tests.platform.data import S1K, jsonl
 from tests.platform.test_api_files import assert_error, upload
 from tests.platform.test_registry_mlflow import NAME
+from thinkforge.client import APIError, Client
 from thinkforge.platform.evals import reconcile_evals
 from thinkforge.platform.launcher import LaunchState
 
@@ -69,6 +72,11 @@ def test_eval_lifecycle_and_plot(api: Api, versions: list[str]) -> None:
     png = api.client.get(done["plot_url"])
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert png.content == PNG
+    with Client(api.url, BOOTSTRAP_KEY) as sdk:
+        assert sdk.eval_plot(ev["id"]) == PNG
+        with pytest.raises(APIError) as missing:
+            sdk.eval_plot("eval-0123")
+        assert missing.value.status_code == 404
     assert [e["id"] for e in api.client.get("/v1/evals").json()["data"]] == [ev["id"]]
 
 
