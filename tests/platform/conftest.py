@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import LiveServer
 from tests.platform.fakes import FakeLauncher, FakeServe
 from thinkforge.platform.app import create_app
+from thinkforge.platform.auth import ensure_project
+from thinkforge.platform.db import make_engine, make_sessionmaker
+from thinkforge.platform.models import Base, Job, new_id
 from thinkforge.platform.settings import Settings
+from thinkforge.platform.status import JobStatus
 
 BOOTSTRAP_KEY = "tf-bootstrap-key-for-tests-0123456789abcdef"
 
@@ -75,3 +82,35 @@ def versions(api: Api, tmp_path: Path) -> list[str]:
     uri = api.settings.mlflow_tracking_uri
     root = api.settings.mlflow_artifact_root
     return [register_job(uri, tmp_path, f"ftjob-{i}", artifact_root=root) for i in (1, 2, 3)]
+
+
+@contextmanager
+def memory_database() -> Iterator[sessionmaker[Session]]:
+    """An in-memory SQLite database with the schema and the default project (unit level)."""
+    engine = make_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    factory = make_sessionmaker(engine)
+    with factory.begin() as session:
+        ensure_project(session, "default")
+    try:
+        yield factory
+    finally:
+        engine.dispose()
+
+
+def add_job(
+    session: Session,
+    *,
+    job_id: str | None = None,
+    status: JobStatus = JobStatus.VALIDATING_FILES,
+    config: dict[str, Any] | None = None,
+) -> Job:
+    """A job row of the default project, straight into the database."""
+    job = Job(
+        id=job_id or new_id("ftjob"), project_id="default", status=status.value, model="m",
+        training_file="f", dataset_path="/nonexistent", dataset_sha256="", seed=0,
+        config=config or {},
+    )  # fmt: skip
+    session.add(job)
+    session.flush()
+    return job

@@ -11,12 +11,11 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.platform.conftest import add_job, memory_database
 from tests.platform.fakes import FakeLauncher
-from thinkforge.platform.auth import ensure_project
-from thinkforge.platform.db import make_engine, make_sessionmaker
 from thinkforge.platform.jobs import cancel_job, set_status
 from thinkforge.platform.launcher import LaunchState
-from thinkforge.platform.models import Base, Job, JobEvent, new_id, utcnow
+from thinkforge.platform.models import Job, JobEvent, utcnow
 from thinkforge.platform.reconciler import reconcile_once
 from thinkforge.platform.status import TRANSITIONS, JobStatus
 
@@ -37,23 +36,8 @@ def test_transitions_are_written_down_for_every_status() -> None:
 
 @pytest.fixture(scope="module")
 def sessions() -> Iterator[sessionmaker[Session]]:
-    engine = make_engine("sqlite://")
-    Base.metadata.create_all(engine)
-    factory = make_sessionmaker(engine)
-    with factory.begin() as session:
-        ensure_project(session, "default")
-    yield factory
-    engine.dispose()
-
-
-def new_job(session: Session) -> Job:
-    job = Job(
-        id=new_id("ftjob"), project_id="default", status=JobStatus.VALIDATING_FILES.value,
-        model="m", training_file="f", dataset_path="/nonexistent", dataset_sha256="", seed=0, config={},
-    )  # fmt: skip
-    session.add(job)
-    session.flush()
-    return job
+    with memory_database() as factory:
+        yield factory
 
 
 @settings(max_examples=150, deadline=None)
@@ -62,7 +46,7 @@ def test_random_status_changes_never_leave_a_terminal_state(
     sessions: sessionmaker[Session], targets: list[JobStatus]
 ) -> None:
     with sessions.begin() as session:
-        job = new_job(session)
+        job = add_job(session)
         history = [JobStatus(job.status)]
         for target in targets:
             before = JobStatus(job.status)
@@ -92,7 +76,7 @@ def test_random_cluster_events_and_cancels_through_the_reconciler(
 ) -> None:
     launcher = FakeLauncher()
     with sessions.begin() as session:
-        job = new_job(session)
+        job = add_job(session)
         job.status = JobStatus.QUEUED.value
         job.submitted_at = utcnow()
         job_id = job.id

@@ -10,24 +10,31 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.platform.conftest import add_job, memory_database
 from thinkforge.jobs.config import SFTConfig
 from thinkforge.jobs.tracking import MetricLogger, open_job_run
-from thinkforge.platform.auth import ensure_project
-from thinkforge.platform.db import make_engine, make_sessionmaker
-from thinkforge.platform.models import Base, Job, JobEvent, new_id
+from thinkforge.platform.models import Job, JobEvent, new_id
 from thinkforge.platform.status import JobStatus
 from thinkforge.platform.tracker import STEP_METRICS, RunTracker
 
 
 @pytest.fixture
 def sessions() -> Iterator[sessionmaker[Session]]:
-    engine = make_engine("sqlite://")
-    Base.metadata.create_all(engine)
-    factory = make_sessionmaker(engine)
-    with factory.begin() as session:
-        ensure_project(session, "default")
-    yield factory
-    engine.dispose()
+    with memory_database() as factory:
+        yield factory
+
+
+def job_with_a_run(
+    sessions: sessionmaker[Session], tmp_path: Path, config: dict[str, Any] | None = None
+) -> tuple[str, str, str]:
+    """A running job and its MLflow run in a local store: (tracking uri, job id, run id)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job_id = new_id("ftjob")
+    sft = SFTConfig(model="thinkforge/tiny", dataset="train.jsonl")
+    run_id = open_job_run(tracking_uri=uri, job_id=job_id, config=sft, dataset_sha256="d" * 64)
+    with sessions.begin() as session:
+        add_job(session, job_id=job_id, status=JobStatus.RUNNING, config=config)
+    return uri, job_id, run_id
 
 
 def step_metrics(step: int) -> dict[str, float]:
@@ -65,20 +72,10 @@ class WritesBetweenReads(RunTracker):
 def test_only_complete_steps_are_recorded_while_the_job_writes(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    job_id = new_id("ftjob")
-    config = SFTConfig(model="thinkforge/tiny", dataset="train.jsonl")
-    run_id = open_job_run(tracking_uri=uri, job_id=job_id, config=config, dataset_sha256="d" * 64)
+    uri, job_id, run_id = job_with_a_run(sessions, tmp_path)
     tracker = WritesBetweenReads(
         MetricLogger(uri, run_id), tracking_uri=uri, storage_path=str(tmp_path / "ckpt")
     )
-    with sessions.begin() as session:
-        session.add(
-            Job(
-                id=job_id, project_id="default", status=JobStatus.RUNNING.value, model="m",
-                training_file="f", dataset_path="/nonexistent", dataset_sha256="", seed=0, config={},
-            )
-        )  # fmt: skip
 
     def recorded() -> dict[int, dict[str, Any]]:
         with sessions() as session:
@@ -110,23 +107,12 @@ def _job(session: Session, job_id: str) -> Job:
 def test_what_tokenization_did_to_the_dataset_is_one_event(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    job_id = new_id("ftjob")
-    config = SFTConfig(model="thinkforge/tiny", dataset="train.jsonl")
-    run_id = open_job_run(tracking_uri=uri, job_id=job_id, config=config, dataset_sha256="d" * 64)
+    uri, job_id, run_id = job_with_a_run(sessions, tmp_path, config={"block_size": 128})
     stats = {"records": 10, "kept": 8, "overlong": 3, "truncated": 1, "dropped": 2}
     logger = MetricLogger(uri, run_id)
     logger.log({f"data_{k}": v for k, v in {**stats, "sequences": 8}.items()}, step=0)
     logger.flush()
     tracker = RunTracker(tracking_uri=uri, storage_path=str(tmp_path / "ckpt"))
-    with sessions.begin() as session:
-        session.add(
-            Job(
-                id=job_id, project_id="default", status=JobStatus.RUNNING.value, model="m",
-                training_file="f", dataset_path="/x", dataset_sha256="", seed=0,
-                config={"block_size": 128},
-            )
-        )  # fmt: skip
     for _ in range(2):  # any number of passes: one event
         with sessions.begin() as session:
             tracker.sync(session, _job(session, job_id), final=False)
