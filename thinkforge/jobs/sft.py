@@ -39,6 +39,7 @@ from thinkforge.jobs.checkpoints import STATE_FILE, TRAINER_STATE_FILE, checkpoi
 from thinkforge.jobs.config import SFTConfig
 from thinkforge.jobs.data import (
     IGNORE_INDEX,
+    DataStats,
     TokenizedExample,
     collate,
     ensure_pad_token,
@@ -209,15 +210,7 @@ def _build_worker(
     source = ckpt_dir or model_path
     tokenizer = AutoTokenizer.from_pretrained(source)
     ensure_pad_token(tokenizer)
-    examples, stats = load_examples(
-        cfg.dataset,
-        tokenizer,
-        fmt=cfg.format,
-        template=cfg.template,
-        block_size=cfg.block_size,
-        overlong=cfg.overlong,
-        packing=cfg.packing,
-    )
+    examples, stats = _tokenize(cfg, tokenizer, cfg.dataset, packing=cfg.packing)
     if rank == 0:
         emit_event("data", **stats.as_dict())
     hp = cfg.hyperparameters
@@ -270,16 +263,24 @@ def _build_worker(
     return worker
 
 
-def _validation_set(cfg: SFTConfig, tokenizer: Any, rank: int) -> list[TokenizedExample]:
-    assert cfg.validation_dataset is not None
-    examples, stats = load_examples(
-        cfg.validation_dataset,
+def _tokenize(
+    cfg: SFTConfig, tokenizer: Any, path: str, *, packing: bool
+) -> tuple[list[TokenizedExample], DataStats]:
+    """A dataset as the job's sequences: its format, template, block size, overlong rule."""
+    return load_examples(
+        path,
         tokenizer,
         fmt=cfg.format,
         template=cfg.template,
         block_size=cfg.block_size,
         overlong=cfg.overlong,
+        packing=packing,
     )
+
+
+def _validation_set(cfg: SFTConfig, tokenizer: Any, rank: int) -> list[TokenizedExample]:
+    assert cfg.validation_dataset is not None
+    examples, stats = _tokenize(cfg, tokenizer, cfg.validation_dataset, packing=False)
     if not examples:
         raise ValueError(f"{cfg.validation_dataset} holds no sequence within block_size")
     if rank == 0:
