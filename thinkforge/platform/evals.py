@@ -182,6 +182,10 @@ def _advance(
     if row.status == "cancelling" and status.state in (LaunchState.PENDING, LaunchState.RUNNING):
         launcher.cancel(row.id)
         return
+    run_id, fetched = None, False
+    if status.state is LaunchState.SUCCEEDED:  # MLflow is asked before the row is locked
+        run_id = _eval_run(settings.mlflow_tracking_uri, row.id)
+        fetched = _fetch_from_mlflow(row, settings.mlflow_tracking_uri, run_id)
     with sessions.begin() as session:
         current = session.scalar(
             select(Evaluation).where(Evaluation.seq == row.seq).with_for_update()
@@ -193,10 +197,9 @@ def _advance(
         elif status.state is LaunchState.RUNNING:
             current.status = "running"
         elif status.state is LaunchState.SUCCEEDED:
-            _fetch_from_mlflow(current, settings.mlflow_tracking_uri)
             _finish(current)
-            if current.status == "succeeded" and current.mlflow_run_id is None:
-                current.mlflow_run_id = _eval_run(settings.mlflow_tracking_uri, current.id)
+            if current.mlflow_run_id is None and (fetched or current.status == "succeeded"):
+                current.mlflow_run_id = run_id
         elif status.state in (LaunchState.FAILED, LaunchState.UNKNOWN, LaunchState.STOPPED):
             message = (
                 job_error_line(status.log_tail) or status.message or "the evaluation run ended"
@@ -233,15 +236,12 @@ def _submit(
         launcher.cancel(row.id)  # cancelled while the submission was on its way
 
 
-def _fetch_from_mlflow(row: Evaluation, tracking_uri: str) -> None:
+def _fetch_from_mlflow(row: Evaluation, tracking_uri: str, run_id: str | None) -> bool:
     """When the run wrote its results on another node's disk (a cluster without shared
-    storage), take them from the evaluation's MLflow run instead."""
+    storage), take them from the evaluation's MLflow run instead; True if it did."""
     out = Path(row.output_dir)
-    if (out / RESULTS_FILE).is_file():
-        return
-    run_id = _eval_run(tracking_uri, row.id)
-    if run_id is None:
-        return
+    if (out / RESULTS_FILE).is_file() or run_id is None:
+        return False
     import mlflow.artifacts
 
     out.mkdir(parents=True, exist_ok=True)
@@ -252,7 +252,7 @@ def _fetch_from_mlflow(row: Evaluation, tracking_uri: str) -> None:
             )
         except Exception as exc:  # a missing plot still leaves the results usable
             log.warning("evaluation %s: %s not in MLflow run %s: %s", row.id, name, run_id, exc)
-    row.mlflow_run_id = run_id
+    return True
 
 
 def _finish(row: Evaluation) -> None:
