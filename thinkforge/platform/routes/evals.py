@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Path
@@ -20,11 +19,11 @@ from thinkforge.platform.deps import (
 from thinkforge.platform.idempotency import fingerprint, run_idempotent
 from thinkforge.platform.models import Evaluation
 from thinkforge.platform.pagination import page
+from thinkforge.platform.routes.common import cancel_run
 from thinkforge.platform.schemas import EvalCreate, EvalObject, ListResponse
 from thinkforge.platform.views import ts
 
 router = APIRouter(prefix="/v1/evals", tags=["evaluations"])
-log = logging.getLogger(__name__)
 EvalId = Annotated[str, Path(max_length=40, pattern=r"^eval-[0-9a-f]+$")]
 
 
@@ -58,26 +57,11 @@ def create(
 def cancel(
     ctx: CtxDep, principal: PrincipalDep, eval_id: EvalId, idempotency_key: IdempotencyKeyDep = None
 ) -> JSONResponse:
-    must_stop = False
-
-    def handler(session):  # type: ignore[no-untyped-def]
-        nonlocal must_stop
-        row, must_stop = evals.cancel_eval(
-            session, project_id=principal.project_id, eval_id=eval_id
-        )
-        return 200, _view(row).model_dump(mode="json")
-
-    status, view = run_idempotent(
-        ctx.sessions, project_id=principal.project_id, key=idempotency_key, method="POST",
-        path=f"/v1/evals/{eval_id}/cancel", request_fingerprint=fingerprint(eval_id),
-        ttl_s=ctx.settings.idempotency_ttl_s, handler=handler,
+    return cancel_run(
+        ctx, project_id=principal.project_id, run_id=eval_id, path=f"/v1/evals/{eval_id}/cancel",
+        idempotency_key=idempotency_key, view=_view,
+        cancel=lambda s: evals.cancel_eval(s, project_id=principal.project_id, eval_id=eval_id),
     )  # fmt: skip
-    if must_stop:
-        try:
-            ctx.launcher.cancel(eval_id)
-        except Exception:  # still cancelling: the reconciler asks Ray again each pass
-            log.exception("evaluation %s: stopping the run failed; retried", eval_id)
-    return JSONResponse(view, status_code=status)
 
 
 @router.get("", response_model=ListResponse[EvalObject])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +14,7 @@ from thinkforge.platform.deps import AfterQuery, CtxDep, IdempotencyKeyDep, Limi
 from thinkforge.platform.errors import InvalidRequest
 from thinkforge.platform.idempotency import fingerprint, run_idempotent
 from thinkforge.platform.models import Checkpoint, JobEvent
+from thinkforge.platform.routes.common import cancel_run
 from thinkforge.platform.schemas import (
     CheckpointObject,
     FineTuningJob,
@@ -25,7 +25,6 @@ from thinkforge.platform.schemas import (
 from thinkforge.platform.views import checkpoint_view, event_view, job_view
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
-log = logging.getLogger(__name__)
 _METADATA_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -99,29 +98,12 @@ def get_job(ctx: CtxDep, principal: PrincipalDep, job_id: str) -> FineTuningJob:
 def cancel_job(
     ctx: CtxDep, principal: PrincipalDep, job_id: str, idempotency_key: IdempotencyKeyDep = None
 ) -> JSONResponse:
-    must_stop = False
-
-    def handler(session):  # type: ignore[no-untyped-def]
-        nonlocal must_stop
-        job, must_stop = jobs.cancel_job(session, project_id=principal.project_id, job_id=job_id)
-        return 200, job_view(job).model_dump(mode="json")
-
-    status, body = run_idempotent(
-        ctx.sessions,
-        project_id=principal.project_id,
-        key=idempotency_key,
-        method="POST",
-        path=f"/v1/fine_tuning/jobs/{job_id}/cancel",
-        request_fingerprint=fingerprint(job_id),
-        ttl_s=ctx.settings.idempotency_ttl_s,
-        handler=handler,
-    )
-    if must_stop:
-        try:
-            ctx.launcher.cancel(job_id)
-        except Exception:  # the job is cancelling; the reconciler asks Ray again each pass
-            log.exception("job %s: stopping the run failed; the reconciler retries", job_id)
-    return JSONResponse(body, status_code=status)
+    return cancel_run(
+        ctx, project_id=principal.project_id, run_id=job_id,
+        path=f"/v1/fine_tuning/jobs/{job_id}/cancel", idempotency_key=idempotency_key,
+        view=job_view,
+        cancel=lambda s: jobs.cancel_job(s, project_id=principal.project_id, job_id=job_id),
+    )  # fmt: skip
 
 
 @router.get("/{job_id}/events", response_model=ListResponse[JobEventObject])
