@@ -30,7 +30,7 @@ import hashlib
 import json
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -200,6 +200,26 @@ class ModelRegistry(Protocol):
     def resolve(self, ref: str) -> tuple[str, int]: ...
 
     def verify_version(self, name: str, version: int) -> list[str]: ...
+
+
+def all_models(registry: ModelRegistry) -> Iterator[RegisteredModelInfo]:
+    """Every registered model, page after page."""
+    return _walk(lambda token: registry.list_models(max_results=100, page_token=token))
+
+
+def all_versions(registry: ModelRegistry, name: str) -> Iterator[ModelVersionInfo]:
+    """Every version of ``name``, newest first, page after page."""
+    return _walk(lambda token: registry.list_versions(name, max_results=200, page_token=token))
+
+
+def _walk(fetch: Callable[[str | None], Page[T]]) -> Iterator[T]:
+    token = None
+    while True:
+        page = fetch(token)
+        yield from page.items
+        token = page.next_page_token
+        if token is None:
+            return
 
 
 def _ms(value: int | None) -> datetime | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import select
@@ -23,7 +23,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from thinkforge.jobs.checkpoints import list_checkpoints
 from thinkforge.platform.jobs import add_event
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, ModelVersion, new_id
-from thinkforge.platform.registry import MlflowRegistry, ModelRegistry
+from thinkforge.platform.registry import (
+    MlflowRegistry,
+    ModelRegistry,
+    ModelVersionInfo,
+    all_models,
+    all_versions,
+)
 
 log = logging.getLogger(__name__)
 JOB_TAG = "job_id"
@@ -215,29 +221,16 @@ class MirrorRefresher:
         columns = select(ModelVersion.name, ModelVersion.version, ModelVersion.status)
         with self._sessions() as session:
             known = {(name, version): status for name, version, status in session.execute(columns)}
-        for name, version, status in _all_versions(registry):
-            if known.get((name, version)) == status:
+        for v in _every_version(registry):
+            if known.get((v.name, v.version)) == v.status.value:
                 continue
             try:
                 with self._sessions.begin() as session:
-                    mirror_version(session, registry, name, version)
+                    mirror_version(session, registry, v.name, v.version)
             except Exception:  # one unreadable version must not stop the others
-                log.exception("mirroring %s/%s failed; retried on a later pass", name, version)
+                log.exception("mirroring %s/%s failed; retried on a later pass", v.name, v.version)
 
 
-def _all_versions(registry: ModelRegistry) -> list[tuple[str, int, str]]:
-    found = []
-    token = None
-    while True:
-        models = registry.list_models(max_results=100, page_token=token)
-        for model in models.items:
-            vtoken = None
-            while True:
-                page = registry.list_versions(model.name, max_results=200, page_token=vtoken)
-                found += [(v.name, v.version, v.status.value) for v in page.items]
-                vtoken = page.next_page_token
-                if vtoken is None:
-                    break
-        token = models.next_page_token
-        if token is None:
-            return found
+def _every_version(registry: ModelRegistry) -> Iterator[ModelVersionInfo]:
+    for model in all_models(registry):
+        yield from all_versions(registry, model.name)

@@ -14,6 +14,7 @@ from thinkforge.platform.deps import CtxDep, IdempotencyKeyDep, PrincipalDep
 from thinkforge.platform.errors import PlatformError
 from thinkforge.platform.idempotency import fingerprint, run_idempotent_action
 from thinkforge.platform.models import Deployment
+from thinkforge.platform.registry import all_models, all_versions
 from thinkforge.platform.schemas import (
     DeploymentCreate,
     DeploymentDeleted,
@@ -113,18 +114,12 @@ def list_models(ctx: CtxDep, principal: PrincipalDep) -> ListResponse[ModelObjec
                 ModelObject(id=row.name, created=ts(row.created_at) or 0, owned_by=row.project_id)
             )
     registry = ctx.registry_for(principal.project_id)
-    token = None
-    while True:
-        found = registry.list_models(max_results=100, page_token=token)
-        for model in found.items:
-            for v in registry.list_versions(model.name, max_results=1000).items:
-                created = ts(v.created_at) or 0
-                data.append(
-                    ModelObject(id=f"{v.name}/{v.version}", created=created, owned_by="registry")
-                )
-        token = found.next_page_token
-        if token is None:
-            break
+    for model in all_models(registry):
+        for v in all_versions(registry, model.name):
+            created = ts(v.created_at) or 0
+            data.append(
+                ModelObject(id=f"{v.name}/{v.version}", created=created, owned_by="registry")
+            )
     return ListResponse[ModelObject].of(data, False)
 
 

@@ -17,7 +17,7 @@ from thinkforge.platform.idempotency import fingerprint, run_idempotent_action
 from thinkforge.platform.models import AuditEntry
 from thinkforge.platform.ownership import ScopedRegistry
 from thinkforge.platform.pagination import page
-from thinkforge.platform.registry import ModelVersionDetail, ModelVersionInfo
+from thinkforge.platform.registry import ModelVersionDetail, ModelVersionInfo, all_versions
 from thinkforge.platform.schemas import (
     AliasAction,
     AliasMoveCreate,
@@ -60,16 +60,9 @@ def list_versions(
     after: Annotated[int | None, Query(ge=1, description="versions below this one")] = None,
     limit: LimitQuery = 20,
 ) -> ListResponse[ModelVersionObject]:  # fmt: skip
-    registry = ctx.registry_for(principal.project_id)
-    versions: list[ModelVersionInfo] = []
-    token = None
-    while True:  # newest first; a registered model has few enough versions to walk
-        found = registry.list_versions(name, max_results=200, page_token=token)
-        versions += found.items
-        token = found.next_page_token
-        if token is None:
-            break
-    versions = [v for v in versions if after is None or v.version < after]
+    # Newest first; a registered model has few enough versions to walk.
+    walked = all_versions(ctx.registry_for(principal.project_id), name)
+    versions = [v for v in walked if after is None or v.version < after]
     data = [_version_view(ctx, v) for v in versions[:limit]]
     return ListResponse[ModelVersionObject].of(data, len(versions) > limit)
 
