@@ -52,53 +52,37 @@ def list_checkpoints(
 ) -> list[CheckpointInfo]:
     """Complete checkpoints of a job, oldest step first. ``filesystem`` (a
     ``pyarrow.fs.FileSystem``) is taken for a path on it instead of opening a URI."""
-    text = str(storage_path)
-    if filesystem is None and "://" not in text:
-        return _list_local(Path(text) / job_id)
-    return _list_remote(text, job_id, filesystem)
-
-
-def _list_local(root: Path) -> list[CheckpointInfo]:
-    found = []
-    for state in root.glob(f"{_PREFIX}*/{STATE_FILE}"):
-        try:
-            data = json.loads(state.read_text())
-        except (OSError, ValueError):
-            continue  # being written or damaged: not a usable checkpoint
-        sizes = {rel: _local_size(state.parent / rel) for rel in data.get("files", {})}
-        info = _info(str(state.parent), data, sizes)
-        if info is not None:
-            found.append(info)
-    return sorted(found, key=lambda c: c.step)
-
-
-def _local_size(path: Path) -> int | None:
-    return path.stat().st_size if path.is_file() else None
-
-
-def _list_remote(uri: str, job_id: str, filesystem: Any) -> list[CheckpointInfo]:
     import pyarrow.fs as pafs
 
-    if filesystem is None:
-        filesystem, root = pafs.FileSystem.from_uri(uri)
-        shown = uri.split("?", 1)[0].rstrip("/")  # what the rows show: the URI, no options
+    text = str(storage_path)
+    if filesystem is not None:
+        root = shown = text
+    elif "://" in text:
+        filesystem, root = pafs.FileSystem.from_uri(text)
+        shown = text.split("?", 1)[0]  # what the rows show: the URI, no options
     else:
-        root = shown = uri.rstrip("/")
-    root = root.rstrip("/")
-    selector = pafs.FileSelector(f"{root}/{job_id}", allow_not_found=True, recursive=True)
+        filesystem, root, shown = (
+            pafs.LocalFileSystem(),
+            str(Path(text).absolute()),
+            str(Path(text)),
+        )
+    root, shown = root.rstrip("/"), shown.rstrip("/")
+    job_root = f"{root}/{job_id}"
+    selector = pafs.FileSelector(job_root, allow_not_found=True, recursive=True)
     sizes = {
         i.path: i.size for i in filesystem.get_file_info(selector) if i.type == pafs.FileType.File
     }
     found = []
     for path in sizes:
         directory, _, name = path.rpartition("/")
-        if name != STATE_FILE or not directory.rpartition("/")[2].startswith(_PREFIX):
+        parent, _, dirname = directory.rpartition("/")
+        if name != STATE_FILE or parent != job_root or not dirname.startswith(_PREFIX):
             continue
         try:
             with filesystem.open_input_stream(path) as stream:
                 data = json.loads(stream.read())
         except (OSError, ValueError):
-            continue
+            continue  # being written or damaged: not a usable checkpoint
         present = {rel: sizes.get(f"{directory}/{rel}") for rel in data.get("files", {})}
         info = _info(shown + directory[len(root) :], data, present)
         if info is not None:
