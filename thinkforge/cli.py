@@ -109,10 +109,18 @@ def keys_create(
         str, typer.Option(help="project the key belongs to (created if new)")
     ] = "default",
     name: Annotated[str, typer.Option(help="a label for the key")] = "",
-    admin: Annotated[bool, typer.Option(help="an admin key of the project")] = False,
+    role: Annotated[
+        str, typer.Option(help="admin, member, or inference (the Serve front door only)")
+    ] = "member",
+    admin: Annotated[bool, typer.Option(help="same as --role admin")] = False,
     data_dir: DataDir = None,
 ) -> None:
     """Create an API key; the key is printed alone on the last line."""
+    from thinkforge.platform.auth import ROLES
+
+    role = "admin" if admin else role
+    if role not in ROLES:
+        raise typer.BadParameter(f"one of {', '.join(ROLES)}", param_hint="--role")
     from thinkforge.platform.auth import create_key
     from thinkforge.platform.db import make_engine, make_sessionmaker
     from thinkforge.platform.migrations import upgrade
@@ -127,14 +135,61 @@ def keys_create(
                 settings.secret_key.get_secret_value(),
                 project_id=project,
                 name=name,
-                role="admin" if admin else "member",
+                role=role,
             )
     finally:
         engine.dispose()
-    err_console.print(
-        f"created a {'admin' if admin else 'member'} key for project {project!r}; it is shown once:"
-    )
+    err_console.print(f"created a {role} key for project {project!r}; it is shown once:")
     print(key)
+
+
+@keys_app.command("list")
+def keys_list(api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
+    """The project's keys (an admin key): id, name, prefix, role, created, revoked."""
+    with Client(api_url, api_key) as tf:
+        keys = tf.list_keys()["data"]
+    table = Table("id", "name", "prefix", "role", "created", "revoked")
+    for k in keys:
+        revoked = _when(k["revoked_at"]) if k["revoked_at"] else ""
+        table.add_row(k["id"], k["name"], k["prefix"], k["role"], _when(k["created_at"]), revoked)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="the key's id (key-…)")],
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Revoke a key of the project (an admin key); the front door drops it within 30 s."""
+    with Client(api_url, api_key) as tf:
+        _print(tf.revoke_key(key_id))
+
+
+@app.command()
+def usage(
+    start: Annotated[int | None, typer.Option(help="unix seconds (default: 30 days ago)")] = None,
+    end: Annotated[int | None, typer.Option(help="unix seconds (default: now)")] = None,
+    group_by: Annotated[str, typer.Option(help="deployment, key or day")] = "deployment",
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Requests and tokens the front door answered for the project."""
+    with Client(api_url, api_key) as tf:
+        report = tf.usage(start=start, end=end, group_by=group_by)
+    table = Table(group_by, "requests", "prompt", "completion", "reasoning", "total")
+    for b in report["data"]:
+        table.add_row(
+            b["group"], str(b["requests"]), str(b["prompt_tokens"]),
+            str(b["completion_tokens"]), str(b["reasoning_tokens"]), str(b["total_tokens"]),
+        )  # fmt: skip
+    console.print(table)
+
+
+def _when(ts: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
 
 
 @files_app.command("upload")
@@ -405,6 +460,7 @@ def chat(
     serve_url: Annotated[
         str, typer.Option(envvar="THINKFORGE_SERVE_URL", help="the OpenAI-compatible front door")
     ] = "http://127.0.0.1:8100/v1",
+    api_key: ApiKey = None,
 ) -> None:
     """Ask a deployment; thinking streams dim, the answer in plain text."""
     from openai import OpenAI
@@ -414,7 +470,12 @@ def chat(
         thinking["max_tokens"] = max_thinking
     if min_thinking is not None:
         thinking["min_tokens"] = min_thinking
-    client = OpenAI(base_url=serve_url, api_key="unused")
+    import os
+
+    key = api_key or os.environ.get("THINKFORGE_BOOTSTRAP_API_KEY")
+    if not key:
+        raise typer.BadParameter("the front door needs a key", param_hint="--api-key")
+    client = OpenAI(base_url=serve_url, api_key=key)
     stream = client.chat.completions.create(
         model=deployment,
         messages=[{"role": "user", "content": message}],

@@ -130,6 +130,24 @@ class Client:
     def list_audit(self, **params: Any) -> dict[str, Any]:
         return self.request("GET", "/v1/audit", params=params)  # type: ignore[no-any-return]
 
+    # ---- keys, quotas, usage
+    def list_keys(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/keys")  # type: ignore[no-any-return]
+
+    def revoke_key(self, key_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/keys/{key_id}/revoke")  # type: ignore[no-any-return]
+
+    def get_quota(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/quotas")  # type: ignore[no-any-return]
+
+    def set_quota(self, **limits: int) -> dict[str, Any]:
+        return self.request("PATCH", "/v1/quotas", json=limits)  # type: ignore[no-any-return]
+
+    def usage(self, **params: Any) -> dict[str, Any]:
+        """``start``/``end`` in unix seconds, ``group_by`` deployment, key or day."""
+        params = {k: v for k, v in params.items() if v is not None}
+        return self.request("GET", "/v1/usage", params=params)  # type: ignore[no-any-return]
+
     # ---- deployments
     def create_deployment(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", "/v1/deployments", json=body)  # type: ignore[no-any-return]

@@ -23,12 +23,13 @@ from thinkforge.platform.deps import AppContext, CtxDep
 from thinkforge.platform.errors import PlatformError, error_body
 from thinkforge.platform.evals import reconcile_evals
 from thinkforge.platform.launcher import JobLauncher
+from thinkforge.platform.metrics import ApiMetrics, MetricsMiddleware
 from thinkforge.platform.middleware import BodyLimitMiddleware
 from thinkforge.platform.migrations import upgrade
 from thinkforge.platform.models import DEFAULT_PROJECT
 from thinkforge.platform.ray_cluster import LocalRayCluster, free_port
 from thinkforge.platform.reconciler import Reconciler
-from thinkforge.platform.routes import deployments, evals, files, jobs, registry
+from thinkforge.platform.routes import deployments, evals, files, jobs, keys, registry, usage
 from thinkforge.platform.schemas import Health
 from thinkforge.platform.serving import RayServeClient, ServeClient
 from thinkforge.platform.settings import Settings
@@ -126,13 +127,18 @@ def create_app(
         upload_limit=settings.max_upload_bytes + 64 * 1024,
         upload_paths=("/v1/files",),
     )
+    metrics = ApiMetrics()
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees 413s too
     _install_error_handlers(app)
-    app.include_router(_health_router())
+    app.include_router(_health_router(metrics))
     app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(registry.router)
     app.include_router(deployments.router)
     app.include_router(evals.router)
+    app.include_router(keys.router)
+    app.include_router(usage.router)
+    app.include_router(usage.internal)
     return app
 
 
@@ -177,10 +183,16 @@ def ray_launcher_for(
     return launcher, serve, cluster
 
 
-def _health_router():  # type: ignore[no-untyped-def]
+def _health_router(metrics: ApiMetrics):  # type: ignore[no-untyped-def]
     from fastapi import APIRouter
+    from fastapi.responses import Response
+    from prometheus_client import CONTENT_TYPE_LATEST
 
     router = APIRouter(tags=["health"])
+
+    @router.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/healthz", response_model=Health)
     def healthz() -> Health:

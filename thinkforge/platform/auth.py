@@ -2,6 +2,10 @@
 
 key = create_key(session, secret, project_id="default", role="admin")   # shown once
 principal = authenticate(session, settings, "Bearer tf-…")
+revoke_key(session, project_id="default", key_id="key-…")              # stops at once here,
+                                                                        # within 30 s on the door
+Roles: ``admin`` (everything in its project), ``member`` (everything but admin actions),
+``inference`` (the Serve front door only: for applications; the REST API answers 403).
 """
 
 from __future__ import annotations
@@ -10,16 +14,19 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from thinkforge.platform.errors import AuthenticationFailed
-from thinkforge.platform.models import DEFAULT_PROJECT, ApiKey, Project, new_id
+from thinkforge.platform.errors import AuthenticationFailed, NotFound, PermissionDenied
+from thinkforge.platform.models import DEFAULT_PROJECT, ApiKey, Project, new_id, utcnow
 from thinkforge.platform.settings import Settings
 
 KEY_PREFIX = "tf-"
 BOOTSTRAP_KEY_ID = "key-bootstrap"
+Role = Literal["admin", "member", "inference"]
+ROLES: tuple[str, ...] = get_args(Role)
 
 
 @dataclass(frozen=True)
@@ -55,19 +62,71 @@ def create_key(
     role: str = "member",
 ) -> str:
     """Create a key in ``project_id`` (created if missing); returns the plain key, shown once."""
+    return create_key_row(session, secret, project_id=project_id, name=name, role=role)[1]
+
+
+def create_key_row(
+    session: Session, secret: str, *, project_id: str, name: str = "", role: str = "member"
+) -> tuple[ApiKey, str]:
+    """The new key's row (flushed) and its plain text."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     ensure_project(session, project_id)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(
-        ApiKey(
-            id=new_id("key"),
-            project_id=project_id,
-            name=name,
-            key_hash=hash_key(secret, key),
-            prefix=key[:10],
-            role=role,
+    row = ApiKey(
+        id=new_id("key"),
+        project_id=project_id,
+        name=name,
+        key_hash=hash_key(secret, key),
+        prefix=key[:10],
+        role=role,
+    )
+    session.add(row)
+    session.flush()
+    return row, key
+
+
+def list_keys(session: Session, *, project_id: str) -> list[ApiKey]:
+    return list(
+        session.scalars(
+            select(ApiKey).where(ApiKey.project_id == project_id).order_by(ApiKey.created_at)
         )
     )
-    return key
+
+
+def revoke_key(session: Session, *, project_id: str, key_id: str) -> ApiKey:
+    """Revoke a key of ``project_id`` (idempotent: a revoked key keeps its first time)."""
+    row = session.scalar(
+        select(ApiKey).where(ApiKey.id == key_id, ApiKey.project_id == project_id).with_for_update()
+    )
+    if row is None:
+        raise NotFound(f"no API key {key_id!r} in this project", param="key_id")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+    return row
+
+
+def require_role(principal: Principal, *, admin: bool = False) -> Principal:
+    """The REST API's role check: inference keys only call the front door; admin actions
+    need an admin key."""
+    if principal.role == "inference":
+        raise PermissionDenied(
+            "an inference key only calls the Serve front door (/v1/chat/completions); "
+            "use a member or admin key for the REST API",
+            code="inference_key",
+        )
+    if admin and not principal.is_admin:
+        raise PermissionDenied(
+            "this action needs an admin key (thinkforge keys create --role admin)",
+            code="admin_required",
+        )
+    return principal
+
+
+def frontdoor_token(secret: str) -> str:
+    """The credential the Serve front door shows the control plane's internal routes: derived
+    from the secret both sides hold, so nothing else needs handing out."""
+    return hash_key(secret, "thinkforge:frontdoor")
 
 
 def authenticate(session: Session, settings: Settings, authorization: str | None) -> Principal:

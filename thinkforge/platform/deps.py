@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,9 +12,9 @@ from fastapi import Depends, Header, Query, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from thinkforge.platform.auth import Principal, authenticate
+from thinkforge.platform.auth import Principal, authenticate, frontdoor_token, require_role
 from thinkforge.platform.deployments import DeploymentManager
-from thinkforge.platform.errors import Unavailable
+from thinkforge.platform.errors import AuthenticationFailed, Unavailable
 from thinkforge.platform.launcher import JobLauncher
 from thinkforge.platform.ownership import ScopedRegistry
 from thinkforge.platform.promotions import EvalPolicy, OnMoved
@@ -92,10 +93,24 @@ CtxDep = Annotated[AppContext, Depends(get_ctx)]
 
 def get_principal(ctx: CtxDep, authorization: Annotated[str | None, Header()] = None) -> Principal:
     with ctx.sessions() as session:
-        return authenticate(session, ctx.settings, authorization)
+        return require_role(authenticate(session, ctx.settings, authorization))
+
+
+def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    return require_role(principal, admin=True)
+
+
+def get_frontdoor(ctx: CtxDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    """The internal routes' caller: the Serve front door, with its derived token."""
+    _, _, token = (authorization or "").partition(" ")
+    expected = frontdoor_token(ctx.settings.secret_key.get_secret_value())
+    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise AuthenticationFailed("internal route: only the Serve front door calls it")
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+AdminDep = Annotated[Principal, Depends(get_admin)]
+FrontDoorDep = Annotated[None, Depends(get_frontdoor)]
 IdempotencyKeyDep = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
 ]

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -55,6 +57,9 @@ class Project(Base):
     __tablename__ = "projects"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Front-door quotas per key of this project; None: the settings' defaults.
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer, default=None)
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -204,6 +209,8 @@ class Deployment(Base):
     model: Mapped[str] = mapped_column(Text)
     engine: Mapped[str] = mapped_column(String(32), default="transformers")
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Public: any key of any project may call it on the front door (private by default).
+    public: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     status: Mapped[str] = mapped_column(String(32), default="pending")
     served_version: Mapped[str | None] = mapped_column(String(300), default=None)
     message: Mapped[str | None] = mapped_column(Text, default=None)
@@ -263,3 +270,24 @@ class AuditEntry(Base):
     to_value: Mapped[str | None] = mapped_column(Text, default=None)
     reason: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UsageRecord(Base):
+    """Tokens the front door answered, summed per key, deployment, version and minute.
+
+    The front door sums requests in memory and sends them in batches; one batch may add a
+    second row for a minute that already has one (queries sum, so that is harmless)."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (Index("ix_usage_project_minute", "project_id", "minute"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    key_id: Mapped[str] = mapped_column(String(40))
+    deployment: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(300), default=None)
+    minute: Mapped[datetime] = mapped_column()
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, default=0)

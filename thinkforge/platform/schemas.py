@@ -364,3 +364,103 @@ class EvalObject(BaseModel):
     config: dict[str, Any]
     created_at: int
     finished_at: int | None
+
+
+# ---------------------------------------------------------------- keys, quotas, usage
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[SafeStr, StringConstraints(max_length=128)] = ""
+    role: Literal["admin", "member", "inference"] = "member"
+
+
+class KeyObject(BaseModel):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    name: str
+    prefix: str
+    role: str
+    created_at: int
+    revoked_at: int | None
+
+
+class KeyCreated(KeyObject):
+    key: str = Field(description="the key itself: shown this once")
+
+
+class QuotaObject(BaseModel):
+    object: Literal["quota"] = "quota"
+    requests_per_minute: int
+    tokens_per_minute: int
+    default: bool = Field(description="true where the settings' default applies")
+
+
+class QuotaUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: int | None = Field(default=None, ge=1, le=10_000_000)
+    tokens_per_minute: int | None = Field(default=None, ge=1, le=10_000_000_000)
+
+
+class UsageIn(BaseModel):
+    """One sum the front door sends: requests and tokens of one key on one deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    key_id: Annotated[str, StringConstraints(min_length=1, max_length=40)]
+    deployment: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    model_version: Annotated[str, StringConstraints(max_length=300)] | None = None
+    minute: int = Field(ge=0, description="unix seconds within the minute")
+    requests: int = Field(ge=0)
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    reasoning_tokens: int = Field(ge=0)
+
+
+class UsageBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    records: list[UsageIn] = Field(max_length=10_000)
+
+
+class UsageBucket(BaseModel):
+    object: Literal["usage.bucket"] = "usage.bucket"
+    group: str = Field(description="the deployment, key id or day (YYYY-MM-DD)")
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+
+
+class UsageReport(BaseModel):
+    object: Literal["usage"] = "usage"
+    start: int
+    end: int
+    group_by: str
+    data: list[UsageBucket]
+
+
+class FrontDoorKey(BaseModel):
+    digest: str
+    key_id: str
+    project_id: str
+    role: str
+
+
+class FrontDoorDeployment(BaseModel):
+    name: str
+    project_id: str
+    public: bool
+
+
+class FrontDoorDirectory(BaseModel):
+    """What the Serve front door pulls every few seconds: who may call what, how often."""
+
+    keys: list[FrontDoorKey]
+    quotas: dict[str, QuotaObject]
+    deployments: list[FrontDoorDeployment]
+    default_quota: QuotaObject

@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     serve_replica_cpus: float = Field(default=1, ge=0)
     # Where jobs on the cluster reach the front door. Empty: http://127.0.0.1:{serve_port}/v1.
     serve_url: str = ""
+    # Where the front door reaches this API (keys, usage). Empty: http://127.0.0.1:{port}.
+    internal_api_url: str = ""
+    # Front-door quotas per key, unless the project sets its own (PATCH /v1/quotas).
+    default_requests_per_minute: int = Field(default=600, ge=1)
+    default_tokens_per_minute: int = Field(default=1_000_000, ge=1)
+    # Shared limiter state for every front-door replica. Empty: each replica counts alone.
+    redis_url: str = ""
     # Promotion policy: a version must have a succeeded evaluation at this accuracy first.
     promotion_requires_eval: bool = False
     promotion_min_accuracy: float = Field(default=0.0, ge=0, le=1)
@@ -80,6 +87,8 @@ class Settings(BaseSettings):
             self.mlflow_artifact_root = str(self.data_dir / "mlartifacts")
         if not self.serve_url:
             self.serve_url = f"http://127.0.0.1:{self.serve_port}/v1"
+        if not self.internal_api_url:
+            self.internal_api_url = f"http://127.0.0.1:{self.port}"
         if not self.storage_path:
             self.storage_path = str(self.data_dir / "checkpoints")
         if not self.dataset_roots:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 
 from thinkforge.jobs.config import Hyperparameters, Resources
-from thinkforge.platform.models import Checkpoint, File, Job, JobEvent
+from thinkforge.platform.models import ApiKey, Checkpoint, File, Job, JobEvent
 from thinkforge.platform.schemas import (
     CheckpointObject,
     FileObject,
     FineTuningJob,
     JobError,
     JobEventObject,
+    KeyObject,
     Method,
     SupervisedMethod,
 )
@@ -81,3 +82,10 @@ def checkpoint_view(row: Checkpoint) -> CheckpointObject:
         step_number=row.step,
         metrics=row.metrics or {},
     )
+
+
+def key_view(row: ApiKey) -> KeyObject:
+    return KeyObject(
+        id=row.id, name=row.name, prefix=row.prefix, role=row.role,
+        created_at=int(row.created_at.timestamp()), revoked_at=ts(row.revoked_at),
+    )  # fmt: skip
