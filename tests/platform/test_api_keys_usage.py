@@ -141,3 +141,45 @@ def test_cli_keys_and_usage(api: Api) -> None:
     assert revoked.exit_code == 0 and '"revoked_at"' in revoked.stdout
     shown = runner.invoke(cli_app, ["usage", "--group-by", "day"], env=env)
     assert shown.exit_code == 0 and "requests" in shown.stdout
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_front_door_parts_against_the_control_plane(api: Api) -> None:
+    """The ingress's directory and usage batches, through the control plane's real routes:
+    a key verifies, a revoked key leaves on the next pull, usage adds up."""
+    import asyncio
+
+    from thinkforge.serve.access import AccessOptions, DirectorySource, DirectoryUnavailable
+    from thinkforge.serve.usage import UsageBuffer
+
+    secret = api.settings.secret_key.get_secret_value()
+    key = api.new_key("team", "inference")
+
+    async def run() -> None:
+        wrong = DirectorySource(AccessOptions(url=api.url, secret="not-the-secret"))
+        with pytest.raises(DirectoryUnavailable):  # the derived token does not match
+            await wrong.current()
+        await wrong.http.aclose()
+
+        source = DirectorySource(AccessOptions(url=api.url, secret=secret, refresh_s=0.2))
+        directory = await source.current()
+        caller = directory.caller(secret, key)
+        assert caller is not None and caller.project_id == "team"
+        assert directory.caller(secret, "tf-nope") is None
+        assert directory.caller(secret, BOOTSTRAP_KEY).project_id == "default"  # type: ignore[union-attr]
+
+        buffer = UsageBuffer(source.http)
+        for _ in range(3):
+            buffer.add(caller, "sums", "m/1", prompt=5, completion=7, reasoning=4)
+        assert await buffer.flush() == 1  # three requests, one group, one insert
+        assert await buffer.flush() == 0
+
+        with api.keyed(api.new_key("team", "admin")) as admin:
+            admin.post(f"/v1/keys/{caller.key_id}/revoke").raise_for_status()
+            usage = admin.get("/v1/usage").json()["data"]
+        assert [(u["group"], u["requests"], u["total_tokens"]) for u in usage] == [("sums", 3, 36)]
+        await asyncio.sleep(0.3)
+        assert (await source.current()).caller(secret, key) is None
+        await source.http.aclose()
+
+    asyncio.run(run())
