@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -377,6 +378,7 @@ EXPECTED_KINDS = {
     "ingress.yaml": {"Ingress"},
     "mlflow.yaml": {"Deployment", "Service"},
     "networkpolicy.yaml": {"NetworkPolicy"},
+    "redis.yaml": {"Deployment", "Service", "NetworkPolicy"},
     "raycluster.yaml": {"RayCluster"},
 }
 
@@ -530,6 +532,39 @@ def test_compose_control_plane_environment_makes_production_settings(
     assert all(root.is_relative_to(shared) for root in settings.dataset_roots)
 
 
+def test_compose_serve_is_reachable_from_outside_the_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control plane sends Serve ``http_options.host``: 0.0.0.0 in the head container
+    (loopback there would leave the published 8100 unreachable)."""
+    from thinkforge.platform.deployments import desired_config
+
+    services = compose()["services"]
+    for key in list(SETTINGS_ENV):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environment(services["api"]).items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.serve_host == "0.0.0.0"
+
+    class NoRegistry:
+        def resolve(self, ref: str) -> tuple[str, int]:
+            raise AssertionError("no deployments")
+
+    from thinkforge.platform.db import make_engine, make_sessionmaker
+    from thinkforge.platform.models import Base
+
+    engine = make_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    with make_sessionmaker(engine)() as session:
+        config, _ = desired_config(session, NoRegistry(), settings)  # type: ignore[arg-type]
+    engine.dispose()
+    assert config["http_options"] == {"host": "0.0.0.0", "port": SERVE_PORT}
+    assert "8100:8100" in services["ray-head"]["ports"]  # where the proxy runs
+    # The front door in ray-head reaches the API and Redis by their service names.
+    assert httpx.URL(settings.internal_api_url).host == "api"
+    assert httpx.URL(settings.redis_url).host == "redis" and "redis" in services
+    assert not services["redis"].get("ports")  # not published
+
+
 def test_compose_ray_nodes_use_token_auth() -> None:
     services = compose()["services"]
     ray_nodes = {n: s for n, s in services.items() if s.get("command", [])[:2] == ["ray", "start"]}
@@ -588,6 +623,8 @@ VALUE_SETS = {
         "--set=ray.enabled=false",
         "--set=ray.externalAddress=http://ray-head.ray:8265",
         "--set=networkPolicy.enabled=false",
+        "--set=redis.enabled=false",
+        "--set=redis.externalUrl=redis://redis.internal:6379/0",
     ],
     "ingress-s3": [
         "--set=ingress.enabled=true",
@@ -631,6 +668,7 @@ def test_helm_template_renders_valid_objects(name: str, monkeypatch: pytest.Monk
             validate_k8s(doc, k8s_version)
         if doc["kind"] == "ConfigMap":
             check_control_plane_config(doc["data"], monkeypatch)
+            check_front_door_reachable(doc["data"], docs, name)
 
 
 def check_control_plane_config(data: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -648,6 +686,22 @@ def check_control_plane_config(data: dict[str, str], monkeypatch: pytest.MonkeyP
     assert settings.env == "production"
     assert (settings.port, settings.serve_port) == (API_PORT, SERVE_PORT)
     assert settings.ray_address.startswith("http")
+
+
+def check_front_door_reachable(data: dict[str, str], docs: list[dict[str, Any]], name: str) -> None:
+    """Serve listens on all interfaces in the head pod (the Service and Ingress reach it),
+    the front door reaches the control plane's Service, and quotas share one Redis."""
+    assert data["THINKFORGE_SERVE_HOST"] == "0.0.0.0"
+    services = {
+        doc["metadata"]["name"]: doc["spec"]["ports"] for doc in docs if doc["kind"] == "Service"
+    }
+    api = httpx.URL(data["THINKFORGE_INTERNAL_API_URL"])
+    assert api.host in services and api.port in {p["port"] for p in services[api.host]}
+    redis = httpx.URL(data["THINKFORGE_REDIS_URL"])
+    if name == "external-services":
+        assert redis.host == "redis.internal"
+    else:
+        assert redis.host in services and redis.port in {p["port"] for p in services[redis.host]}
 
 
 @needs_helm

@@ -91,3 +91,16 @@ app.kubernetes.io/component: control-plane
   value: {{ printf "%s/hf-cache" .Values.sharedStorage.mountPath | quote }}
 {{- end -}}
 
+
+{{- define "thinkforge.redisName" -}}
+{{- printf "%s-redis" (include "thinkforge.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* THINKFORGE_REDIS_URL: the chart's Redis, an external one, or empty (counted per replica). */}}
+{{- define "thinkforge.redisUrl" -}}
+{{- if .Values.redis.enabled -}}
+{{- printf "redis://%s:%d/0" (include "thinkforge.redisName" .) (int .Values.redis.port) -}}
+{{- else -}}
+{{- .Values.redis.externalUrl -}}
+{{- end -}}
+{{- end -}}
