@@ -162,6 +162,31 @@ def test_seeded_sampling_is_reproducible(engine: TransformersEngine) -> None:
     assert sample(7) != sample(8)
 
 
+def test_a_poison_request_fails_alone_in_a_running_batch(engine: TransformersEngine) -> None:
+    """A seed torch refuses (2**64 overflows manual_seed) is refused when it is submitted,
+    to its caller alone: the batch already decoding finishes as if it had never come."""
+    thinking = ThinkingParams(max_tokens=8)
+    good = [
+        GenerationRequest(str(i), prompt(engine, q), GREEDY, thinking)
+        for i, q in enumerate(QUESTIONS[:2])
+    ]
+    loop = engine.open_loop()
+    for request in good:
+        loop.submit(request)
+    events = loop.step() + loop.step()  # decoding
+    sampled = SamplingParams(temperature=1.0, seed=2**64, max_completion_tokens=20)
+    poison = GenerationRequest("poison", prompt(engine, "Sum: 1 1"), sampled, thinking)
+    with pytest.raises(ValueError, match="seed"):
+        loop.submit(poison)
+    while not loop.idle:
+        events += loop.step()
+    results = {e.request_id: e for e in events if isinstance(e, GenerationResult)}
+    assert set(results) == {"0", "1"}
+    for request in good:
+        alone = run(engine, [request])[request.request_id]
+        assert results[request.request_id].token_ids == alone.token_ids
+
+
 def test_engine_protocol_and_errors(tiny_model_dir: Path) -> None:
     engine = TransformersEngine(str(tiny_model_dir))
     assert isinstance(engine, Engine) and not engine.health()

@@ -307,7 +307,7 @@ class DecodeLoop:
 
     def __init__(self, engine: TransformersEngine) -> None:
         self._engine = engine
-        self._waiting: deque[GenerationRequest] = deque()
+        self._waiting: deque[_Row] = deque()
         self._batch = _Batch(engine.model, engine._cache_arg, engine._pad_id())
 
     @property
@@ -320,14 +320,16 @@ class DecodeLoop:
         return len(self._waiting) + len(self._batch.rows)
 
     def submit(self, request: GenerationRequest) -> None:
+        """Queue a request; one that cannot be decoded (say, a seed torch refuses) raises
+        here, for its caller alone, never later inside a step that others share."""
         _check_prompt(request)
-        self._waiting.append(request)
+        self._waiting.append(self._engine._row(request))
 
     def cancel(self, request_id: str) -> bool:
         """Drop a request wherever it is; no event is emitted for it. False: not found."""
-        for request in self._waiting:
-            if request.request_id == request_id:
-                self._waiting.remove(request)
+        for row in self._waiting:
+            if row.request.request_id == request_id:
+                self._waiting.remove(row)
                 return True
         rows = self._batch.rows
         keep = [i for i, row in enumerate(rows) if row.request.request_id != request_id]
@@ -341,8 +343,7 @@ class DecodeLoop:
         batch, waiting = self._batch, self._waiting
         free = self._engine.max_batch_size - len(batch.rows)
         if waiting and free > 0:
-            new = [waiting.popleft() for _ in range(min(free, len(waiting)))]
-            batch.add([self._engine._row(r) for r in new])
+            batch.add([waiting.popleft() for _ in range(min(free, len(waiting)))])
         return list(batch.step()) if batch.rows else []
 
 
@@ -409,9 +410,12 @@ class TransformersEngine:
         opened = len(prompt) >= len(spec.start) and prompt[-len(spec.start) :] == spec.start
         budget = budget_from_params(request.thinking, self._encode)
         generator = None
-        if request.sampling.seed is not None:
+        seed = request.sampling.seed
+        if seed is not None:
+            if not 0 <= seed < 2**64:
+                raise ValueError(f"seed must be in [0, 2**64), not {seed}")
             generator = torch.Generator(device=self.model.device)
-            generator.manual_seed(request.sampling.seed)
+            generator.manual_seed(seed)
         return _Row(
             request=request,
             state=BudgetState(spec, budget, prompt_opened_thinking=opened),
