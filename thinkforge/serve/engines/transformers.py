@@ -170,9 +170,8 @@ def _check_prompt(request: GenerationRequest) -> None:
 
 
 class DecodeLoop:
-    """Continuous batching: requests join (``submit``) and leave (``cancel``, or finishing)
-    between decode steps, at most ``max_batch_size`` decoding at once. Not thread-safe:
-    one thread owns it and calls ``step`` while it is not ``idle``."""
+    """The transformers ``EngineLoop`` (``thinkforge.serve.engine``): requests join and
+    leave between decode steps, at most ``max_batch_size`` decoding at once."""
 
     def __init__(self, engine: TransformersEngine) -> None:
         self._engine = engine

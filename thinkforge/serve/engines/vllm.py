@@ -437,9 +437,8 @@ class _Live:
 
 
 class VllmLoop:
-    """Requests join (``submit``) and leave (``cancel``, finishing) a running vLLM engine;
-    ``step`` runs one engine step. The same interface as the transformers ``DecodeLoop``,
-    so the Serve replica's scheduler thread drives either. Not thread-safe."""
+    """The vLLM ``EngineLoop`` (``thinkforge.serve.engine``): requests join and leave a
+    running vLLM engine; ``step`` runs one engine step. Not thread-safe."""
 
     def __init__(self, llm: Any, prepare: Callable[[GenerationRequest], tuple[Row, Any]]) -> None:
         self._llm = llm
