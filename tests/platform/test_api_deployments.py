@@ -4,6 +4,7 @@ promotion. The real Ray Serve path is covered in tests/integration/test_serving_
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,7 @@ def model_app(config: dict, name: str) -> dict:
 
 
 def test_create_follow_alias_roll_and_delete(api: Api, versions: list[str], tmp_path: Path) -> None:
+    api.settings.frontdoor_refresh_s = 0.2  # a deleted deployment leaves Serve after 2 pulls
     put = api.client.put(f"/v1/registry/models/{NAME}/aliases/production", json={"version": 1})
     assert put.status_code == 200
     resp = api.client.post(
@@ -36,7 +38,10 @@ def test_create_follow_alias_roll_and_delete(api: Api, versions: list[str], tmp_
     assert body["status"] == "running" and body["served_version"] == f"{NAME}/1"
     config = serve_of(api).configs[-1]
     door = config["applications"][0]
-    assert door["name"] == "thinkforge" and door["args"]["routes"] == {"sums": "model-sums"}
+    # The door names no deployment (it pulls them with the keys): it never rolls for one.
+    assert door["name"] == "thinkforge" and "routes" not in door["args"]
+    assert door["args"]["access"]["url"] == api.settings.internal_api_url
+    assert body["public"] is False
     model = model_app(config, "sums")["args"]["models"][0]
     assert model["model_uri"] == f"models:/{NAME}/1" and model["max_queued_requests"] == 4
     assert model["autoscaling"]["max_replicas"] == 2
@@ -53,10 +58,19 @@ def test_create_follow_alias_roll_and_delete(api: Api, versions: list[str], tmp_
     assert ids[0] == "sums" and {f"{NAME}/1", f"{NAME}/2", f"{NAME}/3"} <= set(ids)
     pinned = api.client.patch("/v1/deployments/sums", json={"model": f"{NAME}/3"})
     assert pinned.status_code == 200 and pinned.json()["served_version"] == f"{NAME}/3"
+    public = api.client.patch("/v1/deployments/sums", json={"public": True}).json()
+    assert public["public"] is True and public["config"] == pinned.json()["config"]
+    assert [a["args"] for a in serve_of(api).configs[-1]["applications"]][0] == door["args"]
     gone = api.client.delete("/v1/deployments/sums")
     assert gone.status_code == 200 and gone.json()["deleted"] is True
+    # Out of the door's directory at once; out of Serve once every door has pulled again.
+    assert api.client.get("/v1/deployments/sums").json()["status"] == "deleting"
+    assert model_app(serve_of(api).configs[-1], "sums")
+    time.sleep(0.5)
+    api.app.state.ctx.deployments().reconcile()  # type: ignore[attr-defined]
     last = serve_of(api).configs[-1]
     assert [a["name"] for a in last["applications"]] == ["thinkforge"]
+    assert last["applications"][0]["args"] == door["args"]
     assert_error(api.client.get("/v1/deployments/sums"), 404)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -25,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound, first_error_location
-from thinkforge.platform.models import Deployment, new_id
+from thinkforge.platform.models import Deployment, new_id, utcnow
 from thinkforge.platform.registry import ModelRegistry, parse_ref
 from thinkforge.platform.serving import ServeClient
 from thinkforge.platform.settings import Settings
@@ -60,7 +61,7 @@ def validate_options(name: str, model: str, options: dict[str, Any]) -> dict[str
 
 def create_deployment(
     session: Session, registry: ModelRegistry, *, project_id: str, name: str, model: str,
-    options: dict[str, Any],
+    options: dict[str, Any], public: bool = False,
 ) -> Deployment:  # fmt: skip
     clean = validate_options(name, model, options)
     registry.resolve(model)  # 404 now, not a failed rollout later; before the first read
@@ -69,6 +70,7 @@ def create_deployment(
     row = Deployment(
         id=new_id("deploy"), project_id=project_id, name=name, model=model,
         engine=str(clean.get("engine", "transformers")), config=clean, status="pending",
+        public=public,
     )  # fmt: skip
     session.add(row)
     try:
@@ -94,7 +96,7 @@ def get_deployment(session: Session, *, project_id: str, name: str) -> Deploymen
 
 def update_deployment(
     session: Session, registry: ModelRegistry, *, project_id: str, name: str,
-    model: str | None, options: dict[str, Any],
+    model: str | None, options: dict[str, Any], public: bool | None = None,
 ) -> Deployment:  # fmt: skip
     if model is not None:
         # Before the first read: a project-scoped registry reads in a session of its own.
@@ -108,6 +110,8 @@ def update_deployment(
     if model is not None:
         row.model = model
     row.engine = str(row.config.get("engine", row.engine))
+    if public is not None:
+        row.public = public
     row.status = "updating"
     return row
 
@@ -141,18 +145,28 @@ def desired_config(
                 settings,
             )
         )
-    # A deployment being deleted leaves the front door first, then Serve: requests the old
-    # door still routes to it keep finding replicas until the door has rolled.
-    deleting = {row.name for row in rows if row.status == "deleting"}
-    routes = {name: app_name(name) for name in versions if name not in deleting}
-    door = {"routes": routes, "ingress": {"num_cpus": 0}}
-    apps.insert(0, _app(FRONT_DOOR, "/", door, settings))
+    # The door's arguments name no deployment: it routes the deployments of the directory
+    # it pulls (thinkforge.platform.frontdoor), so adding or deleting one never rolls it.
+    apps.insert(0, _app(FRONT_DOOR, "/", front_door_args(settings), settings))
     config = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": settings.serve_host, "port": settings.serve_port},
         "applications": apps,
     }
     return config, versions
+
+
+def front_door_args(settings: Settings) -> dict[str, Any]:
+    access = {
+        "url": settings.internal_api_url,
+        "secret": settings.secret_key.get_secret_value(),
+        "refresh_s": settings.frontdoor_refresh_s,
+        "redis_url": settings.redis_url,
+    }
+    return {
+        "ingress": {"num_cpus": 0, "graceful_shutdown_timeout_s": settings.serve_drain_s},
+        "access": access,
+    }
 
 
 def _app(name: str, prefix: str | None, args: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -180,22 +194,20 @@ def apply(
 
 
 def sync_statuses(
-    sessions: sessionmaker[Session], serve: ServeClient, wanted: dict[str, str]
-) -> None:
+    sessions: sessionmaker[Session], serve: ServeClient, wanted: dict[str, str],
+    *, door_refresh_s: float,
+) -> None:  # fmt: skip
     """Copy Serve's view into the rows: running, deploying, degraded (old version serving)."""
     statuses = serve.statuses()
-    door = statuses.get(FRONT_DOOR)
     with sessions.begin() as session:
         for row in session.scalars(select(Deployment)):
             app = statuses.get(app_name(row.name))
             target = wanted.get(row.name)
             if row.status == "deleting":
-                if (
-                    door is not None
-                    and door.status == "RUNNING"
-                    and row.name not in door.args.get("routes", {})
-                ):
-                    session.delete(row)  # the door no longer routes here: Serve may drop it
+                # Out of the door's directory since it was marked; once every door has
+                # pulled again, nothing routes here and Serve may drop it.
+                if utcnow() - row.updated_at > timedelta(seconds=2 * door_refresh_s):
+                    session.delete(row)
                 continue
             if app is None:
                 row.status, row.message = "deploying", "waiting for Ray Serve"
@@ -249,7 +261,10 @@ class DeploymentManager:
                 if force or digest != self._applied:
                     self.serve.apply(config)
                     self._applied, self._wanted = digest, wanted
-                sync_statuses(self.sessions, self.serve, self._wanted)
+                sync_statuses(
+                    self.sessions, self.serve, self._wanted,
+                    door_refresh_s=self.settings.frontdoor_refresh_s,
+                )  # fmt: skip
 
     def on_alias_moved(self, name: str, alias: str, version: int | None) -> None:
         """A promotion: deployments following ``name@alias`` roll now, not at the next pass."""

@@ -12,10 +12,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from thinkforge.platform.auth import BOOTSTRAP_KEY_ID, hash_key
+from thinkforge.platform.deployments import app_name
 from thinkforge.platform.models import DEFAULT_PROJECT, ApiKey, Deployment
 from thinkforge.platform.quotas import all_quotas, default_quota
 from thinkforge.platform.schemas import FrontDoorDeployment, FrontDoorDirectory, FrontDoorKey
 from thinkforge.platform.settings import Settings
+from thinkforge.serve.config import ModelServeConfig
+
+DEFAULT_TIMEOUT_S = ModelServeConfig.model_fields["request_timeout_s"].default
 
 
 def directory(session: Session, settings: Settings) -> FrontDoorDirectory:
@@ -31,13 +35,19 @@ def directory(session: Session, settings: Settings) -> FrontDoorDirectory:
                 digest=digest, key_id=BOOTSTRAP_KEY_ID, project_id=DEFAULT_PROJECT, role="admin"
             )
         )
-    deployments = [
-        FrontDoorDeployment(name=d.name, project_id=d.project_id, public=d.public)
-        for d in session.scalars(select(Deployment).where(Deployment.status != "deleting"))
-    ]
+    rows = session.scalars(select(Deployment).where(Deployment.status != "deleting"))
+    deployments = [_deployment(d) for d in rows]
     return FrontDoorDirectory(
         keys=keys,
         quotas=all_quotas(session, settings),
         deployments=deployments,
         default_quota=default_quota(settings),
     )
+
+
+def _deployment(row: Deployment) -> FrontDoorDeployment:
+    timeout_s = float(row.config.get("request_timeout_s", DEFAULT_TIMEOUT_S))
+    return FrontDoorDeployment(
+        name=row.name, project_id=row.project_id, public=row.public, app=app_name(row.name),
+        timeout_s=timeout_s,
+    )  # fmt: skip

@@ -284,10 +284,14 @@ class DeploymentCreate(ServeOptions):
     model: Annotated[SafeStr, StringConstraints(min_length=1, max_length=300)] = Field(
         description="registered-name@alias or registered-name/version"
     )
+    public: bool | None = Field(
+        default=None, description="true: any project's key may call it on the front door"
+    )
 
 
 class DeploymentUpdate(ServeOptions):
     model: Annotated[SafeStr, StringConstraints(min_length=1, max_length=300)] | None = None
+    public: bool | None = None
 
 
 class DeploymentObject(BaseModel):
@@ -300,6 +304,7 @@ class DeploymentObject(BaseModel):
     served_version: str | None
     message: str | None
     config: dict[str, Any]
+    public: bool = False
     created_at: int
     updated_at: int
 
@@ -455,6 +460,8 @@ class FrontDoorDeployment(BaseModel):
     name: str
     project_id: str
     public: bool
+    app: str = Field(description="the Serve application hosting it")
+    timeout_s: float
 
 
 class FrontDoorDirectory(BaseModel):

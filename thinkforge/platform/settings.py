@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     serve_url: str = ""
     # Where the front door reaches this API (keys, usage). Empty: http://127.0.0.1:{port}.
     internal_api_url: str = ""
+    # How long a rolled front door lets its streams finish (cover the longest generation).
+    serve_drain_s: float = Field(default=600, ge=0)
+    # How often the front door pulls keys and deployments: a revoked key stops within it.
+    frontdoor_refresh_s: float = Field(default=10, gt=0, le=30)
     # Front-door quotas per key, unless the project sets its own (PATCH /v1/quotas).
     default_requests_per_minute: int = Field(default=600, ge=1)
     default_tokens_per_minute: int = Field(default=1_000_000, ge=1)

@@ -75,8 +75,12 @@ class Quota:
 
 @dataclass(frozen=True)
 class Owner:
+    """A deployment: whose it is, and the Serve application that hosts it."""
+
     project_id: str
     public: bool
+    app: str
+    timeout_s: float
 
 
 @dataclass
@@ -100,9 +104,13 @@ class Directory:
             quotas={p: quota(q) for p, q in data["quotas"].items()},
             default_quota=quota(data["default_quota"]),
             deployments={
-                d["name"]: Owner(d["project_id"], bool(d["public"])) for d in data["deployments"]
+                d["name"]: Owner(d["project_id"], bool(d["public"]), d["app"], d["timeout_s"])
+                for d in data["deployments"]
             },
         )
+
+    def visible_models(self, caller: Caller) -> list[str]:
+        return sorted(name for name in self.deployments if self.visible(caller, name))
 
     def caller(self, secret: str, token: str) -> Caller | None:
         return self.keys.get(key_digest(secret, token)) if token else None

@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
+from thinkforge.serve.access import AccessOptions
 from thinkforge.serve.config import ModelServeConfig
 from thinkforge.serve.ingress import OpenAIIngressDeployment, create_api, deployment_name
 from thinkforge.serve.loader import parse_model_uri, resolve
@@ -101,6 +102,9 @@ class IngressOptions(BaseModel):
     max_ongoing_requests: int = Field(default=1024, ge=1)
     max_queued_requests: int = Field(default=1024, ge=-1, description="-1: unbounded")
     num_cpus: float = Field(default=0.1, ge=0)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Rolling the door (rare: adding or deleting a deployment does not) lets streams finish.
+    graceful_shutdown_timeout_s: float = Field(default=300, ge=0)
 
 
 class AppArgs(BaseModel):
@@ -119,6 +123,11 @@ class AppArgs(BaseModel):
     )
     request_timeout_s: float = Field(default=300, gt=0, description="for routed models")
     ingress: IngressOptions = Field(default_factory=IngressOptions)
+    access: AccessOptions | None = Field(
+        default=None,
+        description="keys, quotas and usage through the control plane (the door routes the "
+        "directory's deployments); None: an open door serving models and routes",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> AppArgs:
@@ -163,7 +172,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         backpressure_config={"status_code": 503, "retry_after_s": 1},
         ray_actor_options={"num_cpus": ingress.num_cpus},
         max_surge_percent=100,
-    ).bind(models, handles, parsed.route_prefix)
+        graceful_shutdown_timeout_s=ingress.graceful_shutdown_timeout_s,
+    ).bind(
+        models,
+        handles,
+        parsed.route_prefix,
+        parsed.access.model_dump() if parsed.access else None,
+        ingress.max_body_bytes,
+    )
 
 
 def _bind_model(served: ServedModel, args: AppArgs) -> tuple[serve.Application, dict[str, Any]]:

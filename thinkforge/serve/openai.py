@@ -14,7 +14,11 @@ Errors, translated to OpenAI's ``{"error": {message, type, param, code}}`` in on
 
     ApiError                 (status, type, code)
     +-- BadRequest           400  request validation, replica's RequestRejected
-    +-- ModelNotFound        404  unknown ``model``
+    +-- Unauthorized         401  no key, an unknown or revoked key
+    +-- Forbidden            403  a key without the role (metrics need an admin key)
+    +-- ModelNotFound        404  unknown ``model``, or another project's
+    +-- PayloadTooLarge      413  a body over the front door's limit
+    +-- RateLimited          429  the key's requests or tokens per minute (Retry-After)
     +-- Overloaded           503  max_queued_requests exceeded, no replica (Retry-After)
     +-- UpstreamTimeout      504  the model's request_timeout_s passed
 
@@ -27,7 +31,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,9 +42,13 @@ __all__ = [
     "BadRequest",
     "ChatRequest",
     "CompletionRequest",
+    "Forbidden",
     "GenerationBody",
     "ModelNotFound",
     "Overloaded",
+    "PayloadTooLarge",
+    "RateLimited",
+    "Unauthorized",
     "UpstreamTimeout",
     "chat_chunks",
     "chat_completion",
@@ -78,8 +86,28 @@ class BadRequest(ApiError):
     status, type = 400, "invalid_request_error"
 
 
+class Unauthorized(ApiError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class Forbidden(ApiError):
+    status, type, code = 403, "permission_error", "admin_required"
+
+
 class ModelNotFound(ApiError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class PayloadTooLarge(ApiError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class RateLimited(ApiError):
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.headers = dict(headers)
 
 
 class Overloaded(ApiError):
@@ -96,6 +124,11 @@ class UpstreamTimeout(ApiError):
 
 # ---------------------------------------------------------------- request shapes
 
+# Bounds on what a client sends, beyond the body size limit of the front door.
+MAX_MESSAGES = 256
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256
+
 
 class GenerationBody(BaseModel):
     """What ``/v1/chat/completions`` and ``/v1/completions`` share."""
@@ -110,8 +143,12 @@ class GenerationBody(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**64, description="fits 64 bits")
+    stop: (
+        Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+        | list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]]
+        | None
+    ) = None
     n: int = Field(default=1, ge=1, le=1, description="one choice per request")
     reasoning_effort: ReasoningEffort | None = None
     thinking: ThinkingParams | None = None
@@ -119,8 +156,8 @@ class GenerationBody(BaseModel):
     def payload(self) -> dict[str, Any]:
         """The replica's request dict; ``BadRequest`` for what pydantic cannot check."""
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        if stop is not None and len(stop) > 4:
-            raise BadRequest("at most 4 stop sequences", param="stop")
+        if stop is not None and len(stop) > MAX_STOP_SEQUENCES:
+            raise BadRequest(f"at most {MAX_STOP_SEQUENCES} stop sequences", param="stop")
         return {
             "thinking": self.thinking.model_dump() if self.thinking else None,
             "reasoning_effort": self.reasoning_effort,
@@ -151,7 +188,7 @@ class _Message(BaseModel):
 
 
 class ChatRequest(GenerationBody):
-    messages: list[_Message] = Field(min_length=1)
+    messages: list[_Message] = Field(min_length=1, max_length=MAX_MESSAGES)
 
     def payload(self) -> dict[str, Any]:
         # Earlier assistant turns go in without their reasoning, as Qwen3 templates do.

@@ -23,6 +23,7 @@ thinking) or ``{"prompt": "..."}`` (raw completion), plus ``thinking`` (a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import threading
@@ -72,6 +73,7 @@ class DecodeScheduler:
         self._inbox: queue.SimpleQueue[tuple[str, Any, _Sink | None]] = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}
         self._stop = threading.Event()
+        self._active = 0
         self._thread = threading.Thread(target=self._run, name="thinkforge-decode", daemon=True)
 
     def start(self) -> None:
@@ -104,10 +106,16 @@ class DecodeScheduler:
             if not finished:  # cancelled or abandoned: stop decoding it
                 self._inbox.put(("cancel", request.request_id, None))
 
+    def occupancy(self, max_batch_size: int) -> dict[str, int]:
+        """Sequences decoding and waiting for a slot, as of the last step."""
+        active = self._active
+        return {"batch": min(active, max_batch_size), "queued": max(0, active - max_batch_size)}
+
     def _run(self) -> None:
         loop = self._engine.open_loop()
         while not self._stop.is_set():
             self._drain(loop, block=loop.idle)
+            self._active = loop.active
             if loop.idle:
                 continue
             try:
@@ -132,8 +140,9 @@ class DecodeScheduler:
                 try:
                     loop.submit(payload)
                     self._sinks[payload.request_id] = sink
-                except Exception as exc:
-                    sink.loop.call_soon_threadsafe(sink.queue.put_nowait, exc)
+                except Exception as exc:  # this request's own problem: it fails alone (400)
+                    rejected = RequestRejected(f"the request cannot be decoded: {exc}")
+                    sink.loop.call_soon_threadsafe(sink.queue.put_nowait, rejected)
             elif kind == "cancel":
                 loop.cancel(payload)
                 self._sinks.pop(payload, None)
@@ -177,6 +186,7 @@ class ModelServer:
         self.ref = model_ref
         self.engine: Engine = create_engine(cfg)
         self.engine.load()
+        self.context_limit = context_limit(cfg.model_path, self.engine.tokenizer)
         self.scheduler = DecodeScheduler(self.engine)
         self.scheduler.start()
         logger.info("serving %s version %s from %s", cfg.name, self.version, cfg.model_path)
@@ -231,6 +241,7 @@ class ModelServer:
                 "waits_inserted": summary.waits_inserted,
                 "forced_end": summary.forced_end,
             },
+            "replica": self.scheduler.occupancy(self.cfg.max_batch_size),
         }
 
     def _request(self, payload: dict[str, Any]) -> GenerationRequest:
@@ -245,8 +256,8 @@ class ModelServer:
             prompt = self._chat_prompt(payload["messages"])
         else:
             prompt = self._encode(payload.get("prompt") or "")
-        limit = int(getattr(self.engine.tokenizer, "model_max_length", 0) or 0)
-        if not prompt or (0 < limit < len(prompt) + sampling.max_completion_tokens):
+        limit = self.context_limit
+        if not prompt or limit < len(prompt) + sampling.max_completion_tokens:
             raise RequestRejected(
                 f"the prompt has {len(prompt)} tokens; with max_completion_tokens "
                 f"{sampling.max_completion_tokens} it must fit in {limit} tokens"
@@ -289,6 +300,26 @@ class ModelServer:
     def _encode(self, text: str) -> list[int]:
         ids: list[int] = self.engine.tokenizer.encode(text, add_special_tokens=False)
         return ids
+
+
+def context_limit(model_path: str, tokenizer: Any) -> int:
+    """The most tokens a sequence may hold: the tokenizer's ``model_max_length`` when it is
+    set (Hugging Face puts 1e30 there when unknown), else the model config's
+    ``max_position_embeddings``, else 32768: the prompt-length check always runs."""
+    length = getattr(tokenizer, "model_max_length", None)
+    if isinstance(length, int) and 0 < length < 10**9:
+        return length
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+        positions = config.get("max_position_embeddings") or config.get("text_config", {}).get(
+            "max_position_embeddings"
+        )
+        if isinstance(positions, int) and positions > 0:
+            return positions
+    except (OSError, ValueError):
+        pass
+    logger.warning("%s: no context length in its tokenizer or config; assuming 32768", model_path)
+    return 32768
 
 
 ModelServerDeployment = cast(Deployment, serve.deployment(ModelServer))

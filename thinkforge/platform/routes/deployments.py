@@ -39,13 +39,14 @@ def create(
 ) -> JSONResponse:
     options = body.given()
     options.pop("name"), options.pop("model")
+    public = bool(options.pop("public", False))
     manager = ctx.deployments()  # 503 before anything is written when serving is off
 
     def action() -> tuple[int, dict[str, Any]]:
         with ctx.sessions.begin() as session:
             row = deployments.create_deployment(
                 session, ctx.registry_for(principal.project_id), project_id=principal.project_id,
-                name=body.name, model=body.model, options=options,
+                name=body.name, model=body.model, options=options, public=public,
             )  # fmt: skip
         _apply_now(manager)
         return 200, _view_by_name(ctx, principal.project_id, row.name).model_dump(mode="json")
@@ -81,11 +82,12 @@ def update(
 ) -> DeploymentObject:
     options = body.given()
     model = options.pop("model", None)
+    public = options.pop("public", None)
     manager = ctx.deployments()
     with ctx.sessions.begin() as session:
         deployments.update_deployment(
             session, ctx.registry_for(principal.project_id), project_id=principal.project_id,
-            name=name, model=model, options=options,
+            name=name, model=model, options=options, public=public,
         )  # fmt: skip
     _apply_now(manager)
     return _view_by_name(ctx, principal.project_id, name)
@@ -132,7 +134,7 @@ def _view(row: Deployment) -> DeploymentObject:
     return DeploymentObject(
         id=row.id, name=row.name, model=row.model, engine=row.engine, status=row.status,
         served_version=row.served_version, message=row.message, config=row.config,
-        created_at=ts(row.created_at) or 0, updated_at=ts(row.updated_at) or 0,
+        public=row.public, created_at=ts(row.created_at) or 0, updated_at=ts(row.updated_at) or 0,
     )  # fmt: skip
 
 
