@@ -60,7 +60,7 @@ def test_create_follow_alias_roll_and_delete(api: Api, versions: list[str], tmp_
     assert pinned.status_code == 200 and pinned.json()["served_version"] == f"{NAME}/3"
     public = api.client.patch("/v1/deployments/sums", json={"public": True}).json()
     assert public["public"] is True and public["config"] == pinned.json()["config"]
-    assert [a["args"] for a in serve_of(api).configs[-1]["applications"]][0] == door["args"]
+    assert serve_of(api).configs[-1]["applications"][0]["args"] == door["args"]
     gone = api.client.delete("/v1/deployments/sums")
     assert gone.status_code == 200 and gone.json()["deleted"] is True
     # Out of the door's directory at once; out of Serve once every door has pulled again.
