@@ -159,10 +159,12 @@ def train(tf: Client, file_id: str, hyper: dict[str, Any]) -> dict[str, Any]:
             time.sleep(1)
 
 
-def ask(serve_url: str, model: str, question: str, thinking: dict[str, Any]) -> dict[str, Any]:
+def ask(
+    serve_url: str, key: str, model: str, question: str, thinking: dict[str, Any]
+) -> dict[str, Any]:
     from openai import OpenAI
 
-    client = OpenAI(base_url=serve_url, api_key="unused")
+    client = OpenAI(base_url=serve_url, api_key=key)  # the front door needs a project key
     resp = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": question}], temperature=0,
         max_completion_tokens=256, extra_body={"thinking": thinking},
@@ -242,7 +244,7 @@ def run(args: argparse.Namespace) -> DemoResult:
             (held_out[1], {"max_tokens": 64, "num_waits": 1}),
         ]
         for question, thinking in probes:
-            answer = ask(addresses["serve"], name, question, thinking)
+            answer = ask(addresses["serve"], key, name, question, thinking)
             result.answers.append(answer)
             show_answer(answer)
         console.print("\n7. thinking-budget sweep on held-out questions")

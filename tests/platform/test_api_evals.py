@@ -64,6 +64,12 @@ def test_eval_lifecycle_and_plot(api: Api, versions: list[str]) -> None:
     reconcile(api)
     (spec,) = [s for s in api.launcher.submissions if s.job_id == ev["id"]]
     assert spec.module == "thinkforge.jobs.evaluate" and "--output" in spec.args
+    # The run asks the front door with an inference key of its own, given in its
+    # environment (never in the config the row and the job's command line show).
+    key = spec.env["THINKFORGE_API_KEY"]
+    assert key not in str(ev["config"]) and key not in " ".join(spec.args)
+    with api.keyed(key) as run_key:
+        assert run_key.get("/v1/deployments").json()["error"]["code"] == "inference_key"
     assert_error(api.client.get(f"/v1/evals/{ev['id']}/plot.png"), 409)
     finish(api, ev["id"], 0.75)
     done = api.client.get(f"/v1/evals/{ev['id']}").json()

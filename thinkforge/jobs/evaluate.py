@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import sys
 import tempfile
@@ -344,7 +345,8 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None) -> EvalRes
     if config.base_url is not None:
         client = openai.OpenAI(
             base_url=config.base_url,
-            api_key=config.api_key or "unused",
+            # The control plane hands its run a key of the project in the environment.
+            api_key=config.api_key or os.environ.get("THINKFORGE_API_KEY") or "unused",
             timeout=config.request_timeout_s,
             max_retries=config.max_retries,
         )

@@ -123,6 +123,24 @@ def require_role(principal: Principal, *, admin: bool = False) -> Principal:
     return principal
 
 
+def derived_key(secret: str, purpose: str) -> str:
+    """A key the control plane can compute again from its secret (never stored in plain):
+    an evaluation job's key to the front door, handed to its run through the environment."""
+    return KEY_PREFIX + hash_key(secret, f"thinkforge:derived:{purpose}")
+
+
+def create_derived_key(
+    session: Session, secret: str, *, project_id: str, key_id: str, purpose: str, role: str
+) -> None:
+    """Store the digest of ``derived_key(secret, purpose)`` as key ``key_id``."""
+    key = derived_key(secret, purpose)
+    row = ApiKey(
+        id=key_id, project_id=project_id, name=purpose, key_hash=hash_key(secret, key),
+        prefix=key[:10], role=role,
+    )  # fmt: skip
+    session.add(row)
+
+
 def frontdoor_token(secret: str) -> str:
     """The credential the Serve front door shows the control plane's internal routes: derived
     from the secret both sides hold, so nothing else needs handing out."""

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.jobs.evaluate import EVAL_TAG, PLOT_FILE, RESULTS_FILE, EvalConfig
+from thinkforge.platform.auth import create_derived_key, derived_key
 from thinkforge.platform.deployments import get_deployment
 from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound, first_error_location
 from thinkforge.platform.files import get_file
@@ -88,8 +89,17 @@ def create_eval(
         output_dir=str(settings.data_dir / "evals" / eval_id),
     )  # fmt: skip
     session.add(row)
+    if target.deployment is not None:  # the run asks the front door with a key of its own
+        create_derived_key(
+            session, settings.secret_key.get_secret_value(), project_id=project_id,
+            key_id=_eval_key_id(eval_id), purpose=eval_id, role="inference",
+        )  # fmt: skip
     session.flush()
     return row
+
+
+def _eval_key_id(eval_id: str) -> str:
+    return "key-" + eval_id.removeprefix("eval-")
 
 
 @dataclass(frozen=True)
@@ -155,7 +165,12 @@ def launch_spec(row: Evaluation, settings: Settings) -> LaunchSpec:
     ]  # fmt: skip
     if settings.mlflow_artifact_root:
         args += ["--mlflow-artifact-root", settings.mlflow_artifact_root]
-    return LaunchSpec(job_id=row.id, config={}, module="thinkforge.jobs.evaluate", args=tuple(args))
+    env = {}
+    if row.deployment is not None:
+        env["THINKFORGE_API_KEY"] = derived_key(settings.secret_key.get_secret_value(), row.id)
+    return LaunchSpec(
+        job_id=row.id, config={}, module="thinkforge.jobs.evaluate", args=tuple(args), env=env
+    )
 
 
 def reconcile_evals(
