@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.integration.conftest import ControlPlane
+from tests.integration.conftest import API_KEY, ControlPlane
 from thinkforge.jobs.config import SFTConfig
 from thinkforge.jobs.tiny import ensure_tiny_model
 from thinkforge.jobs.tracking import open_job_run, register_model
@@ -47,7 +47,7 @@ def chat(port: int, **extra: Any) -> httpx.Response:
         f"http://127.0.0.1:{port}/v1/chat/completions",
         json={"model": NAME, "messages": [{"role": "user", "content": "Sum: 1 2"}],
               "max_completion_tokens": 24, "thinking": {"max_tokens": 8}, **extra},
-        timeout=120,
+        headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120,
     )  # fmt: skip
 
 

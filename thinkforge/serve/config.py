@@ -19,6 +19,8 @@ from thinkforge.jobs.config import TemplateFamily
 
 # Each answer says which registry version produced it (absent for a local directory).
 VERSION_HEADER = "x-thinkforge-model-version"
+# And which Serve replica answered it.
+REPLICA_HEADER = "x-thinkforge-replica"
 
 __all__ = [
     "AutoscalingOptions",

@@ -45,7 +45,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from thinkforge.serve.access import AccessOptions, Caller, DirectorySource, DirectoryUnavailable
-from thinkforge.serve.config import VERSION_HEADER
+from thinkforge.serve.config import REPLICA_HEADER, VERSION_HEADER
 from thinkforge.serve.metrics import FrontDoorMetrics
 from thinkforge.serve.openai import (
     ApiError,
@@ -463,8 +463,12 @@ class _Call:
 
 
 def _version_header(event: dict[str, Any]) -> dict[str, str]:
-    version = event.get("version")
-    return {} if version is None else {VERSION_HEADER: str(version)}
+    """Which version (and which replica) answered: from the first or the final event."""
+    version, replica = event.get("version"), event.get("replica")
+    if isinstance(replica, dict):
+        replica = replica.get("id")
+    headers = {} if version is None else {VERSION_HEADER: str(version)}
+    return headers | ({} if replica is None else {REPLICA_HEADER: str(replica)})
 
 
 # ---------------------------------------------------------------- the deployment

@@ -187,6 +187,10 @@ class ModelServer:
         self.engine: Engine = create_engine(cfg)
         self.engine.load()
         self.context_limit = context_limit(cfg.model_path, self.engine.tokenizer)
+        try:
+            self.replica_id: str | None = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # constructed outside Serve (tests)
+            self.replica_id = None
         self.scheduler = DecodeScheduler(self.engine)
         self.scheduler.start()
         logger.info("serving %s version %s from %s", cfg.name, self.version, cfg.model_path)
@@ -202,6 +206,7 @@ class ModelServer:
             "model_uri": ref.model_uri if ref else None,
             "alias": ref.alias if ref else None,
             "template": self.cfg.template.value,
+            "replica": {"id": self.replica_id, **self.scheduler.occupancy(self.cfg.max_batch_size)},
         }
 
     async def complete(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -213,7 +218,7 @@ class ModelServer:
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         request = self._request(payload)
-        yield {"type": "start", "version": self.version}
+        yield {"type": "start", "version": self.version, "replica": self.replica_id}
         async for event in self.scheduler.events(request):
             if isinstance(event, GenerationResult):
                 yield self._final(event)
@@ -241,7 +246,7 @@ class ModelServer:
                 "waits_inserted": summary.waits_inserted,
                 "forced_end": summary.forced_end,
             },
-            "replica": self.scheduler.occupancy(self.cfg.max_batch_size),
+            "replica": {"id": self.replica_id, **self.scheduler.occupancy(self.cfg.max_batch_size)},
         }
 
     def _request(self, payload: dict[str, Any]) -> GenerationRequest:
