@@ -161,7 +161,7 @@ def keys_revoke(
     api_url: ApiUrl = None,
     api_key: ApiKey = None,
 ) -> None:
-    """Revoke a key of the project (an admin key); the front door drops it within 30 s."""
+    """Revoke a key of the project (an admin key); the front door drops it within THINKFORGE_FRONTDOOR_REFRESH_S (10 s)."""
     with Client(api_url, api_key) as tf:
         _print(tf.revoke_key(key_id))
 

@@ -284,42 +284,61 @@ def test_a_client_dropping_a_stream_frees_its_slot(door: Door) -> None:
     until(lambda: occupancy() == 0, 30, "a dropped stream kept its batch slot")
 
 
-def test_a_stream_survives_a_rollout_and_another_deployment(door: Door) -> None:
-    events: list[dict[str, Any] | str] = []
-    done = threading.Event()
+def test_streams_survive_a_rollout_and_another_deployment(door: Door) -> None:
+    """Long streams back to back while another deployment is created and a promotion rolls
+    this one: every stream ends whole, and one the old version was streaming when the new
+    version had already taken traffic still ends whole (its replica drained, not cut)."""
+    streams: list[tuple[str, float, list[dict[str, Any] | str]]] = []  # version, end, events
+    first_v2: list[float] = []
+    stop = threading.Event()
 
     def stream() -> None:
         body = {"model": NAME, "messages": [{"role": "user", "content": "Sum: 4 5"}],
                 "stream": True, **LONG}  # fmt: skip
-        with httpx.stream(
-            "POST", f"{door.url}/v1/chat/completions", json=body, headers=auth(API_KEY),
-            timeout=300,
-        ) as resp:  # fmt: skip
-            assert resp.status_code == 200
-            events.extend(sse(resp.iter_lines()))
-        done.set()
+        while not stop.is_set():
+            with httpx.stream(
+                "POST", f"{door.url}/v1/chat/completions", json=body, headers=auth(API_KEY),
+                timeout=300,
+            ) as resp:  # fmt: skip
+                assert resp.status_code == 200
+                version = resp.headers["x-thinkforge-model-version"]
+                events = list(sse(resp.iter_lines()))
+            streams.append((version, time.monotonic(), events))
 
-    reader = threading.Thread(target=stream)
-    reader.start()
-    until(lambda: len(events) > 3, 60, "the stream never started")
-    door.deploy("other", f"{NAME}/1")  # another deployment: the door is not redeployed
-    with door.api() as client:
-        moved = client.put(f"/v1/registry/models/{NAME}/aliases/production", json={"version": 2})
-        assert moved.status_code == 200, moved.text
-    door.wait_running("other")
-    door.wait_running(NAME, f"{NAME}/2")
-    rolled_while_streaming = not done.is_set()
-    reader.join(timeout=300)
-    assert events[-1] == "[DONE]", events[-3:]
-    assert not any(isinstance(e, dict) and "error" in e for e in events)
-    final = [
-        e
-        for e in events
-        if isinstance(e, dict) and e["choices"] and e["choices"][0]["finish_reason"]
-    ]
-    assert final and final[-1]["thinking"]["tokens"] == 3000
-    assert rolled_while_streaming, "the stream ended before the rollout: make it longer"
-    assert door.chat(API_KEY).headers["x-thinkforge-model-version"] == "2"
+    def probe() -> None:
+        while not first_v2 and not stop.is_set():
+            resp = door.chat(API_KEY)
+            if resp.headers.get("x-thinkforge-model-version") == "2":
+                first_v2.append(time.monotonic())
+            time.sleep(0.3)
+
+    readers = [threading.Thread(target=stream) for _ in range(2)] + [threading.Thread(target=probe)]
+    for r in readers:
+        r.start()
+    try:
+        until(lambda: streams, 120, "no stream finished")
+        door.deploy("other", f"{NAME}/1")  # another deployment: the door is not redeployed
+        with door.api() as client:
+            moved = client.put(
+                f"/v1/registry/models/{NAME}/aliases/production", json={"version": 2}
+            )
+            assert moved.status_code == 200, moved.text
+        door.wait_running("other")
+        door.wait_running(NAME, f"{NAME}/2")
+        until(lambda: first_v2, 60, "version 2 never answered")
+        until(lambda: any(v == "2" for v, _, _ in streams), 120, "no stream from version 2")
+    finally:
+        stop.set()
+        for r in readers:
+            r.join(timeout=300)
+    for _, _, events in streams:
+        assert events[-1] == "[DONE]", events[-3:]
+        assert not any(isinstance(e, dict) and "error" in e for e in events)
+        finish = [e for e in events if isinstance(e, dict) and e["choices"]
+                  and e["choices"][0]["finish_reason"]]  # fmt: skip
+        assert finish and finish[-1]["thinking"]["tokens"] == 3000
+    drained = [end for v, end, _ in streams if v == "1" and end > first_v2[0]]
+    assert drained, "no old-version stream was still running when the new version took over"
     assert door.chat(API_KEY, model="other").status_code == 200
     with door.api() as client:
         assert client.delete("/v1/deployments/other").status_code == 200

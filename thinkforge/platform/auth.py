@@ -10,7 +10,6 @@ Roles: ``admin`` (everything in its project), ``member`` (everything but admin a
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from sqlalchemy.orm import Session
 from thinkforge.platform.errors import AuthenticationFailed, NotFound, PermissionDenied
 from thinkforge.platform.models import DEFAULT_PROJECT, ApiKey, Project, new_id, utcnow
 from thinkforge.platform.settings import Settings
+from thinkforge.serve.config import key_digest as hash_key
 
 KEY_PREFIX = "tf-"
 BOOTSTRAP_KEY_ID = "key-bootstrap"
@@ -38,10 +38,6 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
-
-
-def hash_key(secret: str, key: str) -> str:
-    return hmac.new(secret.encode(), key.encode(), hashlib.sha256).hexdigest()
 
 
 def ensure_project(session: Session, project_id: str) -> Project:
@@ -139,12 +135,6 @@ def create_derived_key(
         prefix=key[:10], role=role,
     )  # fmt: skip
     session.add(row)
-
-
-def frontdoor_token(secret: str) -> str:
-    """The credential the Serve front door shows the control plane's internal routes: derived
-    from the secret both sides hold, so nothing else needs handing out."""
-    return hash_key(secret, "thinkforge:frontdoor")
 
 
 def authenticate(session: Session, settings: Settings, authorization: str | None) -> Principal:

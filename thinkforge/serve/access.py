@@ -16,8 +16,6 @@ given the secret and shows the control plane a token derived from it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,6 +23,8 @@ from typing import Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
+
+from thinkforge.serve.config import frontdoor_token, key_digest
 
 log = logging.getLogger(__name__)
 INFERENCE_ROLES = frozenset({"admin", "member", "inference"})
@@ -37,15 +37,6 @@ __all__ = [
 
 class DirectoryUnavailable(Exception):
     """No directory was ever pulled: the control plane has not answered yet."""
-
-
-def key_digest(secret: str, key: str) -> str:
-    return hmac.new(secret.encode(), key.encode(), hashlib.sha256).hexdigest()
-
-
-def frontdoor_token(secret: str) -> str:
-    """What the front door sends the control plane's internal routes."""
-    return key_digest(secret, "thinkforge:frontdoor")
 
 
 class AccessOptions(BaseModel):
