@@ -269,6 +269,12 @@ def test_a_client_dropping_a_stream_frees_its_slot(door: Door) -> None:
 
     body = {"model": NAME, "messages": [{"role": "user", "content": "Sum: 1 2"}],
             "stream": True, **LONG}  # fmt: skip
+    started = time.monotonic()
+    with httpx.stream(
+        "POST", f"{door.url}/v1/chat/completions", json=body, headers=auth(API_KEY), timeout=300
+    ) as whole:
+        assert list(sse(whole.iter_lines()))[-1] == "[DONE]"
+    full_s = time.monotonic() - started  # how long the slot is held when nobody leaves
     with (
         httpx.Client(timeout=60) as client,
         client.stream(
@@ -280,8 +286,11 @@ def test_a_client_dropping_a_stream_frees_its_slot(door: Door) -> None:
         for _ in range(5):
             next(lines)
         assert until(lambda: occupancy() >= 1, 30, "the stream never took a slot")
-    # The connection is closed mid-stream: the replica drops the request between steps.
+    # The connection is closed mid-stream: the replica drops the request between steps,
+    # well before the stream would have ended.
+    closed = time.monotonic()
     until(lambda: occupancy() == 0, 30, "a dropped stream kept its batch slot")
+    assert time.monotonic() - closed < full_s / 2, (time.monotonic() - closed, full_s)
 
 
 def test_streams_survive_a_rollout_and_another_deployment(door: Door) -> None:
