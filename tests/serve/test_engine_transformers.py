@@ -13,6 +13,7 @@ from thinkforge.serve.engine import (
     Engine,
     EngineLoop,
     FinishReason,
+    GenerationFailed,
     GenerationRequest,
     GenerationResult,
     SamplingParams,
@@ -187,6 +188,57 @@ def test_a_poison_request_fails_alone_in_a_running_batch(engine: TransformersEng
     for request in good:
         alone = run(engine, [request])[request.request_id]
         assert results[request.request_id].token_ids == alone.token_ids
+
+
+def test_a_request_that_breaks_while_decoding_fails_alone(
+    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sequence whose text cannot be produced on its 4th token (a fault put in from
+    outside: its detokenizer raises) ends with GenerationFailed; the others in its batch
+    decode to the same tokens as alone."""
+
+    class Breaks:
+        def __init__(self, inner: Detokenizer) -> None:
+            self.inner, self.pushed = inner, 0
+
+        def push(self, token_id: int) -> str:
+            self.pushed += 1
+            if self.pushed == 4:
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "poison")
+            return self.inner.push(token_id)
+
+        def flush(self) -> str:
+            return self.inner.flush()
+
+    make_row = engine._row
+
+    def row(request: GenerationRequest):  # type: ignore[no-untyped-def]
+        made = make_row(request)
+        if request.request_id == "poison":
+            made.detok = Breaks(made.detok)  # type: ignore[assignment]
+        return made
+
+    monkeypatch.setattr(engine, "_row", row)
+    thinking = ThinkingParams(max_tokens=8)
+    good = [
+        GenerationRequest(str(i), prompt(engine, q), GREEDY, thinking)
+        for i, q in enumerate(QUESTIONS[:2])
+    ]
+    poison = GenerationRequest("poison", prompt(engine, "Sum: 1 1"), GREEDY, thinking)
+    events = list(engine.generate([good[0], poison, good[1]]))
+    failed = [e for e in events if isinstance(e, GenerationFailed)]
+    assert [(e.request_id, "UnicodeDecodeError" in e.error) for e in failed] == [("poison", True)]
+    assert not any(
+        getattr(e, "request_id", None) == "poison" for e in events[events.index(failed[0]) + 1 :]
+    )
+    results = {e.request_id: e for e in events if isinstance(e, GenerationResult)}
+    assert set(results) == {"0", "1"}
+    monkeypatch.undo()
+    for request in good:
+        assert (
+            results[request.request_id].token_ids
+            == run(engine, [request])[request.request_id].token_ids
+        )
 
 
 def test_engine_protocol_and_errors(tiny_model_dir: Path) -> None:

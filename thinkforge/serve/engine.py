@@ -39,6 +39,7 @@ __all__ = [
     "EngineEvent",
     "EngineLoop",
     "FinishReason",
+    "GenerationFailed",
     "GenerationRequest",
     "GenerationResult",
     "SamplingParams",
@@ -146,7 +147,15 @@ class GenerationResult:
     content_text: str = ""
 
 
-EngineEvent = TokenEvent | GenerationResult
+@dataclass(frozen=True, slots=True)
+class GenerationFailed:
+    """A request that broke while decoding: it leaves the batch alone, the others go on."""
+
+    request_id: str
+    error: str
+
+
+EngineEvent = TokenEvent | GenerationResult | GenerationFailed
 
 
 @runtime_checkable
@@ -175,7 +184,8 @@ class EngineLoop(Protocol):
 
     def step(self) -> list[EngineEvent]:
         """One decode step: a ``TokenEvent`` per token appended, then the
-        ``GenerationResult`` of each request that finished."""
+        ``GenerationResult`` of each request that finished; a request that broke (and
+        only it) ends with ``GenerationFailed``."""
         ...
 
 

@@ -42,9 +42,11 @@ from thinkforge.serve.engine import (
     Engine,
     EngineEvent,
     EngineLoop,
+    GenerationFailed,
     GenerationRequest,
     GenerationResult,
     SamplingParams,
+    TokenEvent,
 )
 from thinkforge.serve.engines import create_engine
 from thinkforge.serve.loader import ModelRef, fetch
@@ -88,7 +90,9 @@ class DecodeScheduler:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stop.is_set()
 
-    async def events(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+    async def events(
+        self, request: GenerationRequest
+    ) -> AsyncIterator[TokenEvent | GenerationResult]:
         """Submit the request; yield its token events, then its ``GenerationResult``."""
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         self._inbox.put(("submit", request, sink))
@@ -100,6 +104,9 @@ class DecodeScheduler:
                     finished = True
                     raise item
                 for event in item:
+                    if isinstance(event, GenerationFailed):
+                        finished = True
+                        raise RuntimeError(f"decoding this request failed: {event.error}")
                     finished = isinstance(event, GenerationResult)
                     yield event
         finally:
@@ -160,7 +167,7 @@ class DecodeScheduler:
             sink = self._sinks.get(request_id)
             if sink is None:
                 continue
-            if isinstance(batch[-1], GenerationResult):
+            if isinstance(batch[-1], GenerationResult | GenerationFailed):
                 del self._sinks[request_id]
             sink.loop.call_soon_threadsafe(sink.queue.put_nowait, batch)
 

@@ -34,6 +34,7 @@ from thinkforge.serve.budget import BudgetState, DelimiterSpec
 from thinkforge.serve.engine import (
     END_OF_TURN,
     EngineEvent,
+    GenerationFailed,
     GenerationRequest,
     budget_from_params,
     delimiters_for,
@@ -101,17 +102,26 @@ class _Batch:
         """Append one token to every row, emit events, drop finished rows, run the model."""
         greedy = torch.argmax(self.logits, dim=-1).tolist()
         next_ids: list[int] = []
+        failed: set[int] = set()
         for i, row in enumerate(self.rows):
-            if row.state.next_forced() is not None or row.request.sampling.temperature == 0:
-                sampled = greedy[i]  # ignored when a token is forced
-            else:
-                sampled = _sample(self.logits[i], row)
-            step = row.state.advance(sampled)
+            try:
+                if row.state.next_forced() is not None or row.request.sampling.temperature == 0:
+                    sampled = greedy[i]  # ignored when a token is forced
+                else:
+                    sampled = _sample(self.logits[i], row)
+                step = row.state.advance(sampled)
+                event = row.take(step)
+                result = row.result() if row.finish is not None else None
+            except Exception as exc:  # this sequence alone leaves the batch
+                failed.add(i)
+                next_ids.append(self.pad_id)
+                yield GenerationFailed(row.request.request_id, f"{type(exc).__name__}: {exc}")
+                continue
             next_ids.append(step.token_id)
-            yield row.take(step)
-            if row.finish is not None:
-                yield row.result()
-        keep = [i for i, row in enumerate(self.rows) if row.finish is None]
+            yield event
+            if result is not None:
+                yield result
+        keep = [i for i, row in enumerate(self.rows) if row.finish is None and i not in failed]
         if len(keep) < len(self.rows):
             self._keep(keep)
         if self.rows:
