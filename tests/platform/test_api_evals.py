@@ -74,6 +74,8 @@ def test_eval_lifecycle_and_plot(api: Api, versions: list[str]) -> None:
     finish(api, ev["id"], 0.75)
     done = api.client.get(f"/v1/evals/{ev['id']}").json()
     assert done["status"] == "succeeded" and done["best_accuracy"] == 0.75
+    with api.keyed(key) as run_key:  # the run has ended: its key with it
+        assert run_key.get("/v1/deployments").status_code == 401
     assert done["budgets"][0]["budget"] == "full" and done["mlflow_run_id"] == "r1"
     png = api.client.get(done["plot_url"])
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"

@@ -28,7 +28,7 @@ from thinkforge.platform.deployments import get_deployment
 from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound, first_error_location
 from thinkforge.platform.files import get_file
 from thinkforge.platform.launcher import JobLauncher, LaunchSpec, LaunchState
-from thinkforge.platform.models import Evaluation, new_id, utcnow
+from thinkforge.platform.models import ApiKey, Evaluation, new_id, utcnow
 from thinkforge.platform.ray_launcher import job_error_line
 from thinkforge.platform.schemas import EvalCreate
 from thinkforge.platform.settings import Settings
@@ -185,6 +185,20 @@ def reconcile_evals(
             _advance(sessions, launcher, settings, row)
         except Exception:  # one evaluation must not stop the others
             log.exception("reconciling evaluation %s failed", row.id)
+    with sessions.begin() as session:
+        _revoke_ended_run_keys(session)
+
+
+def _revoke_ended_run_keys(session: Session) -> None:
+    """An ended evaluation's run needs its front-door key no more."""
+    keys = session.scalars(
+        select(ApiKey)
+        .join(Evaluation, Evaluation.id == ApiKey.name)
+        .where(ApiKey.revoked_at.is_(None), Evaluation.status.in_(TERMINAL))
+    )
+    for key in keys:
+        if key.id == _eval_key_id(key.name):
+            key.revoked_at = utcnow()
 
 
 def _advance(
