@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from thinkforge.contract import DATA_METRIC_PREFIX, JOB_TAG, STEP_METRICS, TRAINED_TOKENS
 from thinkforge.jobs.checkpoints import list_checkpoints
 from thinkforge.platform.jobs import add_event
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, ModelVersion, new_id
@@ -32,8 +33,6 @@ from thinkforge.platform.registry import (
 )
 
 log = logging.getLogger(__name__)
-JOB_TAG = "job_id"
-STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "epoch", "total_steps", "val_loss")
 
 
 class RunTracker:
@@ -137,7 +136,7 @@ class RunTracker:
                 data={"model": version.name, "version": int(version.version)},
                 dedupe_key="registered",
             )  # fmt: skip
-        tokens = run.data.metrics.get("trained_tokens")
+        tokens = run.data.metrics.get(TRAINED_TOKENS)
         if tokens is not None:
             job.trained_tokens = int(tokens)
 
@@ -145,7 +144,11 @@ class RunTracker:
 def _sync_data_stats(session: Session, job: Job, metrics: dict[str, float]) -> None:
     """One event with what tokenization did to the dataset: examples longer than the
     block size are said out loud (s1: truncating its traces cost 20 AIME points)."""
-    stats = {k.removeprefix("data_"): int(v) for k, v in metrics.items() if k.startswith("data_")}
+    stats = {
+        k.removeprefix(DATA_METRIC_PREFIX): int(v)
+        for k, v in metrics.items()
+        if k.startswith(DATA_METRIC_PREFIX)
+    }
     if "records" not in stats:
         return
     block = job.config.get("block_size")
