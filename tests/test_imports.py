@@ -41,9 +41,9 @@ print(json.dumps({{"loaded": loaded, "bad": bad}}))
 
 
 def test_platform_reaches_the_worker_side_only_through_the_contract_and_configs() -> None:
-    """platform may import jobs.config, serve.config and thinkforge.contract; nothing else
-    of jobs or serve (their modules pull in torch and Ray)."""
-    allowed = {"thinkforge.contract", "thinkforge.jobs.config", "thinkforge.serve.config"}
+    """platform may import thinkforge.contract, jobs.config, jobs.checkpoints (pure) and
+    serve.config; nothing else of jobs or serve (their modules pull in torch and Ray)."""
+    allowed = {"thinkforge.jobs.config", "thinkforge.jobs.checkpoints", "thinkforge.serve.config"}
     allowed |= KNOWN_PLATFORM_REACHES
     graph = import_graph()
     reached = {
@@ -56,9 +56,9 @@ def test_platform_reaches_the_worker_side_only_through_the_contract_and_configs(
     assert reached == set()
 
 
-# Not moved yet: the checkpoint listing the tracker reads, and the evaluation job's
-# EvalConfig (a pydantic model like jobs.config's) that platform/evals.py validates.
-KNOWN_PLATFORM_REACHES = {"thinkforge.jobs.checkpoints", "thinkforge.jobs.evaluate"}
+# Not moved yet: the evaluation job's EvalConfig, a pydantic model like jobs.config's,
+# that platform/evals.py validates requests with.
+KNOWN_PLATFORM_REACHES = {"thinkforge.jobs.evaluate"}
 
 
 def test_the_contract_imports_nothing_of_thinkforge_and_nothing_heavy() -> None:

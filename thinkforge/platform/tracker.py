@@ -20,7 +20,15 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from thinkforge.contract import DATA_METRIC_PREFIX, JOB_TAG, STEP_METRICS, TRAINED_TOKENS
+from thinkforge.contract import (
+    BASE_MODEL_TAG,
+    DATA_METRIC_PREFIX,
+    DATASET_SHA_TAG,
+    JOB_TAG,
+    RECIPE_TAG,
+    STEP_METRICS,
+    TRAINED_TOKENS,
+)
 from thinkforge.jobs.checkpoints import list_checkpoints
 from thinkforge.platform.jobs import add_event
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, ModelVersion, new_id
@@ -182,11 +190,11 @@ def mirror_version(
         session.add(row)
     lineage = detail.lineage
     row.project_id = job.project_id if job is not None else row.project_id
-    row.job_id = lineage.get("job_id") or (job.id if job is not None else None)
+    row.job_id = lineage.get(JOB_TAG) or (job.id if job is not None else None)
     row.run_id = detail.run_id
-    row.base_model = lineage.get("base_model")
-    row.dataset_sha256 = lineage.get("dataset_sha256")
-    row.recipe = lineage.get("recipe")
+    row.base_model = lineage.get(BASE_MODEL_TAG)
+    row.dataset_sha256 = lineage.get(DATASET_SHA_TAG)
+    row.recipe = lineage.get(RECIPE_TAG)
     row.metrics = dict(detail.metrics)
     row.manifest = dict(detail.manifest) if detail.manifest is not None else None
     row.status = detail.status.value
