@@ -10,8 +10,8 @@ import asyncio
 import time
 import uuid
 
+from thinkforge.contract import key_digest
 from thinkforge.serve.access import Caller, Directory, Quota
-from thinkforge.serve.config import key_digest
 from thinkforge.serve.quotas import MemoryLimiter, RedisLimiter
 
 secret = "s" * 40

@@ -13,7 +13,9 @@ them back. Every name and format they must agree on lives here, and nowhere else
 - ``ModelRef``, the one model reference grammar (``models:/NAME/VERSION``,
   ``models:/NAME@ALIAS``, with or without ``models:/``);
 - the job's log lines: ``THINKFORGE_EVENT {json}`` progress events on stdout and the
-  last-word ``thinkforge job error: ...`` line on stderr, with their readers.
+  last-word ``thinkforge job error: ...`` line on stderr, with their readers;
+- API key digests (``key_digest``), stored by the control plane and checked by the Serve
+  front door, and the front door's token to the control plane (``frontdoor_token``).
 
 Pure: the standard library only, so any process can import it cheaply::
 
@@ -25,6 +27,7 @@ Pure: the standard library only, so any process can import it cheaply::
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import re
 import sys
@@ -67,7 +70,9 @@ __all__ = [
     "error_line",
     "event_line",
     "find_error",
+    "frontdoor_token",
     "is_manifest",
+    "key_digest",
     "manifest_bytes",
     "parse_event",
     "sha256_file",
@@ -296,3 +301,18 @@ def find_error(logs: str | None) -> str | None:
         if line.startswith(ERROR_PREFIX):
             return line.removeprefix(ERROR_PREFIX).strip()
     return None
+
+
+# ---------------------------------------------------------------- API keys
+
+
+def key_digest(secret: str, key: str) -> str:
+    """How an API key is stored and checked, by the control plane and the front door alike:
+    HMAC-SHA256 keyed by THINKFORGE_SECRET_KEY, hex."""
+    return hmac.new(secret.encode(), key.encode(), hashlib.sha256).hexdigest()
+
+
+def frontdoor_token(secret: str) -> str:
+    """What the front door shows the control plane's internal routes: derived from the
+    secret both hold, so nothing else needs handing out."""
+    return key_digest(secret, "thinkforge:frontdoor")

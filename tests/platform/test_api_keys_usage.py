@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from tests.platform.conftest import BOOTSTRAP_KEY, Api
 from thinkforge.cli import app as cli_app
+from thinkforge.contract import frontdoor_token
 from thinkforge.platform.auth import hash_key
 from thinkforge.platform.models import ApiKey, Project, UsageRecord
-from thinkforge.serve.config import frontdoor_token
 
 
 def door(api: Api) -> httpx.Client:

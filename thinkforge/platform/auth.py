@@ -18,10 +18,10 @@ from typing import Literal, get_args
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from thinkforge.contract import key_digest as hash_key
 from thinkforge.platform.errors import AuthenticationFailed, NotFound, PermissionDenied
 from thinkforge.platform.models import DEFAULT_PROJECT, ApiKey, Project, new_id, utcnow
 from thinkforge.platform.settings import Settings
-from thinkforge.serve.config import key_digest as hash_key
 
 KEY_PREFIX = "tf-"
 BOOTSTRAP_KEY_ID = "key-bootstrap"

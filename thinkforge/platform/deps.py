@@ -12,6 +12,7 @@ from fastapi import Depends, Header, Query, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from thinkforge.contract import frontdoor_token
 from thinkforge.platform.auth import Principal, authenticate, require_role
 from thinkforge.platform.deployments import DeploymentManager
 from thinkforge.platform.errors import AuthenticationFailed, Unavailable
@@ -22,7 +23,6 @@ from thinkforge.platform.reconciler import ProgressTracker
 from thinkforge.platform.registry import ModelRegistry
 from thinkforge.platform.serving import ServeClient
 from thinkforge.platform.settings import Settings
-from thinkforge.serve.config import frontdoor_token
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from thinkforge.serve.config import frontdoor_token, key_digest
+from thinkforge.contract import frontdoor_token, key_digest
 
 log = logging.getLogger(__name__)
 INFERENCE_ROLES = frozenset({"admin", "member", "inference"})

@@ -10,8 +10,6 @@ deployments with these models, and the Serve replica reads the same ones.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from enum import StrEnum
 from typing import Any
 
@@ -25,18 +23,6 @@ VERSION_HEADER = "x-thinkforge-model-version"
 REPLICA_HEADER = "x-thinkforge-replica"
 
 
-def key_digest(secret: str, key: str) -> str:
-    """How an API key is stored and checked, by the control plane and the front door alike:
-    HMAC-SHA256 keyed by THINKFORGE_SECRET_KEY, hex."""
-    return hmac.new(secret.encode(), key.encode(), hashlib.sha256).hexdigest()
-
-
-def frontdoor_token(secret: str) -> str:
-    """What the front door shows the control plane's internal routes: derived from the
-    secret both hold, so nothing else needs handing out."""
-    return key_digest(secret, "thinkforge:frontdoor")
-
-
 __all__ = [
     "AutoscalingOptions",
     "EffortBudgets",
@@ -45,8 +31,6 @@ __all__ = [
     "ReasoningEffort",
     "TemplateFamily",
     "ThinkingParams",
-    "frontdoor_token",
-    "key_digest",
 ]
 
 
