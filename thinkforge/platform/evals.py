@@ -28,6 +28,7 @@ from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound, first
 from thinkforge.platform.files import resolve_dataset
 from thinkforge.platform.launcher import JobLauncher, LaunchState, ModuleLaunch
 from thinkforge.platform.models import Evaluation, new_id, utcnow
+from thinkforge.platform.pagination import page
 from thinkforge.platform.ray_launcher import job_error_line
 from thinkforge.platform.runs import cancel_target, is_cancelled, launch_run
 from thinkforge.platform.schemas import EvalCreate
@@ -115,6 +116,13 @@ def get_eval(session: Session, *, project_id: str, eval_id: str, lock: bool = Fa
     if row is None:
         raise NotFound(f"no evaluation {eval_id!r} in this project", param="eval_id")
     return row
+
+
+def list_evals(
+    session: Session, *, project_id: str, after: str | None, limit: int
+) -> tuple[list[Evaluation], bool]:
+    stmt = select(Evaluation).where(Evaluation.project_id == project_id)
+    return page(session, stmt, Evaluation, after=after, limit=limit)
 
 
 def cancel_eval(session: Session, *, project_id: str, eval_id: str) -> tuple[Evaluation, bool]:
