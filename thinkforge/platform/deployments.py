@@ -29,7 +29,7 @@ from thinkforge.platform.models import Deployment, new_id
 from thinkforge.platform.registry import ModelRegistry, parse_ref
 from thinkforge.platform.serving import ServeClient
 from thinkforge.platform.settings import Settings
-from thinkforge.platform.status import DeploymentStatus
+from thinkforge.platform.status import DeploymentStatus, moves
 from thinkforge.serve.config import ModelServeConfig
 
 log = logging.getLogger(__name__)
@@ -132,11 +132,10 @@ def set_status(row: Deployment, target: DeploymentStatus, *, message: str | None
     """Move ``row`` to ``target`` with ``message`` if the status machine allows it; returns
     whether the status changed (the message is refreshed when it stays)."""
     current = DeploymentStatus(row.status)
-    if current != target and not current.can_become(target):
-        log.info("deployment %s: ignoring %s -> %s", row.name, current, target)
-        return False
-    row.status, row.message = target.value, message
-    return current != target
+    moved = moves(current, target, what=f"deployment {row.name}")
+    if moved or current == target:
+        row.status, row.message = target.value, message
+    return moved
 
 
 def desired_config(

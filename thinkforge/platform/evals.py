@@ -33,7 +33,7 @@ from thinkforge.platform.ray_launcher import job_error_line
 from thinkforge.platform.runs import cancel_target, is_cancelled, launch_run
 from thinkforge.platform.schemas import EvalCreate
 from thinkforge.platform.settings import Settings
-from thinkforge.platform.status import EvalFailureKind, EvalStatus
+from thinkforge.platform.status import EvalFailureKind, EvalStatus, moves
 
 log = logging.getLogger(__name__)
 TERMINAL = tuple(s.value for s in EvalStatus if s.is_terminal())
@@ -139,11 +139,7 @@ def cancel_eval(session: Session, *, project_id: str, eval_id: str) -> tuple[Eva
 def set_status(row: Evaluation, target: EvalStatus, *, error: dict[str, Any] | None = None) -> bool:
     """Move ``row`` to ``target`` if the status machine allows it; returns whether it moved.
     An ``error`` is kept with any status (a stopped run's reason, a mixed-version note)."""
-    current = EvalStatus(row.status)
-    if current == target:
-        return False
-    if not current.can_become(target):
-        log.info("evaluation %s: ignoring %s -> %s", row.id, current, target)
+    if not moves(EvalStatus(row.status), target, what=f"evaluation {row.id}"):
         return False
     row.status = target.value
     if error is not None:

@@ -9,7 +9,6 @@ also claims, for its project, the registered model name it will register under
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +34,8 @@ from thinkforge.platform.registry import ModelRegistry
 from thinkforge.platform.runs import cancel_target, is_cancelled, launch_run
 from thinkforge.platform.schemas import JobCreate
 from thinkforge.platform.settings import Settings
-from thinkforge.platform.status import FailureKind, JobStatus
+from thinkforge.platform.status import FailureKind, JobStatus, moves
 
-log = logging.getLogger(__name__)
 
 
 def create_job(
@@ -215,11 +213,7 @@ def set_status(
     error: dict[str, Any] | None = None,
 ) -> bool:
     """Move ``job`` to ``target`` if the status machine allows it; returns whether it moved."""
-    current = JobStatus(job.status)
-    if current == target:
-        return False
-    if not current.can_become(target):
-        log.info("job %s: ignoring %s -> %s", job.id, current, target)
+    if not moves(JobStatus(job.status), target, what=f"job {job.id}"):
         return False
     now = utcnow()
     job.status = target.value

@@ -18,7 +18,11 @@ Terminal states (succeeded, failed, cancelled) never change. A job not yet launc
 
 from __future__ import annotations
 
+import logging
 from enum import StrEnum
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
 
 
 class JobStatus(StrEnum):
@@ -170,3 +174,18 @@ DEPLOYMENT_TRANSITIONS: dict[DeploymentStatus, frozenset[DeploymentStatus]] = {
     DeploymentStatus.PENDING: _LIVE | {DeploymentStatus.DELETING},
     DeploymentStatus.DELETING: frozenset(),
 }
+
+
+Status = TypeVar("Status", JobStatus, EvalStatus, DeploymentStatus)
+
+
+def moves(current: Status, target: Status, *, what: str) -> bool:
+    """Whether ``current`` becomes ``target`` (every ``set_status`` asks this first). A
+    move the machine forbids is logged and ignored, not raised: the reconciler may act on
+    a view of the cluster older than the row."""
+    if current == target:
+        return False
+    if not current.can_become(target):
+        log.info("%s: ignoring %s -> %s", what, current.value, target.value)
+        return False
+    return True
