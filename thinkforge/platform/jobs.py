@@ -37,7 +37,6 @@ from thinkforge.platform.settings import Settings
 from thinkforge.platform.status import FailureKind, JobStatus, moves
 
 
-
 def create_job(
     session: Session,
     settings: Settings,
