@@ -72,8 +72,8 @@ def create_eval(
         loc, msg = first_error_location(exc)
         raise InvalidRequest(f"{loc}: {msg}") from None
     row = Evaluation(
-        id=eval_id, project_id=project_id, status=EvalStatus.QUEUED.value, deployment=target.deployment,
-        model_version=target.version, config=config.model_dump(mode="json"),
+        id=eval_id, project_id=project_id, status=EvalStatus.QUEUED.value,
+        deployment=target.deployment, model_version=target.version, config=config.model_dump(mode="json"),
         output_dir=str(settings.data_dir / "evals" / eval_id),
     )  # fmt: skip
     session.add(row)
@@ -187,8 +187,8 @@ def _advance(
         _submit(sessions, launcher, settings, row)
         return
     status = launcher.status(row.id)
-    cancelling = row.status == EvalStatus.CANCELLING
-    if cancelling and status.state in (LaunchState.PENDING, LaunchState.RUNNING):
+    live = status.state in (LaunchState.PENDING, LaunchState.RUNNING)
+    if row.status == EvalStatus.CANCELLING and live:
         launcher.cancel(row.id)
         return
     run_id, fetched = None, False
