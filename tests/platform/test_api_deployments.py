@@ -25,7 +25,7 @@ def model_app(config: dict, name: str) -> dict:
 
 
 def test_create_follow_alias_roll_and_delete(api: Api, versions: list[str], tmp_path: Path) -> None:
-    api.settings.frontdoor_refresh_s = 0.2  # a deleted deployment leaves Serve after 2 pulls
+    api.settings.frontdoor_refresh_s = 2  # a deleted deployment leaves Serve after 2 pulls
     put = api.client.put(f"/v1/registry/models/{NAME}/aliases/production", json={"version": 1})
     assert put.status_code == 200
     resp = api.client.post(
@@ -66,7 +66,7 @@ def test_create_follow_alias_roll_and_delete(api: Api, versions: list[str], tmp_
     # Out of the door's directory at once; out of Serve once every door has pulled again.
     assert api.client.get("/v1/deployments/sums").json()["status"] == "deleting"
     assert model_app(serve_of(api).configs[-1], "sums")
-    time.sleep(0.5)
+    time.sleep(4.5)
     api.app.state.ctx.deployments().reconcile()  # type: ignore[attr-defined]
     last = serve_of(api).configs[-1]
     assert [a["name"] for a in last["applications"]] == ["thinkforge"]
