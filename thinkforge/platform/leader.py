@@ -198,6 +198,9 @@ class LeaseElection:
         except SQLAlchemyError as exc:
             log.warning("leader election: the database did not answer (%s)", exc.__class__.__name__)
             return
+        took = time.monotonic() - asked_at
+        if took > self.lease_s / 3:
+            log.warning("leader election: a lease round trip took %.1f s", took)
         with self._lock:
             if token is None and self._token is not None:
                 log.warning("replica %s lost the reconciler lease", self.replica_id)
@@ -207,20 +210,30 @@ class LeaseElection:
             self._valid_until = asked_at + self.lease_s if token is not None else float("-inf")
 
     def _acquire(self) -> int | None:
+        """The first lease ever, or one that lapsed. Neither statement locks a live lease's
+        row (an ``ON CONFLICT DO UPDATE`` would, and hold up the leader's renewal)."""
+        params = {"name": LEASE, "me": self.replica_id, "lease": self.lease_s}
         with self._engine.begin() as conn:
-            return conn.execute(
+            token = conn.execute(
                 text(
                     "INSERT INTO leader_leases "
                     "(name, holder, token, acquired_at, renewed_at, expires_at) "
                     "VALUES (:name, :me, 1, clock_timestamp(), clock_timestamp(), "
                     "clock_timestamp() + make_interval(secs => :lease)) "
-                    "ON CONFLICT (name) DO UPDATE SET holder = :me, "
-                    "token = leader_leases.token + 1, acquired_at = clock_timestamp(), "
-                    "renewed_at = clock_timestamp(), expires_at = EXCLUDED.expires_at "
-                    "WHERE leader_leases.expires_at <= clock_timestamp() "
-                    "RETURNING token"
+                    "ON CONFLICT (name) DO NOTHING RETURNING token"
                 ),
-                {"name": LEASE, "me": self.replica_id, "lease": self.lease_s},
+                params,
+            ).scalar()
+            if token is not None:
+                return int(token)
+            return conn.execute(
+                text(
+                    "UPDATE leader_leases SET holder = :me, token = token + 1, "
+                    "acquired_at = clock_timestamp(), renewed_at = clock_timestamp(), "
+                    "expires_at = clock_timestamp() + make_interval(secs => :lease) "
+                    "WHERE name = :name AND expires_at <= clock_timestamp() RETURNING token"
+                ),
+                params,
             ).scalar()
 
     def _renew(self) -> int | None:
