@@ -102,7 +102,7 @@ def test_a_frozen_leader_holding_the_lease_row_cannot_block_a_takeover(engine: E
     time.sleep(LEASE_S + 0.2)
     taker.start()
     taker.join(timeout=10)
-    assert b.is_leader() and took and took[0] < 3 * LEASE_S
+    assert b.is_leader() and took and took[0] < 2 * LEASE_S  # a lease after the freeze
     with pytest.raises((NotLeader, DBAPIError)):
         session.commit()
     session.close()

@@ -10,8 +10,8 @@ lease, and every takeover bumps the row's fencing ``token``. The loops write thr
 ``FOR SHARE`` and goes on only if it still holds the lease with its token. A takeover
 updates that row, so it waits for a fenced commit in flight, and a commit that comes after
 it fails with ``NotLeader``: a paused or partitioned ex-leader never writes after losing
-the lease. Its transactions carry ``idle_in_transaction_session_timeout`` so that a frozen
-leader cannot hold the row (or a job's row) for longer than one lease. Times are the
+the lease. Timeouts on those transactions keep a frozen leader from holding the lease row
+for longer than a lease, or stalling its successor on a job's row. Times are the
 database's clock, never a replica's.
 
 SQLite: one replica only. The leader holds an exclusive file lock next to the database
@@ -110,12 +110,17 @@ def fenced(sessions: sessionmaker[Session], leadership: Leadership) -> sessionma
         leadership.fence(session)
 
     if isinstance(leadership, LeaseElection):
-        idle_ms = int(leadership.lease_s * 1000)
+        lease_ms = int(leadership.lease_s * 1000)
 
         @event.listens_for(fenced_sessions, "after_begin")
         def _bound(_session: Session, _transaction: Any, connection: Any) -> None:
-            # A frozen leader must not hold a row lock, or the lease row, past its lease.
-            connection.exec_driver_sql(f"SET LOCAL idle_in_transaction_session_timeout = {idle_ms}")
+            # A frozen ex-leader holding a job's row stalls its successor's pass over that
+            # job for one lease at most, and loses the row after three (a pass may wait on
+            # MLflow inside its transaction, so not sooner).
+            connection.exec_driver_sql(f"SET LOCAL lock_timeout = {lease_ms}")
+            connection.exec_driver_sql(
+                f"SET LOCAL idle_in_transaction_session_timeout = {3 * lease_ms}"
+            )
 
     return fenced_sessions
 
@@ -152,6 +157,10 @@ class LeaseElection:
         token = self._token
         if token is None:
             raise NotLeader(f"replica {self.replica_id} does not hold the reconciler lease")
+        # From here to the commit the lease row is held: a leader frozen in between must
+        # not hold up a takeover for longer than a lease.
+        lease_ms = int(self.lease_s * 1000)
+        session.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = {lease_ms}"))
         held = session.execute(
             text(
                 "SELECT token FROM leader_leases WHERE name = :name AND holder = :me "
