@@ -175,14 +175,7 @@ class LeaseElection:
         token = self._token
         if token is None:
             return
-        with self._engine.begin() as conn:
-            conn.execute(
-                text(
-                    "UPDATE leader_leases SET reconciled_at = clock_timestamp() "
-                    "WHERE name = :name AND holder = :me AND token = :token"
-                ),
-                {"name": LEASE, "me": self.replica_id, "token": token},
-            )
+        self._update_held(token, "reconciled_at = clock_timestamp()")
 
     def info(self) -> LeaderInfo:
         with self._engine.connect() as conn:
@@ -203,7 +196,8 @@ class LeaseElection:
         held until it runs out on its own."""
         asked_at = time.monotonic()  # the row's expiry is counted from a later instant
         try:
-            token = self._renew() if self._token is not None else self._acquire()
+            held = self._token
+            token = self._renew(held) if held is not None else self._acquire()
         except SQLAlchemyError as exc:
             log.warning("leader election: the database did not answer (%s)", exc.__class__.__name__)
             return
@@ -245,15 +239,23 @@ class LeaseElection:
                 params,
             ).scalar()
 
-    def _renew(self) -> int | None:
+    def _renew(self, token: int) -> int | None:
+        return self._update_held(
+            token,
+            "renewed_at = clock_timestamp(), "
+            "expires_at = clock_timestamp() + make_interval(secs => :lease)",
+            lease=self.lease_s,
+        )
+
+    def _update_held(self, token: int, assignments: str, **params: object) -> int | None:
+        """Update the lease row only while this replica holds it with ``token``."""
         with self._engine.begin() as conn:
             return conn.execute(
                 text(
-                    "UPDATE leader_leases SET renewed_at = clock_timestamp(), "
-                    "expires_at = clock_timestamp() + make_interval(secs => :lease) "
+                    f"UPDATE leader_leases SET {assignments} "
                     "WHERE name = :name AND holder = :me AND token = :token RETURNING token"
                 ),
-                {"name": LEASE, "me": self.replica_id, "token": self._token, "lease": self.lease_s},
+                {"name": LEASE, "me": self.replica_id, "token": token, **params},
             ).scalar()
 
     def _release(self) -> None:
@@ -263,14 +265,7 @@ class LeaseElection:
         if token is None:
             return
         try:
-            with self._engine.begin() as conn:
-                conn.execute(
-                    text(
-                        "UPDATE leader_leases SET expires_at = clock_timestamp() "
-                        "WHERE name = :name AND holder = :me AND token = :token"
-                    ),
-                    {"name": LEASE, "me": self.replica_id, "token": token},
-                )
+            self._update_held(token, "expires_at = clock_timestamp()")
         except SQLAlchemyError:
             log.warning("could not hand the reconciler lease over; it runs out on its own")
 
