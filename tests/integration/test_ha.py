@@ -135,23 +135,3 @@ def check_exactly_once(client: httpx.Client, job_id: str, done: dict[str, Any]) 
     assert len(registered) == 1
     steps = [e["data"]["step"] for e in found if e["type"] == "metrics"]
     assert len(steps) == len(set(steps)) and steps
-
-
-def test_a_second_replica_on_one_sqlite_file_refuses_to_start(
-    ray_cluster: LocalRayCluster, tmp_path: Path
-) -> None:
-    first = ControlPlane(tmp_path / "data", ray_cluster).start()
-    try:
-        second = ControlPlane(tmp_path / "data", ray_cluster)
-        with pytest.raises(AssertionError):
-            second.start()
-        assert second.proc is not None
-        assert second.proc.wait(timeout=30) != 0
-        log = second.log.read_text()
-        assert "SQLite serves one control-plane replica" in log and "PostgreSQL" in log
-        assert reconciler(first)["is_leader"]
-    finally:
-        first.stop()
-        if second.proc is not None and second.proc.poll() is None:
-            second.proc.kill()
-            second.proc.wait(timeout=30)

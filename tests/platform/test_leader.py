@@ -3,6 +3,9 @@ leads, a lapsed lease passes to another, and an ex-leader's fenced commits fail.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +17,7 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import DBAPIError
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, free_port
 from tests.platform.conftest import make_settings
 from tests.platform.fakes import FakeLauncher, FakeServe
 from thinkforge.platform.app import create_app
@@ -152,6 +155,30 @@ def test_a_second_replica_on_one_sqlite_file_refuses_and_says_why(tmp_path: Path
     second.start()  # the lock goes with the process that held it
     assert second.info().is_leader
     second.stop()
+
+
+def test_thinkforge_up_on_a_sqlite_file_another_replica_holds_refuses(tmp_path: Path) -> None:
+    """The lock a running `thinkforge up` holds (taken here, as that process would) makes a
+    second `thinkforge up` on the same file exit, saying why, before it reconciles."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'thinkforge.db'}")
+    running = FileLockLeadership(engine, replica_id="first")
+    running.start()
+    env = {
+        **os.environ,
+        "THINKFORGE_DATA_DIR": str(tmp_path),
+        "THINKFORGE_RAY_ADDRESS": f"http://127.0.0.1:{free_port()}",  # no Ray needed to refuse
+    }
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "thinkforge.cli", "up", "--port", str(free_port())],
+            env=env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+    finally:
+        running.stop()
+    assert second.returncode != 0
+    output = second.stdout + second.stderr
+    assert "replica first" in output and "SQLite serves one control-plane replica" in output
+    assert "THINKFORGE_DATABASE_URL" in output
 
 
 def test_readyz_and_metrics_name_the_leader_and_follow_a_handover(

@@ -106,12 +106,13 @@ def create_app(
         try:  # a start that fails half-way (say, the database is down) leaves no Ray head
             if settings.migrate_on_start:
                 upgrade(settings.database_url)
+            if settings.start_reconciler:
+                leadership.start()  # a second replica on one SQLite file stops here
             if runs_jobs:
                 _init_local_mlflow(settings.mlflow_tracking_uri)
             with ctx.sessions.begin() as session:
                 ensure_project(session, DEFAULT_PROJECT)
             if settings.start_reconciler:
-                leadership.start()  # a second replica on one SQLite file stops here
                 reconciler.start()
             app.state.ready = True
             yield
