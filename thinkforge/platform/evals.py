@@ -22,7 +22,8 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from thinkforge.jobs.evaluate import EVAL_TAG, PLOT_FILE, RESULTS_FILE, EvalConfig
+from thinkforge.contract import EVAL_TAG, PLOT_FILE, RESULTS_FILE
+from thinkforge.jobs.evaluate import EvalConfig
 from thinkforge.platform.deployments import get_deployment
 from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound, first_error_location
 from thinkforge.platform.files import get_file

@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from thinkforge.contract import default_registered_name
 from thinkforge.jobs.config import SFTConfig
-from thinkforge.jobs.tracking import default_registered_name
 from thinkforge.platform import ownership
 from thinkforge.platform.errors import (
     Conflict,

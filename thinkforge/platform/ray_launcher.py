@@ -16,19 +16,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from thinkforge.contract import find_error as job_error_line
 from thinkforge.platform.launcher import LaunchSpec, LaunchState, LaunchStatus
 
 log = logging.getLogger(__name__)
 LOG_TAIL_CHARS = 4000
-JOB_ERROR_PREFIX = "thinkforge job error:"
-
-
-def job_error_line(logs: str | None) -> str | None:
-    """The entrypoint's own last word on a failure (``thinkforge job error: …``), if any."""
-    for line in reversed((logs or "").splitlines()):
-        if line.startswith(JOB_ERROR_PREFIX):
-            return line.removeprefix(JOB_ERROR_PREFIX).strip()
-    return None
 
 
 class RayJobLauncher:
