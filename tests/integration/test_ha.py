@@ -45,6 +45,17 @@ def wait_leader(plane: ControlPlane, timeout: float = FAILOVER_S) -> float:
     return time.monotonic() - start
 
 
+def the_leader(planes: list[ControlPlane]) -> ControlPlane:
+    """The one replica that leads (waiting out a lease changing hands)."""
+    start = time.monotonic()
+    while True:
+        leaders = [p for p in planes if reconciler(p)["is_leader"]]
+        if len(leaders) == 1:
+            return leaders[0]
+        assert time.monotonic() - start < FAILOVER_S, f"{len(leaders)} leaders"
+        time.sleep(0.2)
+
+
 def create_on_both(planes: list[ControlPlane], file_id: str) -> str:
     """The same create, with one Idempotency-Key, on every replica at once."""
     body = {
@@ -90,7 +101,7 @@ def test_two_replicas_one_job_through_a_frozen_and_a_killed_leader(
         with planes[1].client() as client:
             assert len(client.get("/v1/fine_tuning/jobs").json()["data"]) == 1
             wait_job(client, job_id, lambda j: bool(metric_steps(client, j["id"])), timeout=300)
-        (leader,) = [p for p in planes if reconciler(p)["is_leader"]]
+        leader = the_leader(planes)
         (other,) = [p for p in planes if p is not leader]
 
         # A frozen leader: the other takes over, and the thawed one stops reconciling.
