@@ -378,6 +378,7 @@ EXPECTED_KINDS = {
     "ingress.yaml": {"Ingress"},
     "mlflow.yaml": {"Deployment", "Service"},
     "networkpolicy.yaml": {"NetworkPolicy"},
+    "pdb.yaml": {"PodDisruptionBudget"},
     "redis.yaml": {"Deployment", "Service", "NetworkPolicy"},
     "raycluster.yaml": {"RayCluster"},
 }
@@ -702,6 +703,41 @@ def check_front_door_reachable(data: dict[str, str], docs: list[dict[str, Any]],
         assert redis.host == "redis.internal"
     else:
         assert redis.host in services and redis.port in {p["port"] for p in services[redis.host]}
+
+
+def rendered(*sets: str) -> dict[str, dict[str, Any]]:
+    """The control plane's objects by kind."""
+    result = helm("template", "tf", str(CHART), "--namespace", "ml", *sets)
+    assert result.returncode == 0, result.stderr
+    return {
+        doc["kind"]: doc
+        for doc in yaml.safe_load_all(result.stdout)
+        if doc and doc["metadata"]["labels"].get("app.kubernetes.io/component") == "control-plane"
+    }
+
+
+@needs_helm
+def test_helm_control_plane_runs_two_replicas_with_a_disruption_budget() -> None:
+    """PostgreSQL is always external in this chart, so two replicas by default: one leads
+    the reconciler, both serve and are ready, and a drain keeps one of them."""
+    docs = rendered()
+    deployment, pdb = docs["Deployment"], docs["PodDisruptionBudget"]
+    assert deployment["spec"]["replicas"] == 2
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+    for k8s_version in K8S_VERSIONS:
+        validate_k8s(pdb, k8s_version)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["THINKFORGE_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"  # never leadership
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+    assert docs["ConfigMap"]["data"]["THINKFORGE_LEADER_LEASE_S"] == "10"
+    assert "keep 1" not in (CHART / "values.yaml").read_text()
+    single = rendered("--set=controlPlane.replicaCount=1")
+    assert "PodDisruptionBudget" not in single  # it would block every drain
+    assert "topologySpreadConstraints" not in single["Deployment"]["spec"]["template"]["spec"]
 
 
 @needs_helm

@@ -23,6 +23,13 @@ from thinkforge.platform.deps import AppContext, CtxDep
 from thinkforge.platform.errors import PlatformError, error_body
 from thinkforge.platform.evals import reconcile_evals
 from thinkforge.platform.launcher import JobLauncher
+from thinkforge.platform.leader import (
+    LeaderCollector,
+    Leadership,
+    fenced,
+    leader_status,
+    leadership_for,
+)
 from thinkforge.platform.metrics import ApiMetrics, MetricsMiddleware
 from thinkforge.platform.middleware import BodyLimitMiddleware
 from thinkforge.platform.migrations import upgrade
@@ -64,6 +71,7 @@ def create_app(
     runs_jobs = launcher is None  # jobs on Ray will open the MLflow store too
     if launcher is None:
         launcher, serve, cluster = ray_launcher_for(settings)
+    leadership = leadership_for(settings, engine)
     ctx = AppContext(
         settings=settings,
         engine=engine,
@@ -79,20 +87,28 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if cluster is not None:
             cluster.start_in_background()  # Ray comes up while the database migrates
+        writes = fenced(ctx.sessions, leadership)  # the loops write only while leading
         reconciler = Reconciler(
-            ctx.sessions,
+            writes,
             ctx.launcher,
             tracker=ctx.tracker,
             interval_s=settings.reconcile_interval_s,
             tasks=[
-                lambda: reconcile_evals(ctx.sessions, ctx.launcher, settings),
-                MirrorRefresher(ctx.sessions, ctx.registry),
-                *([lambda: ctx.deployments().reconcile()] if serve is not None else []),
+                lambda: reconcile_evals(writes, ctx.launcher, settings),
+                MirrorRefresher(writes, ctx.registry),
+                *(
+                    [lambda: ctx.deployments().reconcile(sessions=writes)]
+                    if serve is not None
+                    else []
+                ),
             ],
+            leader=leadership,
         )
         try:  # a start that fails half-way (say, the database is down) leaves no Ray head
             if settings.migrate_on_start:
                 upgrade(settings.database_url)
+            if settings.start_reconciler:
+                leadership.start()  # a second replica on one SQLite file stops here
             if runs_jobs:
                 _init_local_mlflow(settings.mlflow_tracking_uri)
             with ctx.sessions.begin() as session:
@@ -104,6 +120,7 @@ def create_app(
         finally:
             app.state.ready = False
             reconciler.stop()
+            leadership.stop()
             if cluster is not None:
                 cluster.stop()
             engine.dispose()
@@ -130,7 +147,7 @@ def create_app(
     metrics = ApiMetrics()
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees 413s too
     _install_error_handlers(app)
-    app.include_router(_health_router(metrics))
+    app.include_router(_health_router(leadership, metrics))
     app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(registry.router)
@@ -183,12 +200,13 @@ def ray_launcher_for(
     return launcher, serve, cluster
 
 
-def _health_router(metrics: ApiMetrics):  # type: ignore[no-untyped-def]
+def _health_router(leadership: Leadership, metrics: ApiMetrics):  # type: ignore[no-untyped-def]
     from fastapi import APIRouter
     from fastapi.responses import Response
     from prometheus_client import CONTENT_TYPE_LATEST
 
     router = APIRouter(tags=["health"])
+    metrics.registry.register(LeaderCollector(leadership))
 
     @router.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
@@ -208,7 +226,11 @@ def _health_router(metrics: ApiMetrics):  # type: ignore[no-untyped-def]
         except Exception as exc:  # readiness reports any failure, it never raises
             checks["database"] = f"error: {exc.__class__.__name__}"
         ready = bool(request.app.state.ready) and all(v == "ok" for v in checks.values())
-        body = Health(status="ok" if ready else "unavailable", checks=checks)
+        body = Health(
+            status="ok" if ready else "unavailable",
+            checks=checks,
+            reconciler=leader_status(leadership),
+        )
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
     return router

@@ -279,10 +279,14 @@ class DeploymentManager:
         self._wanted: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def reconcile(self, *, force: bool = False) -> None:
+    def reconcile(
+        self, *, force: bool = False, sessions: sessionmaker[Session] | None = None
+    ) -> None:
+        """``sessions``: the reconciler leader's fenced ones (platform/leader.py)."""
+        sessions = sessions or self.sessions
         with self._lock:
             for _ in range(2):  # a finished deletion changes the config once more
-                with self.sessions() as session:
+                with sessions() as session:
                     if not force and self._applied is None and not _any(session):
                         return  # nothing was ever deployed: leave Serve unstarted
                     config, wanted = desired_config(session, self.registry, self.settings)
@@ -291,7 +295,7 @@ class DeploymentManager:
                     self.serve.apply(config)
                     self._applied, self._wanted = digest, wanted
                 sync_statuses(
-                    self.sessions, self.serve, self._wanted,
+                    sessions, self.serve, self._wanted,
                     door_refresh_s=self.settings.frontdoor_refresh_s,
                 )  # fmt: skip
 

@@ -1,7 +1,7 @@
 """front door: project quotas, public deployments, usage records
 
-Revision ID: 0002_frontdoor
-Revises: 0001
+Revision ID: 0003_frontdoor
+Revises: 0002_leader_lease
 Create Date: 2026-12-01 11:55:00
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_frontdoor"
-down_revision = "0001"
+revision = "0003_frontdoor"
+down_revision = "0002_leader_lease"
 branch_labels = None
 depends_on = None
 
