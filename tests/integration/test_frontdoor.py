@@ -297,7 +297,8 @@ def test_streams_survive_a_rollout_and_another_deployment(door: Door) -> None:
     """Long streams back to back while another deployment is created and a promotion rolls
     this one: every stream ends whole, and one the old version was streaming when the new
     version had already taken traffic still ends whole (its replica drained, not cut)."""
-    streams: list[tuple[str, float, list[dict[str, Any] | str]]] = []  # version, end, events
+    # version, start, end, events of each stream
+    streams: list[tuple[str, float, float, list[dict[str, Any] | str]]] = []
     first_v2: list[float] = []
     stop = threading.Event()
 
@@ -305,6 +306,7 @@ def test_streams_survive_a_rollout_and_another_deployment(door: Door) -> None:
         body = {"model": NAME, "messages": [{"role": "user", "content": "Sum: 4 5"}],
                 "stream": True, **LONG}  # fmt: skip
         while not stop.is_set():
+            start = time.monotonic()
             with httpx.stream(
                 "POST", f"{door.url}/v1/chat/completions", json=body, headers=auth(API_KEY),
                 timeout=300,
@@ -312,13 +314,14 @@ def test_streams_survive_a_rollout_and_another_deployment(door: Door) -> None:
                 assert resp.status_code == 200
                 version = resp.headers["x-thinkforge-model-version"]
                 events = list(sse(resp.iter_lines()))
-            streams.append((version, time.monotonic(), events))
+            streams.append((version, start, time.monotonic(), events))
 
     def probe() -> None:
         while not first_v2 and not stop.is_set():
+            start = time.monotonic()
             resp = door.chat(API_KEY)
             if resp.headers.get("x-thinkforge-model-version") == "2":
-                first_v2.append(time.monotonic())
+                first_v2.append(start)
             time.sleep(0.3)
 
     readers = [threading.Thread(target=stream) for _ in range(2)] + [threading.Thread(target=probe)]
@@ -335,18 +338,20 @@ def test_streams_survive_a_rollout_and_another_deployment(door: Door) -> None:
         door.wait_running("other")
         door.wait_running(NAME, f"{NAME}/2")
         until(lambda: first_v2, 60, "version 2 never answered")
-        until(lambda: any(v == "2" for v, _, _ in streams), 120, "no stream from version 2")
+        until(lambda: any(v == "2" for v, *_ in streams), 120, "no stream from version 2")
     finally:
         stop.set()
         for r in readers:
             r.join(timeout=300)
-    for _, _, events in streams:
+    for *_, events in streams:
         assert events[-1] == "[DONE]", events[-3:]
         assert not any(isinstance(e, dict) and "error" in e for e in events)
         finish = [e for e in events if isinstance(e, dict) and e["choices"]
                   and e["choices"][0]["finish_reason"]]  # fmt: skip
         assert finish and finish[-1]["thinking"]["tokens"] == 3000
-    drained = [end for v, end, _ in streams if v == "1" and end > first_v2[0]]
+    # The new version answered first when this request or stream was sent.
+    took_over = min([first_v2[0]] + [start for v, start, _, _ in streams if v == "2"])
+    drained = [end for v, _, end, _ in streams if v == "1" and end > took_over]
     assert drained, "no old-version stream was still running when the new version took over"
     assert door.chat(API_KEY, model="other").status_code == 200
     with door.api() as client:
