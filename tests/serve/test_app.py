@@ -96,6 +96,7 @@ def test_chat_with_thinking_budget(client: openai.OpenAI) -> None:
     # The biased tiny model tries to stop within 40 tokens; each attempt became a wait.
     assert thinking["waits_inserted"] == 2
     assert message.model_extra["reasoning_content"].count("Wait") >= 2
+    assert message.model_extra["reasoning"] == message.model_extra["reasoning_content"]
     assert body.usage.completion_tokens_details.reasoning_tokens == thinking["tokens"]
     assert body.usage.completion_tokens > thinking["tokens"]
     assert "x-thinkforge-model-version" not in raw.headers  # a local directory is no version
@@ -118,6 +119,7 @@ def test_stream_sends_reasoning_apart_from_content(client: openai.OpenAI) -> Non
         for choice in chunk.choices:
             delta = choice.delta.model_extra or {}
             assert not (delta.get("reasoning_content") and choice.delta.content)
+            assert delta.get("reasoning") == delta.get("reasoning_content")  # both names
             reasoning.append(delta.get("reasoning_content") or "")
             content.append(choice.delta.content or "")
             if choice.finish_reason:
@@ -304,6 +306,7 @@ def test_a_registered_version_is_an_mlflow_pyfunc_chat_model(
             assert isinstance(message["content"], str) and isinstance(
                 message["reasoning_content"], str
             )
+            assert message["reasoning"] == message["reasoning_content"]
             usage = answer["usage"]
             assert (
                 usage["completion_tokens_details"]["reasoning_tokens"]

@@ -104,6 +104,9 @@ class ServedModel(ModelServeConfig):
         options = super().deployment_options()
         options["name"] = deployment_name(self.name)
         options["ray_actor_options"]["num_cpus"] = self.num_cpus
+        bundles = options.get("placement_group_bundles")
+        if bundles and self.num_cpus > 0:  # the replica runs in the first bundle
+            bundles[0] = {"CPU": self.num_cpus}
         return options | {
             "health_check_period_s": 10,
             "health_check_timeout_s": 30,
@@ -402,12 +405,14 @@ def _usage(final: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _reasoning(text: str) -> dict[str, str]:
+    """The thinking text under both names clients read: ``reasoning_content`` (DeepSeek,
+    vLLM before 0.10) and ``reasoning`` (vLLM since its rename)."""
+    return {"reasoning_content": text, "reasoning": text}
+
+
 def _chat_body(rid: str, model: str, final: dict[str, Any]) -> dict[str, Any]:
-    message = {
-        "role": "assistant",
-        "content": final["content"],
-        "reasoning_content": final["reasoning"],
-    }
+    message = {"role": "assistant", "content": final["content"], **_reasoning(final["reasoning"])}
     return {
         "id": rid,
         "object": "chat.completion",
@@ -423,7 +428,7 @@ def _completion_body(rid: str, model: str, final: dict[str, Any]) -> dict[str, A
     choice = {
         "index": 0,
         "text": final["content"],
-        "reasoning_content": final["reasoning"],
+        **_reasoning(final["reasoning"]),
         "logprobs": None,
         "finish_reason": final["finish_reason"],
     }
@@ -461,7 +466,7 @@ async def _chat_chunks(
     async for event in _errors_as_events(events):
         if event["type"] == "delta":
             if event["reasoning"]:
-                yield chunk({"reasoning_content": event["reasoning"]})
+                yield chunk(_reasoning(event["reasoning"]))
             if event["content"]:
                 yield chunk({"content": event["content"]})
         elif event["type"] == "final":
@@ -488,7 +493,7 @@ async def _completion_chunks(
     async for event in _errors_as_events(events):
         if event["type"] == "delta":
             if event["reasoning"]:
-                yield chunk({"text": "", "reasoning_content": event["reasoning"]})
+                yield chunk({"text": ""} | _reasoning(event["reasoning"]))
             if event["content"]:
                 yield chunk({"text": event["content"], "finish_reason": None})
         elif event["type"] == "final":

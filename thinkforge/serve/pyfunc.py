@@ -63,6 +63,7 @@ class ChatModel:
                         "role": "assistant",
                         "content": final["content"],
                         "reasoning_content": final["reasoning"],
+                        "reasoning": final["reasoning"],  # vLLM's newer name, same text
                     },
                     "finish_reason": final["finish_reason"],
                 }
