@@ -9,24 +9,21 @@ same way, through the API instead of a Ray connection.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import free_port
-from tests.integration.conftest import ControlPlane
+from tests.integration.conftest import ControlPlane, serving_plane
 from tests.integration.test_serving_e2e import NAME, register, wait_deployment
 from tests.serve.conftest import save_tiny_model
 from tests.serve.test_app import (
     MODEL,
     chat,
     client,
+    overload,
     test_chat_with_thinking_budget,
     test_stream_sends_reasoning_apart_from_content,
 )
@@ -73,13 +70,7 @@ def deployed(
     # A head size vLLM's CPU attention takes; made chatty, so it tries to end thinking.
     model = save_tiny_model(data / "model", hidden_size=256, biased=True)
     assert register(uri, artifacts, model, "ftjob-1") == f"{NAME}/1"
-    serve_port = free_port()
-    plane = ControlPlane(
-        data,
-        ray_cluster,
-        THINKFORGE_SERVE_PORT=str(serve_port),
-        THINKFORGE_SERVE_REPLICA_CPUS="0.5",
-    ).start()
+    plane, serve_port = serving_plane(data, ray_cluster)
     try:
         with plane.client() as api:
             moved = api.put(f"/v1/registry/models/{NAME}/aliases/production", json={"version": 1})
@@ -118,24 +109,7 @@ def test_the_deployment_is_served_by_vllm(deployed: Deployed, base_url: str) -> 
 def test_overload_answers_503_and_the_replica_survives(
     deployed: Deployed, client: openai.OpenAI
 ) -> None:
-    long = {"thinking": {"max_tokens": 300, "min_tokens": 300}}
-    start = threading.Barrier(10)
-
-    def one(_: int) -> tuple[int, str | None]:
-        start.wait()  # all ten at once: more than max_ongoing + max_queued (4)
-        try:
-            chat(client, max_completion_tokens=380, extra_body=long).parse()
-            return 200, None
-        except openai.APIStatusError as exc:
-            return exc.status_code, exc.response.headers.get("retry-after")
-
-    with ThreadPoolExecutor(10) as pool:
-        results = list(pool.map(one, range(10)))
-    codes = [code for code, _ in results]
-    assert set(codes) <= {200, 503}, codes
-    assert codes.count(200) >= 2 and codes.count(503) >= 3, codes
-    assert all(retry for code, retry in results if code == 503)
-    time.sleep(1)
+    overload(client)
     with deployed.plane.client() as api:
         assert api.get(f"/v1/deployments/{NAME}").json()["status"] == "running"
     assert chat(client).parse().choices[0].finish_reason in {"stop", "length"}
