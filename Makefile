@@ -11,7 +11,7 @@ VLLM_VENV := .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: setup lint format test demo bench bench-serve clean
+.PHONY: setup lint format test test-fast demo bench bench-serve clean
 
 setup: $(STAMP) $(VLLM_STAMP)
 
@@ -49,6 +49,11 @@ format: setup
 test: lint $(BIN)/helm $(VLLM_STAMP)
 	$(BIN)/python -m pytest -m "not vllm" $(PYTEST_ARGS)
 	$(VLLM_BIN)/python -m pytest -m vllm $(PYTEST_ARGS)
+
+# The edit-test loop: lint and every test that starts no Ray cluster (a conftest check
+# fails a test that starts Ray without the `ray` marker). `make test` stays the full suite.
+test-fast: lint
+	$(BIN)/python -m pytest -m "not ray and not vllm" $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python -m thinkforge.demo
