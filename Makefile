@@ -13,7 +13,8 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .PHONY: setup lint format test test-fast demo bench bench-serve clean
 
-setup: $(STAMP) $(VLLM_STAMP)
+# The main environment; `make test` also builds the vLLM one (the demo does not need it).
+setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
