@@ -22,12 +22,13 @@ from thinkforge.platform.db import make_engine, make_sessionmaker
 from thinkforge.platform.deps import AppContext, CtxDep
 from thinkforge.platform.errors import PlatformError, error_body
 from thinkforge.platform.evals import reconcile_evals
+from thinkforge.platform.idempotency import purge_expired
 from thinkforge.platform.launcher import JobLauncher
 from thinkforge.platform.middleware import BodyLimitMiddleware
 from thinkforge.platform.migrations import upgrade
 from thinkforge.platform.models import DEFAULT_PROJECT
 from thinkforge.platform.ray_cluster import LocalRayCluster, free_port
-from thinkforge.platform.reconciler import Reconciler
+from thinkforge.platform.reconciler import Reconciler, every
 from thinkforge.platform.routes import deployments, evals, files, jobs, registry
 from thinkforge.platform.schemas import Health
 from thinkforge.platform.serving import RayServeClient, ServeClient
@@ -86,6 +87,10 @@ def create_app(
             tasks=[
                 lambda: reconcile_evals(ctx.sessions, ctx.launcher, settings),
                 MirrorRefresher(ctx.sessions, ctx.registry),
+                every(
+                    settings.idempotency_purge_interval_s,
+                    lambda: purge_expired(ctx.sessions, ttl_s=settings.idempotency_ttl_s),
+                ),
                 *([lambda: ctx.deployments().reconcile()] if serve is not None else []),
             ],
         )

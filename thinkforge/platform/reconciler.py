@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -108,6 +109,20 @@ def _apply(
             set_status(session, job, JobStatus.CANCELLED, message="Job cancelled")
         else:
             fail(session, job, FailureKind.LOST, "the cluster has no record of this run")
+
+
+def every(interval_s: float, task: Callable[[], object]) -> Callable[[], None]:
+    """A reconciler task that runs ``task`` on the first pass, then at most every ``interval_s``."""
+    last = float("-inf")
+
+    def throttled() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= interval_s:
+            last = now
+            task()
+
+    return throttled
 
 
 class Reconciler:
