@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from thinkforge.platform import deployments
-from thinkforge.platform.deps import CtxDep, IdempotencyKeyDep, PrincipalDep
+from thinkforge.platform.deps import CtxDep, IdempotencyKeyDep, KeyFirstRoute, PrincipalDep
 from thinkforge.platform.errors import PlatformError
 from thinkforge.platform.idempotency import fingerprint, run_idempotent_action
 from thinkforge.platform.models import Deployment
@@ -25,7 +25,7 @@ from thinkforge.platform.schemas import (
 )
 from thinkforge.platform.views import ts
 
-router = APIRouter(prefix="/v1", tags=["deployments"])
+router = APIRouter(prefix="/v1", tags=["deployments"], route_class=KeyFirstRoute)
 log = logging.getLogger(__name__)
 NamePath = Annotated[str, Path(max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 

@@ -10,7 +10,14 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from thinkforge.platform import files
-from thinkforge.platform.deps import AfterQuery, CtxDep, IdempotencyKeyDep, LimitQuery, PrincipalDep
+from thinkforge.platform.deps import (
+    AfterQuery,
+    CtxDep,
+    IdempotencyKeyDep,
+    KeyFirstRoute,
+    LimitQuery,
+    PrincipalDep,
+)
 from thinkforge.platform.errors import InvalidRequest
 from thinkforge.platform.idempotency import fingerprint, run_idempotent
 from thinkforge.platform.models import File
@@ -18,7 +25,7 @@ from thinkforge.platform.pagination import page
 from thinkforge.platform.schemas import FileDeleted, FileObject, ListResponse
 from thinkforge.platform.views import file_view
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], route_class=KeyFirstRoute)
 
 
 @router.post("", response_model=FileObject)
