@@ -254,3 +254,15 @@ def test_fifty_concurrent_posts_with_one_key_make_one_job(api: Api, file_id: str
             assert r.json()["error"]["code"] == "idempotency_in_flight"
     listed = api.client.get("/v1/fine_tuning/jobs").json()["data"]
     assert [j["id"] for j in listed] == list(ids)
+
+
+def test_a_file_a_live_job_validates_on_cannot_be_deleted(api: Api, file_id: str) -> None:
+    held_out = upload(api, jsonl(S1K)).json()["id"]
+    job_id = create(api, file_id, validation_file=held_out).json()["id"]
+    reconcile(api)
+    err = assert_error(api.client.delete(f"/v1/files/{held_out}"), 409, "file_id")
+    assert job_id in err["message"]
+    assert api.client.get(f"/v1/files/{held_out}").status_code == 200
+    api.launcher.set(job_id, LaunchState.SUCCEEDED)
+    reconcile(api)
+    assert api.client.delete(f"/v1/files/{held_out}").status_code == 200

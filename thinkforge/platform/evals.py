@@ -31,10 +31,10 @@ from thinkforge.platform.models import Evaluation, new_id, utcnow
 from thinkforge.platform.ray_launcher import job_error_line
 from thinkforge.platform.schemas import EvalCreate
 from thinkforge.platform.settings import Settings
+from thinkforge.platform.status import EVAL_TERMINAL
 
 log = logging.getLogger(__name__)
-TERMINAL = ("succeeded", "failed", "cancelled")
-# queued -> running -> succeeded | failed; cancelling -> cancelled once Ray has stopped it
+TERMINAL = EVAL_TERMINAL
 
 
 def create_eval(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from thinkforge.jobs.config import DatasetFormat, RecordError, detect_format, parse_record
@@ -25,9 +25,9 @@ from thinkforge.platform.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from thinkforge.platform.models import File, Job, new_id
+from thinkforge.platform.models import Evaluation, File, Job, new_id
 from thinkforge.platform.settings import Settings
-from thinkforge.platform.status import JobStatus
+from thinkforge.platform.status import EVAL_TERMINAL, JobStatus
 
 PURPOSES = ("fine-tune",)
 MAX_REPORTED_ERRORS = 10
@@ -160,15 +160,32 @@ def get_file(session: Session, *, project_id: str, file_id: str) -> File:
 
 
 def delete_file(session: Session, *, project_id: str, file_id: str) -> None:
+    """Delete a file; 409 while a live job trains or validates on it or a live
+    evaluation reads it."""
     row = get_file(session, project_id=project_id, file_id=file_id)
     active = [s.value for s in JobStatus if not s.is_terminal()]
-    user = session.scalar(
-        select(Job.id).where(Job.training_file == file_id, Job.status.in_(active)).limit(1)
-    )
-    if user is not None:
-        raise Conflict(
-            f"file {file_id!r} is in use by job {user}; cancel it or wait", param="file_id"
+    job = session.scalar(
+        select(Job.id)
+        .where(
+            or_(Job.training_file == file_id, Job.validation_file == file_id),
+            Job.status.in_(active),
         )
+        .limit(1)
+    )
+    evaluation = session.scalar(
+        select(Evaluation.id)
+        .where(
+            Evaluation.project_id == project_id,
+            Evaluation.config["dataset"].as_string() == row.path,
+            Evaluation.status.not_in(EVAL_TERMINAL),
+        )
+        .limit(1)
+    )
+    for kind, user in (("job", job), ("evaluation", evaluation)):
+        if user is not None:
+            raise Conflict(
+                f"file {file_id!r} is in use by {kind} {user}; cancel it or wait", param="file_id"
+            )
     path = Path(row.path)
     session.delete(row)
     session.flush()

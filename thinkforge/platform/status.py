@@ -37,6 +37,10 @@ class JobStatus(StrEnum):
 
 _TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
+# Evaluations: queued -> running -> succeeded | failed; cancelling -> cancelled once Ray
+# has stopped it (platform/evals.py moves them).
+EVAL_TERMINAL = ("succeeded", "failed", "cancelled")
+
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.VALIDATING_FILES: frozenset(
         {JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}
