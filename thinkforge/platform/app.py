@@ -34,6 +34,7 @@ from thinkforge.platform.schemas import Health
 from thinkforge.platform.serving import RayServeClient, ServeClient
 from thinkforge.platform.settings import Settings
 from thinkforge.platform.tracker import MirrorRefresher, RunTracker
+from thinkforge.platform.trust import guard_registry
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,10 @@ def create_app(
             tasks=[
                 lambda: reconcile_evals(ctx.sessions, ctx.launcher, settings),
                 MirrorRefresher(ctx.sessions, ctx.registry),
+                every(
+                    settings.registry_guard_interval_s,
+                    lambda: guard_registry(ctx.sessions, ctx.registry()),
+                ),
                 every(
                     settings.idempotency_purge_interval_s,
                     lambda: purge_expired(ctx.sessions, ttl_s=settings.idempotency_ttl_s),

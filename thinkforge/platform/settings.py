@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1024 * 1024, ge=1)
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
     idempotency_purge_interval_s: float = Field(default=300.0, gt=0)
+    registry_guard_interval_s: float = Field(default=30.0, gt=0)
 
     # Background loops.
     reconcile_interval_s: float = Field(default=2.0, gt=0)

@@ -24,6 +24,7 @@ from thinkforge.jobs.checkpoints import list_checkpoints
 from thinkforge.platform.jobs import add_event
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, ModelVersion, new_id
 from thinkforge.platform.registry import (
+    MANIFEST_SHA_TAG,
     MlflowRegistry,
     ModelRegistry,
     ModelVersionInfo,
@@ -169,7 +170,9 @@ def _sync_data_stats(session: Session, job: Job, metrics: dict[str, float]) -> N
 def mirror_version(
     session: Session, registry: ModelRegistry, name: str, version: int, job: Job | None = None
 ) -> ModelVersion:
-    """Copy one registry version's lineage into the database (insert or refresh)."""
+    """Copy one registry version's lineage into the database (insert or refresh). The
+    manifest and its ``manifest_sha256`` tag are pinned the first time the version is
+    seen and never refreshed from MLflow (``thinkforge.platform.trust`` checks against them)."""
     detail = registry.get_version(name, version)
     row = session.scalar(
         select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
@@ -185,7 +188,9 @@ def mirror_version(
     row.dataset_sha256 = lineage.get("dataset_sha256")
     row.recipe = lineage.get("recipe")
     row.metrics = dict(detail.metrics)
-    row.manifest = dict(detail.manifest) if detail.manifest is not None else None
+    if row.manifest_sha256 is None:
+        row.manifest_sha256 = detail.tags.get(MANIFEST_SHA_TAG)
+        row.manifest = dict(detail.manifest) if detail.manifest is not None else None
     row.status = detail.status.value
     row.source = detail.source
     return row
