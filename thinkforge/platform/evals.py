@@ -25,9 +25,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from thinkforge.jobs.evaluate import EVAL_TAG, PLOT_FILE, RESULTS_FILE, EvalConfig
 from thinkforge.platform.deployments import get_deployment
 from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound, first_error_location
-from thinkforge.platform.files import get_file
 from thinkforge.platform.launcher import JobLauncher, LaunchSpec, LaunchState
 from thinkforge.platform.models import Evaluation, new_id, utcnow
+from thinkforge.platform.paths import resolve_dataset
 from thinkforge.platform.ray_launcher import job_error_line
 from thinkforge.platform.schemas import EvalCreate
 from thinkforge.platform.settings import Settings
@@ -49,23 +49,9 @@ def create_eval(
     version (``spec.model``, resolved by the caller to ``version`` through its view of the
     registry; the job loads it in-process)."""
     target = _target(session, settings, project_id, spec, version)
-    if spec.dataset.startswith("file-"):
-        try:
-            dataset = get_file(session, project_id=project_id, file_id=spec.dataset).path
-        except NotFound:
-            raise InvalidRequest(
-                f"no file {spec.dataset!r} in this project", param="dataset"
-            ) from None
-    else:
-        path = Path(spec.dataset).resolve()
-        if (
-            not any(path.is_relative_to(r.resolve()) for r in settings.dataset_roots)
-            or not path.is_file()
-        ):
-            raise InvalidRequest(
-                "dataset must be a file id or a file under a dataset root", param="dataset"
-            )
-        dataset = str(path)
+    dataset = resolve_dataset(
+        session, settings, project_id=project_id, ref=spec.dataset, param="dataset"
+    ).path
     eval_id = new_id("eval")
     try:
         config = EvalConfig.model_validate(

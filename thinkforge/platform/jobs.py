@@ -27,10 +27,11 @@ from thinkforge.platform.errors import (
     NotFound,
     first_error_location,
 )
-from thinkforge.platform.files import get_file, validate_dataset
+from thinkforge.platform.files import validate_dataset
 from thinkforge.platform.launcher import JobLauncher, LaunchSpec
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, new_id, utcnow
 from thinkforge.platform.pagination import page
+from thinkforge.platform.paths import CONFIG_PATHS, resolve_dataset, resolve_model
 from thinkforge.platform.recipes import load_recipe
 from thinkforge.platform.registry import ModelRegistry
 from thinkforge.platform.schemas import JobCreate
@@ -50,29 +51,19 @@ def create_job(
 ) -> Job:
     """Validate and write a job (not yet launched). With a ``registry``, a name that
     exists there unclaimed (an operator's shared model) cannot be claimed."""
-    dataset_path, dataset_sha, file_format = _resolve_training_file(
-        session, settings, project_id=project_id, ref=spec.training_file
+    dataset = resolve_dataset(
+        session, settings, project_id=project_id, ref=spec.training_file, param="training_file"
     )
-    validation_path = None
-    if spec.validation_file is not None:
-        validation_path, _, _ = _resolve_training_file(
-            session,
-            settings,
-            project_id=project_id,
-            ref=spec.validation_file,
-            param="validation_file",
-        )
-    config = _resolve_config(settings, spec, dataset_path)
-    if validation_path is not None:
-        config = config.model_copy(update={"validation_dataset": validation_path})
-    if config.format.value not in ("auto", file_format):
+    validation = _validation_dataset(session, settings, project_id, spec)
+    model = resolve_model(session, settings, project_id=project_id, model=spec.model)
+    config = _resolve_config(settings, spec, dataset.path, model)
+    if validation is not None:
+        config = config.model_copy(update={"validation_dataset": validation})
+    if config.format.value not in ("auto", dataset.format):
         raise InvalidRequest(
-            f"config.format is {config.format.value!r} but the training file is {file_format!r}",
+            f"config.format is {config.format.value!r} but the training file is {dataset.format!r}",
             param="config.format",
         )
-    base = ownership.registry_name(config.model)
-    if base is not None:
-        ownership.require_visible(session, project_id=project_id, name=base)
     registered = config.registered_model_name or default_registered_name(config.model)
     ownership.claim(session, project_id=project_id, name=registered, registry=registry)
     job = Job(
@@ -82,8 +73,8 @@ def create_job(
         model=spec.model,
         training_file=spec.training_file,
         validation_file=spec.validation_file,
-        dataset_path=dataset_path,
-        dataset_sha256=dataset_sha,
+        dataset_path=dataset.path,
+        dataset_sha256=dataset.sha256,
         suffix=spec.suffix,
         seed=config.seed,
         user_metadata=spec.metadata,
@@ -96,45 +87,48 @@ def create_job(
     return job
 
 
-def _resolve_training_file(
-    session: Session, settings: Settings, *, project_id: str, ref: str, param: str = "training_file"
-) -> tuple[str, str, str]:
-    """Return (path, sha256, format) for a file id, or (path, '', 'auto') for a dataset URI."""
-    if ref.startswith("file-"):
-        try:
-            row = get_file(session, project_id=project_id, file_id=ref)
-        except NotFound:
-            raise InvalidRequest(
-                f"{param} {ref!r} is not a file of this project: upload it with POST /v1/files",
-                param=param,
-                code="file_not_found",
-            ) from None
-        return row.path, row.sha256, row.format
-    path = Path(ref.removeprefix("file://"))
-    if not path.is_absolute():
-        raise InvalidRequest(f"{param} must be a file id or an absolute dataset path", param=param)
-    resolved = path.resolve()
-    if not any(resolved.is_relative_to(root.resolve()) for root in settings.dataset_roots):
-        roots = ", ".join(str(r) for r in settings.dataset_roots)
+def _validation_dataset(
+    session: Session, settings: Settings, project_id: str, spec: JobCreate
+) -> str | None:
+    """The held-out set's path: ``validation_file``, or ``config.validation_dataset``
+    (resolved by the same rules), never both."""
+    given = (spec.config or {}).get("validation_dataset")
+    if given is not None and spec.validation_file is not None:
         raise InvalidRequest(
-            f"{param} {ref!r} is outside the allowed dataset roots ({roots})", param=param
+            "give the validation set as validation_file or config.validation_dataset, not both",
+            param="config.validation_dataset",
         )
-    if not resolved.is_file():
-        raise InvalidRequest(f"{param} {ref!r} does not exist", param=param, code="file_not_found")
-    return str(resolved), "", "auto"
+    if given is not None and not isinstance(given, str):
+        raise InvalidRequest(
+            "config.validation_dataset must be a file id or a path",
+            param="config.validation_dataset",
+        )
+    ref, param = (
+        (given, "config.validation_dataset") if given is not None
+        else (spec.validation_file, "validation_file")
+    )  # fmt: skip
+    if ref is None:
+        return None
+    return resolve_dataset(session, settings, project_id=project_id, ref=ref, param=param).path
 
 
-def _resolve_config(settings: Settings, spec: JobCreate, dataset_path: str) -> SFTConfig:
+def _resolve_config(
+    settings: Settings, spec: JobCreate, dataset_path: str, model: str
+) -> SFTConfig:
     if spec.method is not None and spec.hyperparameters is not None:
         raise InvalidRequest(
             "give hyperparameters in method.supervised.hyperparameters or at the top level, "
             "not both",
             param="hyperparameters",
         )
+    for key, field in CONFIG_PATHS.items():
+        if field is not None and key in (spec.config or {}):
+            raise InvalidRequest(f"config.{key}: give it as {field}", param=f"config.{key}")
     data: dict[str, Any] = load_recipe(settings, spec.recipe) if spec.recipe else {}
     data.update(spec.config or {})
-    data["model"] = spec.model
+    data["model"] = model
     data["dataset"] = dataset_path
+    data.pop("validation_dataset", None)  # resolved apart, by the same rules
     if spec.recipe is not None:
         data["recipe"] = spec.recipe
     hyper = spec.hyperparameters or (

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     storage_path: str = ""
     # Dataset URIs given to jobs must lie under one of these. Empty: data_dir/datasets.
     dataset_roots: list[Path] = Field(default_factory=list)
+    # Jobs may name a Hugging Face id as their model (the cluster reaches the hub, or has
+    # its cache). Off: a job's model is thinkforge/tiny, a registry ref or a path under a root.
+    allow_hub_models: bool = False
     # Recipes a job may name (``recipe: tiny-cpu`` reads recipes_dir/tiny-cpu.yaml).
     recipes_dir: Path = Path("recipes")
 
