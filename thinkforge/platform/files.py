@@ -1,7 +1,8 @@
 """Uploaded datasets: stored under the data dir, validated line by line before they count.
 
 info = validate_dataset(path)                 # raises InvalidFile naming line and field
-row = store_upload(session, settings, project_id=..., filename=..., purpose=..., stream=fh)
+staged = stage_upload(settings, project_id=..., filename=..., purpose=..., stream=fh)
+row = record_upload(session, staged)          # in a short transaction
 """
 
 from __future__ import annotations
@@ -99,15 +100,26 @@ def _detect(obj: object) -> DatasetFormat:
     return detect_format(obj)
 
 
-def store_upload(
-    session: Session,
-    settings: Settings,
-    *,
-    project_id: str,
-    filename: str,
-    purpose: str,
-    stream: BinaryIO,
-) -> File:
+@dataclass
+class StagedUpload:
+    """An upload copied to disk and validated, not yet a row (``record_upload``); ``discard``
+    removes the copy if it never becomes one."""
+
+    project_id: str
+    filename: str
+    purpose: str
+    path: Path
+    info: DatasetInfo
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def stage_upload(
+    settings: Settings, *, project_id: str, filename: str, purpose: str, stream: BinaryIO
+) -> StagedUpload:
+    """Copy and validate an upload, with no database transaction open: validating a large
+    file takes seconds, and on SQLite a write transaction holds every other request."""
     if purpose not in PURPOSES:
         raise InvalidRequest(f"purpose must be one of {', '.join(PURPOSES)}", param="purpose")
     if not filename.endswith(".jsonl"):
@@ -120,25 +132,31 @@ def store_upload(
         with os.fdopen(fd, "wb") as out:
             _copy_limited(stream, out, settings.max_upload_bytes)
         info = validate_dataset(tmp)
-        file_id = new_id("file")
-        dest = folder / f"{file_id}.jsonl"
-        row = File(
-            id=file_id,
-            project_id=project_id,
-            filename=Path(filename).name[:512],
-            purpose=purpose,
-            bytes=info.bytes,
-            sha256=info.sha256,
-            path=str(dest),
-            format=info.format.value,
-            num_records=info.num_records,
-        )
-        session.add(row)
-        session.flush()
-        tmp.rename(dest)
-        return row
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    return StagedUpload(project_id, Path(filename).name[:512], purpose, tmp, info)
+
+
+def record_upload(session: Session, staged: StagedUpload) -> File:
+    """The row for a staged upload, its file moved into place (a short transaction)."""
+    file_id = new_id("file")
+    dest = staged.path.parent / f"{file_id}.jsonl"
+    row = File(
+        id=file_id,
+        project_id=staged.project_id,
+        filename=staged.filename,
+        purpose=staged.purpose,
+        bytes=staged.info.bytes,
+        sha256=staged.info.sha256,
+        path=str(dest),
+        format=staged.info.format.value,
+        num_records=staged.info.num_records,
+    )
+    session.add(row)
+    session.flush()
+    staged.path.rename(dest)
+    return row
 
 
 def _copy_limited(src: BinaryIO, dst: BinaryIO, limit: int) -> None:

@@ -27,7 +27,7 @@ from thinkforge.platform.errors import (
     NotFound,
     first_error_location,
 )
-from thinkforge.platform.files import validate_dataset
+from thinkforge.platform.files import DatasetInfo, validate_dataset
 from thinkforge.platform.launcher import JobLauncher, LaunchSpec
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, new_id, utcnow
 from thinkforge.platform.pagination import page
@@ -297,10 +297,16 @@ def fail(
 
 def advance_job(sessions: sessionmaker[Session], launcher: JobLauncher, job_id: str) -> None:
     """Validate and launch a new job. Safe to call any number of times, from anywhere."""
-    with sessions.begin() as session:
-        job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
-        if job is not None and job.status == JobStatus.VALIDATING_FILES.value:
-            _validate_job_dataset(session, job)
+    with sessions() as session:
+        job = session.scalar(select(Job).where(Job.id == job_id))
+    if job is not None and job.status == JobStatus.VALIDATING_FILES.value:
+        # Read the whole dataset with no transaction open (on SQLite a write transaction
+        # holds every other request); then record the outcome in a short one.
+        outcome = _check_job_dataset(job)
+        with sessions.begin() as session:
+            row = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+            if row is not None and row.status == JobStatus.VALIDATING_FILES.value:
+                _record_validation(session, row, outcome)
     with sessions.begin() as session:
         claimed = session.execute(  # type: ignore[attr-defined]
             update(Job)
@@ -314,7 +320,8 @@ def advance_job(sessions: sessionmaker[Session], launcher: JobLauncher, job_id: 
         submit(sessions, launcher, job)
 
 
-def _validate_job_dataset(session: Session, job: Job) -> None:
+def _check_job_dataset(job: Job) -> DatasetInfo | InvalidFile:
+    """The job's training data validated, or why it is not valid."""
     path = Path(job.dataset_path)
     try:
         if not path.is_file():
@@ -323,18 +330,23 @@ def _validate_job_dataset(session: Session, job: Job) -> None:
         if job.dataset_sha256 and info.sha256 != job.dataset_sha256:
             raise InvalidFile("the training file changed after upload", param="training_file")
     except InvalidFile as exc:
-        fail(session, job, FailureKind.INVALID_FILE, exc.message, exc.param)
-        return
+        return exc
     except OSError as exc:
-        fail(session, job, FailureKind.INVALID_FILE, f"cannot read the training data: {exc}")
+        return InvalidFile(f"cannot read the training data: {exc}")
+    return info
+
+
+def _record_validation(session: Session, job: Job, outcome: DatasetInfo | InvalidFile) -> None:
+    if isinstance(outcome, InvalidFile):
+        fail(session, job, FailureKind.INVALID_FILE, outcome.message, outcome.param)
         return
-    job.dataset_sha256 = info.sha256
+    job.dataset_sha256 = outcome.sha256
     set_status(
         session,
         job,
         JobStatus.QUEUED,
-        message=f"Training file validated ({info.num_records} {info.format.value} records); "
-        "job queued",
+        message=f"Training file validated ({outcome.num_records} {outcome.format.value} "
+        "records); job queued",
     )
 
 
