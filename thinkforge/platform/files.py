@@ -3,6 +3,7 @@
 info = validate_dataset(path)                 # raises InvalidFile naming line and field
 staged = stage_upload(settings, project_id=..., filename=..., purpose=..., stream=fh)
 row = record_upload(session, staged)          # in a short transaction
+ref = resolve_dataset(session, settings, project_id=..., ref="file-…" or "/data/x.jsonl", param=...)
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from thinkforge.platform.errors import (
     PayloadTooLarge,
 )
 from thinkforge.platform.models import Evaluation, File, Job, new_id
+from thinkforge.platform.pagination import page
 from thinkforge.platform.settings import Settings
-from thinkforge.platform.status import EVAL_TERMINAL, JobStatus
+from thinkforge.platform.status import EvalStatus, JobStatus
 
 PURPOSES = ("fine-tune",)
 MAX_REPORTED_ERRORS = 10
@@ -177,6 +179,71 @@ def get_file(session: Session, *, project_id: str, file_id: str) -> File:
     return row
 
 
+def list_files(
+    session: Session, *, project_id: str, after: str | None, limit: int
+) -> tuple[list[File], bool]:
+    stmt = select(File).where(File.project_id == project_id)
+    return page(session, stmt, File, after=after, limit=limit)
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    path: str
+    sha256: str  # "" for a dataset path: hashed when the run is validated
+    format: str  # "auto" for a dataset path
+
+
+def resolve_dataset(
+    session: Session, settings: Settings, *, project_id: str, ref: str, param: str
+) -> DatasetRef:
+    """Where a run reads a dataset given as a file id of the project, or as an absolute
+    path (``file://`` allowed) to a file under one of the dataset roots (``allowed_path``)."""
+    if ref.startswith("file-"):
+        try:
+            row = get_file(session, project_id=project_id, file_id=ref)
+        except NotFound:
+            raise InvalidRequest(
+                f"{param} {ref!r} is not a file of this project: upload it with POST /v1/files",
+                param=param,
+                code="file_not_found",
+            ) from None
+        return DatasetRef(row.path, row.sha256, row.format)
+    resolved = allowed_path(settings, ref, param=param)
+    if not resolved.is_file():
+        raise InvalidRequest(f"{param} {ref!r} does not exist", param=param, code="file_not_found")
+    return DatasetRef(str(resolved), "", "auto")
+
+
+def allowed_path(settings: Settings, ref: str, *, param: str) -> Path:
+    """``ref`` resolved (symlinks too), if it lies under a dataset root and outside
+    thinkforge's own folders; else 400 naming the roots, never saying if it exists. Every
+    path a job or an evaluation names goes through here (see ``platform/paths.py``)."""
+    path = Path(ref.removeprefix("file://"))
+    if not path.is_absolute():
+        raise InvalidRequest(f"{param} must be a file id or an absolute path", param=param)
+    resolved = path.resolve()
+    inside = any(resolved.is_relative_to(root.resolve()) for root in settings.dataset_roots)
+    private = any(resolved.is_relative_to(p) for p in _private_dirs(settings))
+    if not inside or private:
+        roots = ", ".join(str(r) for r in settings.dataset_roots)
+        raise InvalidRequest(
+            f"{param} {ref!r} is outside the allowed dataset roots ({roots})", param=param
+        )
+    return resolved
+
+
+def _private_dirs(settings: Settings) -> list[Path]:
+    """Folders of thinkforge's own that no run may name by path, whatever the roots: other
+    projects' uploads, registry downloads, checkpoints, evaluations, artifacts."""
+    data = settings.data_dir
+    dirs = [settings.files_dir, settings.models_dir, data / "evals", data / "serve-cache"]
+    dirs += [
+        Path(settings.storage_path),
+        Path(settings.mlflow_artifact_root.removeprefix("file://")),
+    ]
+    return [d.resolve() for d in dirs if d.is_absolute()]
+
+
 def delete_file(session: Session, *, project_id: str, file_id: str) -> None:
     """Delete a file; 409 while a live job trains or validates on it or a live
     evaluation reads it."""
@@ -195,7 +262,7 @@ def delete_file(session: Session, *, project_id: str, file_id: str) -> None:
         .where(
             Evaluation.project_id == project_id,
             Evaluation.config["dataset"].as_string() == row.path,
-            Evaluation.status.not_in(EVAL_TERMINAL),
+            Evaluation.status.in_([s.value for s in EvalStatus if not s.is_terminal()]),
         )
         .limit(1)
     )

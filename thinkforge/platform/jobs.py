@@ -9,7 +9,6 @@ also claims, for its project, the registered model name it will register under
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +16,26 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from thinkforge.contract import default_registered_name
 from thinkforge.jobs.config import SFTConfig
-from thinkforge.jobs.tracking import default_registered_name
 from thinkforge.platform import ownership
 from thinkforge.platform.errors import (
-    Conflict,
     InvalidFile,
     InvalidRequest,
     NotFound,
     first_error_location,
 )
-from thinkforge.platform.files import DatasetInfo, validate_dataset
-from thinkforge.platform.launcher import JobLauncher, LaunchSpec
+from thinkforge.platform.files import DatasetInfo, resolve_dataset, validate_dataset
+from thinkforge.platform.launcher import JobLauncher, TrainingLaunch
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, new_id, utcnow
 from thinkforge.platform.pagination import page
-from thinkforge.platform.paths import CONFIG_PATHS, resolve_dataset, resolve_model
+from thinkforge.platform.paths import CONFIG_PATHS, resolve_model
 from thinkforge.platform.recipes import load_recipe
 from thinkforge.platform.registry import ModelRegistry
+from thinkforge.platform.runs import cancel_target, is_cancelled, launch_run
 from thinkforge.platform.schemas import JobCreate
 from thinkforge.platform.settings import Settings
-from thinkforge.platform.status import FailureKind, JobStatus
-
-log = logging.getLogger(__name__)
+from thinkforge.platform.status import FailureKind, JobStatus, moves
 
 
 def create_job(
@@ -237,11 +234,7 @@ def set_status(
     error: dict[str, Any] | None = None,
 ) -> bool:
     """Move ``job`` to ``target`` if the status machine allows it; returns whether it moved."""
-    current = JobStatus(job.status)
-    if current == target:
-        return False
-    if not current.can_become(target):
-        log.info("job %s: ignoring %s -> %s", job.id, current, target)
+    if not moves(JobStatus(job.status), target, what=f"job {job.id}"):
         return False
     now = utcnow()
     job.status = target.value
@@ -264,23 +257,17 @@ def set_status(
 def cancel_job(session: Session, *, project_id: str, job_id: str) -> tuple[Job, bool]:
     """Cancel a job; returns the job and whether a launched run must be stopped."""
     job = get_job(session, project_id=project_id, job_id=job_id, lock=True)
-    status = JobStatus(job.status)
-    if status.is_terminal():
-        raise Conflict(
-            f"job {job_id} already ended ({status.value}); nothing to cancel",
-            param="fine_tuning_job_id",
-        )
-    if status is JobStatus.CANCELLING:
-        return job, True
-    if job.submitted_at is None:
-        set_status(
-            session, job, JobStatus.CANCELLED, message="Job cancelled before it was launched"
-        )
-        return job, False
-    set_status(
-        session, job, JobStatus.CANCELLING, message="Cancellation requested; stopping the run"
+    target = cancel_target(
+        JobStatus(job.status),
+        launched=job.submitted_at is not None,
+        what=f"job {job_id}",
+        param="fine_tuning_job_id",
     )
-    return job, True
+    if target is JobStatus.CANCELLED:
+        set_status(session, job, target, message="Job cancelled before it was launched")
+    elif target is JobStatus.CANCELLING:
+        set_status(session, job, target, message="Cancellation requested; stopping the run")
+    return job, target is not JobStatus.CANCELLED
 
 
 def fail(
@@ -351,25 +338,18 @@ def _record_validation(session: Session, job: Job, outcome: DatasetInfo | Invali
 
 
 def submit(sessions: sessionmaker[Session], launcher: JobLauncher, job: Job) -> None:
-    resources = job.config.get("resources", {})
-    spec = LaunchSpec(
-        job_id=job.id,
-        config=job.config,
-        num_workers=int(resources.get("num_workers", 1)),
-        gpus_per_worker=float(resources.get("gpus_per_worker", 0)),
-        cpus_per_worker=float(resources.get("cpus_per_worker", 1)),
-    )
-    try:
-        launcher.submit(spec)
-    except Exception as exc:  # any launcher failure ends the job, with the reason kept
-        log.exception("job %s: launch failed", job.id)
+    def failed(message: str) -> None:
         with sessions.begin() as session:
             row = session.scalar(select(Job).where(Job.id == job.id).with_for_update())
             if row is not None:
-                fail(session, row, FailureKind.LAUNCH_FAILED, f"could not start the run: {exc}")
-        return
-    with sessions.begin() as session:
-        add_event(session, job.id, "Submitted to the cluster", dedupe_key="submitted")
-        status = session.scalar(select(Job.status).where(Job.id == job.id))
-    if status in (JobStatus.CANCELLING.value, JobStatus.CANCELLED.value):
-        launcher.cancel(job.id)  # cancelled while the submission was on its way
+                fail(session, row, FailureKind.LAUNCH_FAILED, message)
+
+    def launched() -> bool:
+        with sessions.begin() as session:
+            add_event(session, job.id, "Submitted to the cluster", dedupe_key="submitted")
+            status = session.scalar(select(Job.status).where(Job.id == job.id))
+        return status is not None and is_cancelled(status)
+
+    launch_run(
+        launcher, TrainingLaunch(job_id=job.id, config=job.config), failed=failed, launched=launched
+    )
