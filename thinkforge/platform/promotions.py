@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.platform.auth import Principal
@@ -23,7 +22,7 @@ from thinkforge.platform.errors import Conflict
 from thinkforge.platform.models import AuditEntry, ModelAlias, new_id
 from thinkforge.platform.pagination import page
 from thinkforge.platform.registry import ModelRegistry, VersionStatus
-from thinkforge.platform.trust import pinned_sha
+from thinkforge.platform.trust import lock_alias, pinned_sha
 
 OnMoved = Callable[[str, str, int | None], None]
 log = logging.getLogger(__name__)
@@ -199,22 +198,6 @@ def _notify(on_moved: OnMoved | None, name: str, alias: str, version: int | None
         on_moved(name, alias, version)
     except Exception:  # the alias has moved and is audited: the answer is still a success
         log.exception("rolling deployments after %s@%s moved failed", name, alias)
-
-
-def lock_alias(session: Session, name: str, alias: str) -> ModelAlias:
-    """Take the alias's row lock (creating the row the first time); held until commit."""
-    stmt = select(ModelAlias).where(ModelAlias.name == name, ModelAlias.alias == alias)
-    row = session.scalar(stmt.with_for_update())
-    if row is not None:
-        return row
-    try:
-        with session.begin_nested():
-            session.add(ModelAlias(name=name, alias=alias))
-    except IntegrityError:
-        pass  # another request created it first; its lock is what we wait on below
-    row = session.scalar(stmt.with_for_update())
-    assert row is not None
-    return row
 
 
 def _record(

@@ -19,6 +19,7 @@ import logging
 from collections import defaultdict
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.platform.models import (
@@ -68,6 +69,22 @@ def intended_alias(session: Session, name: str, alias: str) -> tuple[bool, int |
     return (row is not None, row.version if row is not None else None)
 
 
+def lock_alias(session: Session, name: str, alias: str) -> ModelAlias:
+    """Take the alias's row lock (creating the row the first time); held until commit."""
+    stmt = select(ModelAlias).where(ModelAlias.name == name, ModelAlias.alias == alias)
+    row = session.scalar(stmt.with_for_update())
+    if row is not None:
+        return row
+    try:
+        with session.begin_nested():
+            session.add(ModelAlias(name=name, alias=alias))
+    except IntegrityError:
+        pass  # another request created it first; its lock is what we wait on below
+    row = session.scalar(stmt.with_for_update())
+    assert row is not None
+    return row
+
+
 def guard_registry(sessions: sessionmaker[Session], registry: ModelRegistry) -> None:
     """Find aliases and manifest tags changed straight in MLflow; audit and undo each."""
     with sessions() as session:
@@ -99,8 +116,6 @@ def guard_registry(sessions: sessionmaker[Session], registry: ModelRegistry) -> 
 def _guard_aliases(
     sessions: sessionmaker[Session], registry: ModelRegistry, name: str, aliases: list[str]
 ) -> None:
-    from thinkforge.platform.promotions import lock_alias  # promotions pins through here
-
     for alias in aliases:
         with sessions.begin() as session:
             row = lock_alias(session, name, alias)  # no API move runs meanwhile
