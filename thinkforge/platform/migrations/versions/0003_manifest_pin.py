@@ -1,7 +1,7 @@
 """model_versions.manifest_sha256: the manifest pin thinkforge keeps itself
 
-Revision ID: 0002_manifest_pin
-Revises: 0001
+Revision ID: 0003_manifest_pin
+Revises: 0002_leader_lease
 Create Date: 2026-12-01 12:25:00
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_manifest_pin"
-down_revision = "0001"
+revision = "0003_manifest_pin"
+down_revision = "0002_leader_lease"
 branch_labels = None
 depends_on = None
 
