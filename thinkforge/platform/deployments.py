@@ -40,7 +40,7 @@ FRONT_DOOR = "thinkforge"
 SERVE_OPTIONS = (
     "engine", "template", "device", "dtype", "num_gpus", "autoscaling", "max_ongoing_requests",
     "max_queued_requests", "request_timeout_s", "max_batch_size", "max_completion_tokens",
-    "default_thinking", "reasoning_effort",
+    "default_thinking", "reasoning_effort", "engine_args",
 )  # fmt: skip
 
 
