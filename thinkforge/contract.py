@@ -55,6 +55,7 @@ __all__ = [
     "RESULTS_FILE",
     "STEP_METRICS",
     "TINY_MODEL",
+    "TINY_MOE_MODEL",
     "TRAINED_TOKENS",
     "Manifest",
     "ModelRef",
@@ -86,6 +87,7 @@ DOWNLOAD_EXTRAS = frozenset({"registered_model_meta"})
 
 # The model the project builds locally (``thinkforge.jobs.tiny``): tests and the demo.
 TINY_MODEL = "thinkforge/tiny"
+TINY_MOE_MODEL = "thinkforge/tiny-moe"  # the same, as a Qwen3-MoE (4 experts, top-2)
 
 # Evaluation jobs: files in the output folder, tag on their MLflow run.
 RESULTS_FILE = "results.json"
@@ -105,8 +107,8 @@ MANIFEST_SHA_TAG = "manifest_sha256"  # on the version: pins manifest.json
 def default_registered_name(base_model: str) -> str:
     """The registry name a job registers under unless told: ``Qwen/Qwen2.5-7B`` ->
     ``qwen2.5-7b-sft`` (the control plane shows it before the job has run)."""
-    if base_model == TINY_MODEL:
-        return "thinkforge-tiny-sft"
+    if base_model in (TINY_MODEL, TINY_MOE_MODEL):
+        return base_model.replace("/", "-") + "-sft"
     stem = base_model.removeprefix("models:/").split("@")[0].rstrip("/")
     parts = [p for p in stem.split("/") if p and not p.isdigit()]
     name = re.sub(r"[^a-z0-9._-]+", "-", (parts[-1] if parts else "model").lower()).strip("-")
