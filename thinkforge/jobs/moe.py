@@ -45,6 +45,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from thinkforge.jobs.config import MOE_MODEL_TYPES, moe_kind
+
 __all__ = [
     "KNOWN_MOE_TYPES",
     "RouterError",
@@ -62,13 +64,7 @@ __all__ = [
     "step_router_loss",
 ]
 
-# model_type -> (experts attribute, top-k attribute); both route with softmax then top-k.
-KNOWN_MOE_TYPES = {
-    "qwen2_moe": ("num_experts", "num_experts_per_tok"),
-    "qwen3_moe": ("num_experts", "num_experts_per_tok"),
-}
-# Attributes by which other architectures announce experts (Mixtral, DeepSeek, OLMoE...).
-_EXPERT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+KNOWN_MOE_TYPES = MOE_MODEL_TYPES
 
 
 class RouterError(ValueError):
@@ -83,9 +79,7 @@ class RouterSpec:
 
 def is_moe(config: Any) -> bool:
     """Whether a transformers config describes a mixture-of-experts model."""
-    if getattr(config, "model_type", None) in KNOWN_MOE_TYPES:
-        return True
-    return any((getattr(config, a, None) or 0) > 1 for a in _EXPERT_ATTRS)
+    return moe_kind(config.to_dict()) != "dense"
 
 
 def router_spec(config: Any) -> RouterSpec:
