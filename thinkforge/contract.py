@@ -47,6 +47,9 @@ __all__ = [
     "MANIFEST_SHA_TAG",
     "MLMODEL_FILE",
     "MODEL_ARTIFACT_PATH",
+    "MOE_AUX_LOSS",
+    "MOE_IMBALANCE",
+    "MOE_Z_LOSS",
     "PLOT_FILE",
     "PYFUNC_LOADER",
     "PYFUNC_TASK",
@@ -67,8 +70,10 @@ __all__ = [
     "emit_event",
     "error_line",
     "event_line",
+    "expert_load_metric",
     "find_error",
     "is_manifest",
+    "layer_imbalance_metric",
     "manifest_bytes",
     "parse_event",
     "sha256_file",
@@ -124,6 +129,20 @@ STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "epoch", "total_steps
 TRAINED_TOKENS = "trained_tokens"
 # Step 0 holds the dataset's figures (``DataStats``) under this prefix.
 DATA_METRIC_PREFIX = "data_"
+# MoE bases, every step: the router losses and, per layer, each expert's share of the
+# step's top-k selections (all ranks) and that layer's max/mean load.
+MOE_AUX_LOSS = "moe_aux_loss"
+MOE_Z_LOSS = "moe_z_loss"
+MOE_IMBALANCE = "moe_imbalance"  # max/mean expert load, worst layer; 1.0 is balanced
+
+
+def expert_load_metric(layer: int, expert: int) -> str:
+    return f"moe_load_l{layer}_e{expert}"
+
+
+def layer_imbalance_metric(layer: int) -> str:
+    return f"{MOE_IMBALANCE}_l{layer}"
+
 
 # -- manifest ---------------------------------------------------------------------------
 

@@ -45,6 +45,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from thinkforge.contract import (
+    MOE_AUX_LOSS,
+    MOE_IMBALANCE,
+    MOE_Z_LOSS,
+    expert_load_metric,
+    layer_imbalance_metric,
+)
 from thinkforge.jobs.config import MOE_MODEL_TYPES, moe_kind
 
 __all__ = [
@@ -57,6 +64,7 @@ __all__ = [
     "global_balance_loss",
     "global_counts",
     "is_moe",
+    "load_metrics",
     "micro_batch_balance_loss",
     "router_spec",
     "router_stats",
@@ -218,3 +226,15 @@ def step_router_loss(
     z = sum((router_z_loss(s) for s in stats), torch.zeros(())) / len(stats)
     loss = aux_loss_coef * aux + router_z_loss_coef * z
     return RouterStep(loss=loss, aux=aux.detach(), z=z.detach(), counts=counts)
+
+
+def load_metrics(counts: torch.Tensor, aux: float, z: float) -> dict[str, float]:
+    """The step's MoE metrics under the contract's names."""
+    load = expert_load(counts)
+    imbalance = load.max(dim=1).values / load.mean(dim=1)
+    metrics = {MOE_AUX_LOSS: aux, MOE_Z_LOSS: z, MOE_IMBALANCE: float(imbalance.max())}
+    for layer, row in enumerate(load.tolist()):
+        metrics[layer_imbalance_metric(layer)] = float(imbalance[layer])
+        for expert, share in enumerate(row):
+            metrics[expert_load_metric(layer, expert)] = share
+    return metrics
