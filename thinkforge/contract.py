@@ -41,6 +41,7 @@ __all__ = [
     "ERROR_PREFIX",
     "EVAL_TAG",
     "EVENT_PREFIX",
+    "EXPERTS_PLOT",
     "JOB_TAG",
     "LINEAGE_TAGS",
     "MANIFEST_FILE",
@@ -134,6 +135,9 @@ DATA_METRIC_PREFIX = "data_"
 MOE_AUX_LOSS = "moe_aux_loss"
 MOE_Z_LOSS = "moe_z_loss"
 MOE_IMBALANCE = "moe_imbalance"  # max/mean expert load, worst layer; 1.0 is balanced
+# At each checkpoint: the expert-load heatmap, on the job's run as experts/step-NNNNNN.png
+# and, the latest, as experts.png.
+EXPERTS_PLOT = "experts.png"
 
 
 def expert_load_metric(layer: int, expert: int) -> str:

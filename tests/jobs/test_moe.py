@@ -185,3 +185,14 @@ def test_tiny_moe_is_built_like_tiny(data_dir, tiny_dir) -> None:
     assert AutoTokenizer.from_pretrained(path).get_vocab() == (
         AutoTokenizer.from_pretrained(tiny_dir).get_vocab()
     )
+
+
+def test_load_metrics_and_heatmap(tmp_path) -> None:
+    counts = torch.tensor([[6.0, 2.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    metrics = moe.load_metrics(counts, aux=1.5, z=0.1)
+    assert metrics["moe_load_l0_e0"] == 0.75 and metrics["moe_load_l1_e3"] == 0.25
+    assert metrics["moe_imbalance_l0"] == 3.0 and metrics["moe_imbalance_l1"] == 1.0
+    assert metrics["moe_imbalance"] == 3.0 and metrics["moe_aux_loss"] == 1.5
+    png = moe.expert_heatmap(metrics, step=7, path=tmp_path / "experts.png")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert moe.expert_heatmap({"loss": 1.0}, step=7, path=tmp_path / "dense.png") is None

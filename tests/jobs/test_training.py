@@ -232,5 +232,9 @@ def test_moe_job_logs_router_loss_and_expert_load(moe_job: str) -> None:
         shares = [metrics[expert_load_metric(layer, e)] for e in range(4)]
         assert sum(shares) == pytest.approx(1.0)
     assert metrics[MOE_IMBALANCE] >= 1.0
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "experts.png" in logged  # the heatmap of the last checkpoint
+    steps = [a.path for a in client.list_artifacts(run.info.run_id, "experts")]
+    assert steps == ["experts/step-000003.png"]
     (version,) = client.search_model_versions("name = 'thinkforge-tiny-moe-sft'")
     assert version.tags["base_model"] == "thinkforge/tiny-moe"

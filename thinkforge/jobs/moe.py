@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,6 +61,7 @@ __all__ = [
     "RouterSpec",
     "RouterStats",
     "RouterStep",
+    "expert_heatmap",
     "expert_load",
     "global_balance_loss",
     "global_counts",
@@ -238,3 +240,34 @@ def load_metrics(counts: torch.Tensor, aux: float, z: float) -> dict[str, float]
         for expert, share in enumerate(row):
             metrics[expert_load_metric(layer, expert)] = share
     return metrics
+
+
+def expert_heatmap(metrics: dict[str, float], step: int, path: str | Path) -> Path | None:
+    """Expert load by layer and expert (from ``load_metrics``' names) as a PNG; None when
+    the metrics hold no expert load (a dense model)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows: list[list[float]] = []
+    while expert_load_metric(len(rows), 0) in metrics:
+        layer, row = len(rows), list[float]()
+        while expert_load_metric(layer, len(row)) in metrics:
+            row.append(metrics[expert_load_metric(layer, len(row))])
+        rows.append(row)
+    if not rows:
+        return None
+    fig = Figure(figsize=(1.2 + 0.5 * len(rows[0]), 1.2 + 0.4 * len(rows)), dpi=100)
+    FigureCanvasAgg(fig)  # no pyplot: no global backend, safe in Ray workers
+    ax = fig.add_subplot()
+    image = ax.imshow(rows, cmap="viridis", vmin=0, aspect="auto")
+    fig.colorbar(image, ax=ax, label="share of selections")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(len(rows[0])))
+    ax.set_yticks(range(len(rows)))
+    ax.set_title(f"Expert load, step {step}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from thinkforge.contract import DATA_METRIC_PREFIX, TRAINED_TOKENS, emit_event
+from thinkforge.contract import DATA_METRIC_PREFIX, EXPERTS_PLOT, TRAINED_TOKENS, emit_event
 from thinkforge.jobs.checkpoints import STATE_FILE, TRAINER_STATE_FILE, checkpoint_dir_name
 from thinkforge.jobs.config import MoE, SFTConfig
 from thinkforge.jobs.data import (
@@ -47,6 +47,7 @@ from thinkforge.jobs.data import (
 from thinkforge.jobs.moe import (
     RouterSpec,
     RouterStats,
+    expert_heatmap,
     is_moe,
     load_metrics,
     router_spec,
@@ -412,11 +413,20 @@ def _train(worker: _Worker, logger: Any, callbacks: Sequence[StepCallback] = ())
             if saving:
                 if logger is not None:
                     logger.flush()
+                    _log_expert_heatmap(logger, metrics, worker.step)
                 _save_checkpoint(worker, metrics)
             for callback in callbacks:
                 callback(step=worker.step, rank=worker.rank, world_size=plan.world_size)
             if last:
                 return
+
+
+def _log_expert_heatmap(logger: Any, metrics: dict[str, float], step: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = expert_heatmap(metrics, step, Path(tmp) / EXPERTS_PLOT)
+        if path is not None:
+            logger.log_artifact(path)
+            logger.log_artifact(path.rename(path.with_name(f"step-{step:06d}.png")), "experts")
 
 
 def _train_step(worker: _Worker, micro: list[dict[str, Any]]) -> dict[str, float]:
