@@ -5,8 +5,9 @@ Qwen3-MoE return under ``output_router_logits=True``:
 
     spec = router_spec(model.config)                       # RouterError if unknown
     stats = [router_stats(out.router_logits, spec, mask) for out, mask in ...]
-    counts, tokens = global_counts(stats, group)           # one all-reduce per step
-    aux = sum(global_balance_loss(s, counts, tokens) for s in stats) * world_size
+    step = step_router_loss(stats, spec, balance="global", aux_loss_coef=1e-3,
+                            world_size=world_size)         # one all-reduce per step
+    (sum(micro_batch_losses) + step.loss).backward()       # one backward per step
 
 The balancing loss is LBL = N_E * sum_i f_i * P_i: f_i is the share of routed tokens that
 chose expert i (top-k selections / tokens, so sum_i f_i = k, as in transformers) and P_i

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from thinkforge.contract import TINY_MODEL, TINY_MOE_MODEL
 
@@ -135,7 +136,6 @@ def build_tiny_model(
     num_layers: int = 2,
 ):  # -> Qwen2ForCausalLM
     """A randomly initialised Qwen2 causal LM of a few hundred thousand parameters."""
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -152,12 +152,19 @@ def build_tiny_model(
         bos_token_id=None,
         use_sliding_window=False,
     )
-    # Seed a forked RNG so building the model never disturbs the caller's random state.
+    return _seeded(Qwen2ForCausalLM, config, seed)
+
+
+def _seeded(model_class: Any, config: Any, seed: int) -> Any:
+    """``model_class(config)`` from a forked, seeded RNG, so building a model never
+    disturbs the caller's random state; generation stops at the config's eos."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = eos_token_id
-    model.generation_config.pad_token_id = pad_token_id
+        model = model_class(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
     return model
 
 
@@ -177,7 +184,6 @@ def build_tiny_moe_model(
     transformers' own balancing loss is switched off (``router_aux_loss_coef=0``): the
     job's ``moe`` section decides it (``thinkforge.jobs.moe``).
     """
-    import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     config = Qwen3MoeConfig(
@@ -200,12 +206,7 @@ def build_tiny_moe_model(
         pad_token_id=pad_token_id,
         bos_token_id=None,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3MoeForCausalLM(config)
-    model.generation_config.eos_token_id = eos_token_id
-    model.generation_config.pad_token_id = pad_token_id
-    return model
+    return _seeded(Qwen3MoeForCausalLM, config, seed)
 
 
 _BUILDERS = {
