@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 from pathlib import Path
 
 import httpx
@@ -157,6 +158,11 @@ def test_pagination_and_metadata_filter(api: Api, file_id: str) -> None:
         ({"training_file": "/etc/passwd"}, "training_file"),
         ({"training_file": "relative/path.jsonl"}, "training_file"),
         ({"model": ""}, "model"),
+        ({"config": {"moe": {"balance": "global"}}}, "config.moe"),  # thinkforge/tiny is dense
+        (
+            {"model": "thinkforge/tiny-moe", "config": {"moe": {"aux_loss_coef": -0.1}}},
+            "config.moe.aux_loss_coef",
+        ),
     ],
 )
 def test_bad_job_requests_write_nothing(api: Api, file_id: str, fields: dict, param: str) -> None:
@@ -164,6 +170,24 @@ def test_bad_job_requests_write_nothing(api: Api, file_id: str, fields: dict, pa
     assert_error(resp, 400, param)
     assert api.client.get("/v1/fine_tuning/jobs").json()["data"] == []
     assert api.launcher.submissions == []
+
+
+@pytest.mark.parametrize(
+    ("model_config", "code", "param"),
+    [
+        ({"model_type": "mixtral", "num_local_experts": 8}, "invalid_model", "model"),
+        ({"model_type": "qwen2", "hidden_size": 8}, None, "config.moe"),
+    ],
+)
+def test_moe_section_checked_against_a_local_base(
+    api: Api, file_id: str, tmp_path: Path, model_config: dict, code: str | None, param: str
+) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(model_config))
+    resp = create(api, file_id, model=str(tmp_path), config={"moe": {"balance": "global"}})
+    assert_error(resp, 400, param)
+    if code is not None:
+        assert resp.json()["error"]["code"] == code
+    assert api.client.get("/v1/fine_tuning/jobs").json()["data"] == []
 
 
 def test_dataset_uri_under_allowed_root(api: Api) -> None:

@@ -9,6 +9,7 @@ also claims, for its project, the registered model name it will register under
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.contract import default_registered_name
-from thinkforge.jobs.config import SFTConfig
+from thinkforge.jobs.config import MOE_MODEL_TYPES, SFTConfig, moe_kind
 from thinkforge.platform import ownership
 from thinkforge.platform.errors import (
     InvalidFile,
@@ -143,10 +144,37 @@ def _resolve_config(
     if spec.suffix is not None:
         data["registered_model_name"] = spec.suffix
     try:
-        return SFTConfig.model_validate(data)
+        config = SFTConfig.model_validate(data)
     except ValidationError as exc:
         loc, msg = first_error_location(exc)
         raise InvalidRequest(f"{loc}: {msg}", param=_param_for(loc, spec)) from None
+    _check_experts(config)
+    return config
+
+
+def _check_experts(config: SFTConfig) -> None:
+    """A local base model's config.json against the job's ``moe`` section (a hub id or a
+    registry version is checked by the job when it loads the model)."""
+    path = Path(config.model) / "config.json"
+    if not path.is_absolute() or not path.is_file():
+        return
+    try:
+        kind = moe_kind(json.loads(path.read_text()))
+    except (OSError, ValueError, AttributeError):
+        return  # the job reports an unreadable model with its own message
+    if kind == "unknown":
+        raise InvalidRequest(
+            f"model {config.model!r} is a mixture of experts whose router thinkforge does not "
+            f"know (supported: {', '.join(MOE_MODEL_TYPES)})",
+            param="model",
+            code="invalid_model",
+        )
+    if kind == "dense" and config.moe is not None:
+        raise InvalidRequest(
+            f"config.moe: the base model {config.model!r} is dense (no experts); remove the "
+            "moe section",
+            param="config.moe",
+        )
 
 
 def _param_for(loc: str, spec: JobCreate) -> str:
