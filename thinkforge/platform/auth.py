@@ -28,6 +28,20 @@ BOOTSTRAP_KEY_ID = "key-bootstrap"
 Role = Literal["admin", "member", "inference"]
 ROLES: tuple[str, ...] = get_args(Role)
 
+# The actions only an admin key may take, as (method, path template): the one list. Every
+# other /v1 action is open to any key of the project (tests/platform/test_api_access.py
+# walks /openapi.json against it).
+ADMIN_ONLY: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("PUT", "/v1/registry/models/{name}/aliases/{alias}"),
+        ("DELETE", "/v1/registry/models/{name}/aliases/{alias}"),
+        ("POST", "/v1/registry/models/{name}/aliases/{alias}/rollback"),
+        ("GET", "/v1/keys"),
+        ("POST", "/v1/keys/{key_id}/revoke"),
+        ("PATCH", "/v1/quotas"),
+    }
+)
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -38,6 +52,15 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+
+def require_role(principal: Principal, method: str, path: str) -> None:
+    """403 unless ``principal`` may take the action ``method path`` (see ADMIN_ONLY)."""
+    if (method, path) in ADMIN_ONLY and not principal.is_admin:
+        raise PermissionDenied(
+            f"{method} {path} needs an admin key (thinkforge keys create --admin)",
+            code="admin_required",
+        )
 
 
 def ensure_project(session: Session, project_id: str) -> Project:
@@ -102,19 +125,13 @@ def revoke_key(session: Session, *, project_id: str, key_id: str) -> ApiKey:
     return row
 
 
-def require_role(principal: Principal, *, admin: bool = False) -> Principal:
-    """The REST API's role check: inference keys only call the front door; admin actions
-    need an admin key."""
+def refuse_inference_key(principal: Principal) -> Principal:
+    """Inference keys only call the front door; the REST API answers them 403."""
     if principal.role == "inference":
         raise PermissionDenied(
             "an inference key only calls the Serve front door (/v1/chat/completions); "
             "use a member or admin key for the REST API",
             code="inference_key",
-        )
-    if admin and not principal.is_admin:
-        raise PermissionDenied(
-            "this action needs an admin key (thinkforge keys create --role admin)",
-            code="admin_required",
         )
     return principal
 

@@ -1,19 +1,22 @@
-"""Typed dependencies for routes: the app context, a principal, an idempotency key."""
+"""Typed dependencies for routes: the app context, a principal, an idempotency key; and
+``KeyFirstRoute``, the route class of every /v1 router (key and role before the body)."""
 
 from __future__ import annotations
 
 import hmac
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Header, Query, Request
+from fastapi import Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.contract import frontdoor_token
-from thinkforge.platform.auth import Principal, authenticate, require_role
+from thinkforge.platform.auth import Principal, authenticate, refuse_inference_key, require_role
 from thinkforge.platform.deployments import DeploymentManager
 from thinkforge.platform.errors import AuthenticationFailed, Unavailable
 from thinkforge.platform.launcher import JobLauncher
@@ -92,13 +95,9 @@ def get_ctx(request: Request) -> AppContext:
 CtxDep = Annotated[AppContext, Depends(get_ctx)]
 
 
-def get_principal(ctx: CtxDep, authorization: Annotated[str | None, Header()] = None) -> Principal:
+def _authenticate(ctx: AppContext, authorization: str | None) -> Principal:
     with ctx.sessions() as session:
-        return require_role(authenticate(session, ctx.settings, authorization))
-
-
-def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
-    return require_role(principal, admin=True)
+        return refuse_inference_key(authenticate(session, ctx.settings, authorization))
 
 
 def get_frontdoor(ctx: CtxDep, authorization: Annotated[str | None, Header()] = None) -> None:
@@ -109,8 +108,37 @@ def get_frontdoor(ctx: CtxDep, authorization: Annotated[str | None, Header()] = 
         raise AuthenticationFailed("internal route: only the Serve front door calls it")
 
 
+class KeyFirstRoute(APIRoute):
+    """Checks the API key, and the role for ADMIN_ONLY actions, from the headers alone,
+    before FastAPI reads the body: an upload without a key is refused at once, not after
+    up to max_upload_bytes were spooled to disk. The principal is kept for get_principal.
+
+        router = APIRouter(prefix="/v1/files", route_class=KeyFirstRoute)
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        path = self.path_format
+
+        async def key_first(request: Request) -> Response:
+            ctx = get_ctx(request)
+            authorization = request.headers.get("authorization")
+            principal = await run_in_threadpool(_authenticate, ctx, authorization)
+            require_role(principal, request.method, path)
+            request.state.principal = principal
+            return await handler(request)
+
+        return key_first
+
+
+def get_principal(
+    request: Request, ctx: CtxDep, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
+    principal: Principal | None = getattr(request.state, "principal", None)
+    return principal if principal is not None else _authenticate(ctx, authorization)
+
+
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
-AdminDep = Annotated[Principal, Depends(get_admin)]
 FrontDoorDep = Annotated[None, Depends(get_frontdoor)]
 IdempotencyKeyDep = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)

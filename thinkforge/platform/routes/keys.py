@@ -7,23 +7,23 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 
 from thinkforge.platform import auth, quotas
-from thinkforge.platform.deps import AdminDep, CtxDep, PrincipalDep
+from thinkforge.platform.deps import CtxDep, KeyFirstRoute, PrincipalDep
 from thinkforge.platform.schemas import KeyObject, ListResponse, QuotaObject, QuotaUpdate
 from thinkforge.platform.views import key_view
 
-router = APIRouter(prefix="/v1", tags=["keys"])
+router = APIRouter(prefix="/v1", tags=["keys"], route_class=KeyFirstRoute)  # admins: ADMIN_ONLY
 KeyId = Annotated[str, Path(max_length=40, pattern=r"^key-[0-9a-f]+$")]
 
 
 @router.get("/keys", response_model=ListResponse[KeyObject])
-def list_keys(ctx: CtxDep, principal: AdminDep) -> ListResponse[KeyObject]:
+def list_keys(ctx: CtxDep, principal: PrincipalDep) -> ListResponse[KeyObject]:
     with ctx.sessions() as session:
         rows = auth.list_keys(session, project_id=principal.project_id)
         return ListResponse[KeyObject].of([key_view(r) for r in rows], False)
 
 
 @router.post("/keys/{key_id}/revoke", response_model=KeyObject)
-def revoke(ctx: CtxDep, principal: AdminDep, key_id: KeyId) -> KeyObject:
+def revoke(ctx: CtxDep, principal: PrincipalDep, key_id: KeyId) -> KeyObject:
     with ctx.sessions.begin() as session:
         return key_view(auth.revoke_key(session, project_id=principal.project_id, key_id=key_id))
 
@@ -35,7 +35,7 @@ def get_quota(ctx: CtxDep, principal: PrincipalDep) -> QuotaObject:
 
 
 @router.patch("/quotas", response_model=QuotaObject)
-def set_quota(ctx: CtxDep, principal: AdminDep, body: QuotaUpdate) -> QuotaObject:
+def set_quota(ctx: CtxDep, principal: PrincipalDep, body: QuotaUpdate) -> QuotaObject:
     with ctx.sessions.begin() as session:
         return quotas.set_quota(
             session, ctx.settings, project_id=principal.project_id,

@@ -9,11 +9,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from thinkforge.platform import frontdoor, usage
-from thinkforge.platform.deps import CtxDep, FrontDoorDep, PrincipalDep
+from thinkforge.platform.deps import CtxDep, FrontDoorDep, KeyFirstRoute, PrincipalDep
 from thinkforge.platform.errors import InvalidRequest
 from thinkforge.platform.schemas import FrontDoorDirectory, UsageBatch, UsageReport
 
-router = APIRouter(prefix="/v1", tags=["usage"])
+router = APIRouter(prefix="/v1", tags=["usage"], route_class=KeyFirstRoute)
 # Not in the public schema: only the front door calls these, with its derived token.
 internal = APIRouter(prefix="/v1/internal", include_in_schema=False)
 Seconds = Annotated[int | None, Query(ge=0, le=2**40, description="unix seconds")]

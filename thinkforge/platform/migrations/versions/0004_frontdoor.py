@@ -1,7 +1,7 @@
 """front door: project quotas, public deployments, usage records
 
-Revision ID: 0003_frontdoor
-Revises: 0002_leader_lease
+Revision ID: 0004_frontdoor
+Revises: 0003_manifest_pin
 Create Date: 2026-12-01 11:55:00
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_frontdoor"
-down_revision = "0002_leader_lease"
+revision = "0004_frontdoor"
+down_revision = "0003_manifest_pin"
 branch_labels = None
 depends_on = None
 
