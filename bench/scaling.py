@@ -33,11 +33,10 @@ DEFAULT_SWEEP = [
     {"max_tokens": 4},
     {"max_tokens": 8},
     {"max_tokens": 12},
-    {"max_tokens": 16},
-    {"max_tokens": 24},
     {},
     {"num_waits": 1},
     {"num_waits": 2},
+    {"num_waits": 4},
 ]
 
 
@@ -48,9 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0, help="data split seed")
-    p.add_argument(
-        "--recheck-rate", type=float, default=0.25, help="training traces that 'Wait' and recheck"
-    )
+    p.add_argument("--slip-rate", type=float, default=0.1, help="training first passes with a slip")
     p.add_argument("--model", help="evaluate this trained model directory; skip training")
     p.add_argument("--workdir", help="data, Ray storage and the final model (default: a temp dir)")
     p.add_argument("--budgets", help="JSON list of thinking budgets (default: a 10-point sweep)")
@@ -185,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from thinkforge.jobs.evaluate import plot
-    from thinkforge.jobs.synthetic import train_test_split
+    from thinkforge.jobs.synthetic import recheck_split
 
-    train_rows, test_rows = train_test_split(
-        args.n_train, args.n_test, seed=args.seed, recheck_rate=args.recheck_rate
+    train_rows, test_rows = recheck_split(
+        args.n_train, args.n_test, seed=args.seed, slip_rate=args.slip_rate
     )
     work = Path(args.workdir or tempfile.mkdtemp(prefix="thinkforge-scaling-")).absolute()
     work.mkdir(parents=True, exist_ok=True)
