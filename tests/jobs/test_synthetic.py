@@ -100,13 +100,13 @@ def test_a_slip_is_carried_on_and_the_recheck_corrects_it() -> None:
 
 
 def test_recheck_split_mixes_waits_and_holds_questions_out() -> None:
-    train, test = recheck_split(n_train=2000, n_test=200, seed=0)
+    train, test = recheck_split(n_train=2000, n_test=200, seed=0, slip_rate=0.1)
     assert (len(train), len(test)) == (2000, 200)
     assert not {r["question"] for r in test} & {r["question"] for r in train}
-    assert recheck_split(n_train=2000, n_test=200, seed=0) == (train, test)
+    assert recheck_split(n_train=2000, n_test=200, seed=0, slip_rate=0.1) == (train, test)
     waits = Counter(r["thinking_trajectories"][0].count("\nWait\n") for r in train)
     assert set(waits) == {0, 1, 2}
-    assert waits[0] > 1000 and waits[1] > 300 and waits[2] > 150  # 0 waits is the mode
+    assert waits[0] > 1000 and waits[1] > 400 and waits[2] > 250  # 0 waits is the mode
     slipped = 0
     for rec in train:
         example = parse_record(rec, DatasetFormat.AUTO)
@@ -118,3 +118,10 @@ def test_recheck_split_mixes_waits_and_holds_questions_out() -> None:
         terms = [int(t) for t in rec["question"].removeprefix("Sum: ").split()]
         assert 3 <= len(terms) <= 5 and rec["attempt"] == str(sum(terms))
         assert "Wait" not in rec["thinking_trajectories"][0]
+    plain, _ = recheck_split(n_train=500, n_test=50, seed=0)  # the default: no slips
+    assert all(r["thinking_trajectories"][0].split("\n")[0].count("+") == 2 for r in plain)
+    assert all(p.endswith(f"={r['attempt']}") for r in plain for p in _passes(r))
+
+
+def _passes(rec: dict[str, str | list[str]]) -> list[str]:
+    return str(rec["thinking_trajectories"][0]).split("\nWait\n")
