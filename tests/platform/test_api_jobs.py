@@ -182,8 +182,10 @@ def test_bad_job_requests_write_nothing(api: Api, file_id: str, fields: dict, pa
 def test_moe_section_checked_against_a_local_base(
     api: Api, file_id: str, tmp_path: Path, model_config: dict, code: str | None, param: str
 ) -> None:
-    (tmp_path / "config.json").write_text(json.dumps(model_config))
-    resp = create(api, file_id, model=str(tmp_path), config={"moe": {"balance": "global"}})
+    base = api.settings.dataset_roots[0] / "base"  # local models must lie under a root
+    base.mkdir(parents=True)
+    (base / "config.json").write_text(json.dumps(model_config))
+    resp = create(api, file_id, model=str(base), config={"moe": {"balance": "global"}})
     assert_error(resp, 400, param)
     if code is not None:
         assert resp.json()["error"]["code"] == code
