@@ -22,6 +22,7 @@ from thinkforge.platform.db import make_engine, make_sessionmaker
 from thinkforge.platform.deps import AppContext, CtxDep
 from thinkforge.platform.errors import PlatformError, error_body
 from thinkforge.platform.evals import reconcile_evals
+from thinkforge.platform.idempotency import purge_expired
 from thinkforge.platform.launcher import JobLauncher
 from thinkforge.platform.leader import (
     LeaderCollector,
@@ -34,12 +35,13 @@ from thinkforge.platform.middleware import BodyLimitMiddleware
 from thinkforge.platform.migrations import upgrade
 from thinkforge.platform.models import DEFAULT_PROJECT
 from thinkforge.platform.ray_cluster import LocalRayCluster, free_port
-from thinkforge.platform.reconciler import Reconciler
+from thinkforge.platform.reconciler import Reconciler, every
 from thinkforge.platform.routes import deployments, evals, files, jobs, registry
 from thinkforge.platform.schemas import Health
 from thinkforge.platform.serving import RayServeClient, ServeClient
 from thinkforge.platform.settings import Settings
 from thinkforge.platform.tracker import MirrorRefresher, RunTracker
+from thinkforge.platform.trust import guard_registry
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,14 @@ def create_app(
             tasks=[
                 lambda: reconcile_evals(writes, ctx.launcher, settings),
                 MirrorRefresher(writes, ctx.registry),
+                every(
+                    settings.registry_guard_interval_s,
+                    lambda: guard_registry(writes, ctx.registry()),
+                ),
+                every(
+                    settings.idempotency_purge_interval_s,
+                    lambda: purge_expired(writes, ttl_s=settings.idempotency_ttl_s),
+                ),
                 *(
                     [lambda: ctx.deployments().reconcile(sessions=writes)]
                     if serve is not None
