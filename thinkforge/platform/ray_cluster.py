@@ -22,6 +22,8 @@ from pathlib import Path
 
 import httpx
 
+from thinkforge.platform.health import Down
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -82,6 +84,16 @@ class LocalRayCluster:
             raise RuntimeError(f"the local Ray cluster did not start within {timeout_s}s")
         if self._error is not None:
             raise RuntimeError(f"the local Ray cluster failed to start: {self._error}")
+
+    def check(self) -> None:
+        """Readiness: raises ``Down`` while the head starts, after it failed, or when its
+        dashboard stops answering."""
+        if not self._up.is_set():
+            raise Down("the local Ray cluster is starting")
+        if self._error is not None:
+            raise Down("the local Ray cluster failed to start; see ray-head.log")
+        if not dashboard_alive(self.dashboard_url, self.token):
+            raise Down("the local Ray head does not answer")
 
     def start(self, timeout_s: float = 180) -> LocalRayCluster:
         bindir = str(Path(sys.executable).parent)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import tempfile
 from collections.abc import Callable, Iterator
@@ -39,6 +40,8 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from thinkforge.platform.errors import InvalidRequest, NotFound, PlatformError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "LINEAGE_KEYS",
@@ -277,8 +280,10 @@ class MlflowRegistry:
             raise InvalidReference(f"{what}: {exc}", param=param) from exc
 
     def _unavailable(self, what: str, exc: BaseException) -> RegistryError:
+        # MLflow's message names the URI, which may hold credentials: the log keeps it.
+        log.warning("%s: the MLflow registry failed: %s", what, exc)
         return RegistryError(
-            f"{what}: the MLflow registry at {self.registry_uri} failed ({exc}); check that "
+            f"{what}: the MLflow registry failed ({type(exc).__name__}); check that "
             "the tracking server is running and reachable, then retry"
         )
 
