@@ -11,7 +11,7 @@ from sqlalchemy import select
 from tests.platform.conftest import Api
 from tests.platform.data import S1K, jsonl
 from tests.platform.test_api_files import assert_error, upload
-from thinkforge.platform.launcher import LaunchState
+from thinkforge.platform.launcher import LaunchState, LaunchStatus
 from thinkforge.platform.models import File
 from thinkforge.platform.reconciler import reconcile_once
 
@@ -89,6 +89,34 @@ def test_failed_run_records_error(api: Api, file_id: str) -> None:
     job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["finished_at"] is not None
     assert job["error"]["code"] == "training_failed" and "worker OOM" in job["error"]["message"]
+
+
+def test_failed_run_keeps_the_error_short_and_its_log_in_an_error_event(
+    api: Api, file_id: str
+) -> None:
+    job_id = create(api, file_id).json()["id"]
+    reconcile(api)
+    log = "".join(f"  File /srv/app/{i}.py, line {i}\n" for i in range(400))
+    log = f"Traceback (most recent call last):\n{log}RuntimeError: worker 1 died\n"
+    api.launcher.states[job_id] = LaunchStatus(
+        LaunchState.FAILED,
+        message="Job entrypoint command failed with exit code 1, last available logs "
+        f"(truncated to 20,000 chars):\n{log}",
+        log_tail=log[-4000:],
+    )
+    reconcile(api)
+    job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    message = job["error"]["message"]
+    assert job["error"]["code"] == "training_failed"
+    assert "\n" not in message and len(message) <= 300 and "/srv/app" not in message
+    assert "exit code 1" in message and "events" in message  # where the log is
+    events = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100})
+    (logged,) = [e for e in events.json()["data"] if e["type"] == "log"]
+    assert logged["level"] == "error" and logged["data"]["log"] == log[-4000:]
+    assert all("/srv/app" not in e["message"] for e in events.json()["data"])
+    other = api.new_key("other-project")
+    with api.keyed(other) as client:
+        assert client.get(f"/v1/fine_tuning/jobs/{job_id}/events").status_code == 404
 
 
 def test_launch_failure_fails_the_job(api: Api, file_id: str) -> None:

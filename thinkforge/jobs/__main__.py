@@ -37,7 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="path of the resolved SFTConfig as JSON (or YAML)")
     source.add_argument("--config-json", help="the resolved SFTConfig itself, as JSON")
-    parser.add_argument("--mlflow-uri", default=None, help="tracking + registry URI")
+    parser.add_argument(
+        "--mlflow-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="tracking + registry URI (default: MLFLOW_TRACKING_URI)",
+    )
     parser.add_argument("--mlflow-artifact-root", default=None)
     parser.add_argument("--experiment", default="thinkforge")
     parser.add_argument("--storage-path", default=".thinkforge/checkpoints")

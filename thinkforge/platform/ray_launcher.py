@@ -75,7 +75,6 @@ class RayJobLauncher:
             self.python, "-m", "thinkforge.jobs",
             "--job-id", spec.job_id,
             "--config-json", json.dumps(spec.config, separators=(",", ":")),
-            "--mlflow-uri", self.mlflow_tracking_uri,
             "--storage-path", self.storage_path,
             "--data-dir", self.data_dir,
         ]  # fmt: skip
@@ -89,7 +88,14 @@ class RayJobLauncher:
             client.submit_job(
                 entrypoint=self.entrypoint(spec),
                 submission_id=spec.job_id,
-                runtime_env={"env_vars": {**self.env, **spec.env}},
+                # The MLflow URI may hold credentials: in the environment, never in `ps`.
+                runtime_env={
+                    "env_vars": {
+                        **self.env,
+                        **spec.env,
+                        "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+                    }
+                },
                 metadata={"thinkforge_job_id": spec.job_id},
                 # The driver only coordinates; the training workers hold the resources.
                 entrypoint_num_cpus=0,

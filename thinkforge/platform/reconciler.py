@@ -20,7 +20,7 @@ from typing import Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from thinkforge.platform.jobs import advance_job, fail, set_status, submit
+from thinkforge.platform.jobs import add_event, advance_job, fail, set_status, submit
 from thinkforge.platform.launcher import JobLauncher, LaunchState, LaunchStatus
 from thinkforge.platform.models import Job
 from thinkforge.platform.status import FailureKind, JobStatus
@@ -97,9 +97,13 @@ def _apply(
     elif state is LaunchState.SUCCEEDED:
         set_status(session, job, JobStatus.SUCCEEDED, message="Job succeeded")
     elif state is LaunchState.FAILED:
-        detail = status.message or "the run failed"
-        if status.log_tail:
-            detail = f"{detail}\n{status.log_tail}"
+        detail = failure_summary(status.message)
+        if status.log_tail:  # the log stays with the job, for those who may read its events
+            add_event(
+                session, job.id, "The run's log, last part (in data.log)", level="error",
+                type="log", data={"log": status.log_tail}, dedupe_key="log",
+            )  # fmt: skip
+            detail += "; the end of its log is in the job's events"
         fail(session, job, FailureKind.TRAINING_FAILED, detail)
     elif state is LaunchState.STOPPED:
         set_status(session, job, JobStatus.CANCELLED, message="Job cancelled; the run was stopped")
@@ -108,6 +112,13 @@ def _apply(
             set_status(session, job, JobStatus.CANCELLED, message="Job cancelled")
         else:
             fail(session, job, FailureKind.LOST, "the cluster has no record of this run")
+
+
+def failure_summary(message: str | None, limit: int = 200) -> str:
+    """One short line for ``error.message``: Ray's own message carries the whole log."""
+    line = (message or "").strip().splitlines()[0] if (message or "").strip() else ""
+    line = line.split(", last available logs", 1)[0].rstrip(" :") or "the run failed"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 class Reconciler:
