@@ -26,7 +26,12 @@ from thinkforge.platform.launcher import JobLauncher
 from thinkforge.platform.middleware import BodyLimitMiddleware
 from thinkforge.platform.migrations import upgrade
 from thinkforge.platform.models import DEFAULT_PROJECT
-from thinkforge.platform.ray_cluster import LocalRayCluster, auth_headers, free_port
+from thinkforge.platform.ray_cluster import (
+    RAY_HEAD_FILE,
+    LocalRayCluster,
+    auth_headers,
+    free_port,
+)
 from thinkforge.platform.reconciler import Reconciler
 from thinkforge.platform.routes import deployments, evals, files, jobs, registry
 from thinkforge.platform.schemas import Health
@@ -165,7 +170,8 @@ def ray_launcher_for(
     if settings.ray_address:
         serve = RayServeClient(settings.ray_address, token=token)
         return RayJobLauncher(settings.ray_address, token=token, **common), serve, None
-    cluster = LocalRayCluster(
+    cluster = LocalRayCluster.in_data_dir(
+        settings.data_dir / RAY_HEAD_FILE,
         num_cpus=settings.ray_num_cpus,
         dashboard_port=settings.ray_dashboard_port,
         gcs_port=free_port(),
