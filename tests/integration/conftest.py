@@ -56,22 +56,24 @@ class ControlPlane:
         self.log = data_dir / f"api-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 90) -> ControlPlane:
+    def start(self, timeout_s: float = 180) -> ControlPlane:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "thinkforge.cli", "up", "--port", str(self.port)],
             env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
         )  # fmt: skip
-        deadline = time.monotonic() + timeout_s
+        deadline, last = time.monotonic() + timeout_s, ""
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=10).status_code == 200:
+                resp = httpx.get(f"{self.url}/readyz", timeout=10)
+                if resp.status_code == 200:
                     return self
+                last = resp.text
             except httpx.TransportError:
                 pass
             time.sleep(0.3)
-        raise AssertionError(f"control plane not ready:\n{self.log.read_text()}")
+        raise AssertionError(f"control plane not ready ({last}):\n{self.log.read_text()}")
 
     def kill(self) -> None:
         assert self.proc is not None
