@@ -73,6 +73,7 @@ class ControlPlane:
             except httpx.TransportError:
                 pass
             time.sleep(0.3)
+        self.kill()
         raise AssertionError(f"control plane not ready ({last}):\n{self.log.read_text()}")
 
     def kill(self) -> None:

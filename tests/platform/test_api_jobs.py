@@ -11,8 +11,8 @@ from sqlalchemy import select
 from tests.platform.conftest import Api
 from tests.platform.data import S1K, jsonl
 from tests.platform.test_api_files import assert_error, upload
-from thinkforge.platform.launcher import LaunchState, LaunchStatus
-from thinkforge.platform.models import File
+from thinkforge.platform.launcher import CannotFit, LaunchState, LaunchStatus
+from thinkforge.platform.models import Checkpoint, File
 from thinkforge.platform.reconciler import reconcile_once
 
 
@@ -117,6 +117,64 @@ def test_failed_run_keeps_the_error_short_and_its_log_in_an_error_event(
     other = api.new_key("other-project")
     with api.keyed(other) as client:
         assert client.get(f"/v1/fine_tuning/jobs/{job_id}/events").status_code == 404
+
+
+def test_a_lost_run_is_resubmitted_within_the_jobs_retry_budget(api: Api, file_id: str) -> None:
+    assert api.settings.job_max_retries == 2  # the default; this job asks for one
+    job_id = create(api, file_id, max_retries=1).json()["id"]
+    assert api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["max_retries"] == 1
+    reconcile(api)
+    api.launcher.set(job_id, LaunchState.RUNNING)
+    reconcile(api)
+    with api.app.state.ctx.sessions.begin() as session:  # type: ignore[attr-defined]
+        session.add(Checkpoint(id="ftckpt-1", job_id=job_id, step=4, path="/ckpt/4"))
+    del api.launcher.states[job_id]  # the cluster forgets the run (its head restarted)
+    reconcile(api)
+    job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "running" and job["retries"] == 1
+    assert [s.job_id for s in api.launcher.submissions] == [job_id, job_id]
+    events = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+    (retry,) = [e for e in events if e["type"] == "retry"]
+    assert retry["level"] == "warning" and retry["data"] == {
+        "retry": 1,
+        "max_retries": 1,
+        "checkpoint_step": 4,
+    }
+    assert "step 4" in retry["message"]
+    del api.launcher.states[job_id]  # lost again: the budget is spent
+    reconcile(api)
+    job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "job_lost"
+    assert "1 retry" in job["error"]["message"] and len(api.launcher.submissions) == 2
+    assert_error(create(api, file_id, max_retries=-1), 400, "max_retries")
+
+
+def test_a_job_waiting_for_workers_stays_queued_and_says_why(api: Api, file_id: str) -> None:
+    job_id = create(api, file_id).json()["id"]
+    reconcile(api)
+    waiting = {"asked": {"workers": 2, "per_worker": {"CPU": 1.0}}, "free": {"CPU": 1.0},
+               "total": {"CPU": 2.0}, "held_by": [{"holder": "Serve deployment d", "resources": {"CPU": 1.0}}]}  # fmt: skip
+    api.launcher.states[job_id] = LaunchStatus(
+        LaunchState.PENDING, message="Waiting for workers: ...", waiting=waiting
+    )
+    reconcile(api)
+    reconcile(api)
+    assert api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "queued"
+    events = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+    (event,) = [e for e in events if e["type"] == "waiting"]  # once, however often asked
+    assert event["data"] == waiting and event["level"] == "warning"
+
+
+def test_a_job_larger_than_the_cluster_fails_at_once(api: Api, file_id: str) -> None:
+    api.launcher.fail_submit = CannotFit("the job asks for 3 workers with 1 CPU each")
+    job_id = create(api, file_id).json()["id"]
+    reconcile(api)
+    job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"] == {
+        "code": "insufficient_resources",
+        "message": "the job asks for 3 workers with 1 CPU each",
+        "param": "resources",
+    }
 
 
 def test_launch_failure_fails_the_job(api: Api, file_id: str) -> None:

@@ -166,6 +166,7 @@ def ray_launcher_for(
         "mlflow_artifact_root": settings.mlflow_artifact_root,
         "storage_path": settings.storage_path,
         "data_dir": str(settings.data_dir),
+        "autoscaling": settings.ray_autoscaling,
     }
     if settings.ray_address:
         serve = RayServeClient(settings.ray_address, token=token)

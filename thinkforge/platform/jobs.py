@@ -28,7 +28,7 @@ from thinkforge.platform.errors import (
     first_error_location,
 )
 from thinkforge.platform.files import get_file, validate_dataset
-from thinkforge.platform.launcher import JobLauncher, LaunchSpec
+from thinkforge.platform.launcher import CannotFit, JobLauncher, LaunchSpec
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, new_id, utcnow
 from thinkforge.platform.pagination import page
 from thinkforge.platform.recipes import load_recipe
@@ -89,6 +89,7 @@ def create_job(
         user_metadata=spec.metadata,
         recipe=spec.recipe,
         config=config.model_dump(mode="json"),
+        max_retries=settings.job_max_retries if spec.max_retries is None else spec.max_retries,
     )
     session.add(job)
     session.flush()
@@ -356,11 +357,19 @@ def submit(sessions: sessionmaker[Session], launcher: JobLauncher, job: Job) -> 
     try:
         launcher.submit(spec)
     except Exception as exc:  # any launcher failure ends the job, with the reason kept
-        log.exception("job %s: launch failed", job.id)
+        if isinstance(exc, CannotFit):
+            kind, message, param = FailureKind.INSUFFICIENT_RESOURCES, str(exc), "resources"
+        else:
+            log.exception("job %s: launch failed", job.id)
+            kind, message, param = (
+                FailureKind.LAUNCH_FAILED,
+                f"could not start the run: {exc}",
+                None,
+            )
         with sessions.begin() as session:
             row = session.scalar(select(Job).where(Job.id == job.id).with_for_update())
             if row is not None:
-                fail(session, row, FailureKind.LAUNCH_FAILED, f"could not start the run: {exc}")
+                fail(session, row, kind, message, param)
         return
     with sessions.begin() as session:
         add_event(session, job.id, "Submitted to the cluster", dedupe_key="submitted")

@@ -12,17 +12,19 @@ job id, so none is started twice.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.platform.jobs import add_event, advance_job, fail, set_status, submit
 from thinkforge.platform.launcher import JobLauncher, LaunchState, LaunchStatus
-from thinkforge.platform.models import Job
+from thinkforge.platform.models import Checkpoint, Job
 from thinkforge.platform.status import FailureKind, JobStatus
 
 log = logging.getLogger(__name__)
@@ -78,12 +80,18 @@ def _reconcile_job(
         row = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
         if row is None or JobStatus(row.status).is_terminal():
             return
-        _apply(session, row, status, tracker)
+        resubmit = _apply(session, row, status, tracker)
+    if resubmit:  # outside the row lock: the launcher may be slow
+        with sessions() as session:
+            row = session.scalar(select(Job).where(Job.id == job_id))
+        if row is not None:
+            submit(sessions, launcher, row)
 
 
 def _apply(
     session: Session, job: Job, status: LaunchStatus, tracker: ProgressTracker | None
-) -> None:
+) -> bool:
+    """Bring the row in line with ``status``; True when the run must be submitted again."""
     state = status.state
     final = state in (LaunchState.SUCCEEDED, LaunchState.FAILED, LaunchState.STOPPED)
     if tracker is not None and state is not LaunchState.PENDING:
@@ -92,7 +100,13 @@ def _apply(
                 tracker.sync(session, job, final=final)
         except Exception:  # MLflow down must not hold back what Ray says about the run
             log.exception("job %s: reading progress failed; status still applied", job.id)
-    if state is LaunchState.RUNNING:
+    if state is LaunchState.PENDING and status.waiting and job.status == JobStatus.QUEUED.value:
+        digest = hashlib.sha256(json.dumps(status.waiting, sort_keys=True).encode()).hexdigest()
+        add_event(
+            session, job.id, status.message or "Waiting for resources", level="warning",
+            type="waiting", data=status.waiting, dedupe_key=f"waiting:{digest[:16]}",
+        )  # fmt: skip
+    elif state is LaunchState.RUNNING:
         set_status(session, job, JobStatus.RUNNING, message="Training started")
     elif state is LaunchState.SUCCEEDED:
         set_status(session, job, JobStatus.SUCCEEDED, message="Job succeeded")
@@ -110,8 +124,29 @@ def _apply(
     elif state is LaunchState.UNKNOWN:
         if job.status == JobStatus.CANCELLING.value:
             set_status(session, job, JobStatus.CANCELLED, message="Job cancelled")
+        elif job.retries < job.max_retries:
+            _record_retry(session, job)
+            return True
         else:
-            fail(session, job, FailureKind.LOST, "the cluster has no record of this run")
+            spent = f"{job.max_retries} {'retry' if job.max_retries == 1 else 'retries'}"
+            fail(session, job, FailureKind.LOST, f"the cluster lost this run; its {spent} spent")
+    return False
+
+
+def _record_retry(session: Session, job: Job) -> None:
+    """The run is gone (a head restart, say): one retry, which resumes where the job's
+    checkpoints end (the training code finds them by the job id)."""
+    job.retries += 1
+    step = session.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job.id))
+    where = f"its checkpoint at step {step}" if step is not None else "the start (no checkpoint)"
+    add_event(
+        session, job.id,
+        f"The cluster lost the run; resubmitted from {where} (retry {job.retries} of "
+        f"{job.max_retries})",
+        level="warning", type="retry",
+        data={"retry": job.retries, "max_retries": job.max_retries, "checkpoint_step": step},
+        dedupe_key=f"retry:{job.retries}",
+    )  # fmt: skip
 
 
 def failure_summary(message: str | None, limit: int = 200) -> str:

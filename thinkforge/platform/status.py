@@ -68,4 +68,5 @@ class FailureKind(StrEnum):
     LAUNCH_FAILED = "launch_failed"
     TRAINING_FAILED = "training_failed"
     LOST = "job_lost"
+    INSUFFICIENT_RESOURCES = "insufficient_resources"
     INTERNAL = "internal_error"
