@@ -10,7 +10,7 @@ import pytest
 
 from thinkforge.jobs.__main__ import parse_args
 from thinkforge.jobs.evaluate import parse_args as parse_eval_args
-from thinkforge.platform.launcher import CannotFit, LaunchSpec, LaunchState
+from thinkforge.platform.launcher import CannotFit, LaunchState, ModuleLaunch, TrainingLaunch
 from thinkforge.platform.ray_launcher import RayJobLauncher
 
 URI = "postgresql://mlflow:s3cr3t@db.internal/mlflow"
@@ -43,8 +43,9 @@ def launcher() -> tuple[RayJobLauncher, RecordingClient]:
 
 def test_the_mlflow_uri_reaches_jobs_in_their_environment_not_their_command_line() -> None:
     ray, client = launcher()
-    ray.submit(LaunchSpec(job_id="ftjob-1", config={"model": "m"}))
-    ray.submit(LaunchSpec(job_id="eval-1", config={}, module="thinkforge.jobs.evaluate"))
+    ray._http = dashboard([])
+    ray.submit(TrainingLaunch(job_id="ftjob-1", config={"model": "m"}))
+    ray.submit(ModuleLaunch(job_id="eval-1", module="thinkforge.jobs.evaluate"))
     for submitted in client.submitted:
         assert URI not in submitted["entrypoint"] and "s3cr3t" not in submitted["entrypoint"]
         assert submitted["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == URI
@@ -98,16 +99,16 @@ def test_a_run_larger_than_the_cluster_is_refused_unless_it_autoscales() -> None
     ray, client = launcher()
     ray._http = dashboard([])
     with pytest.raises(CannotFit, match=r"3 workers with 1 CPU each \(3 CPU in all\).*2 CPU"):
-        ray.submit(LaunchSpec(job_id="ftjob-big", config={}, num_workers=3))
+        ray.submit(TrainingLaunch(job_id="ftjob-big", config={"resources": {"num_workers": 3}}))
     with pytest.raises(CannotFit, match="1 GPU each"):
-        ray.submit(LaunchSpec(job_id="ftjob-gpu", config={}, gpus_per_worker=1))
+        ray.submit(TrainingLaunch(job_id="ftjob-gpu", config={"resources": {"gpus_per_worker": 1}}))
     assert client.submitted == []
-    ray.submit(LaunchSpec(job_id="ftjob-fits", config={}, num_workers=2))
+    ray.submit(TrainingLaunch(job_id="ftjob-fits", config={"resources": {"num_workers": 2}}))
     ray._http = dashboard([], nodes=[])  # a head still registering: Ray decides
-    ray.submit(LaunchSpec(job_id="ftjob-early", config={}, num_workers=3))
+    ray.submit(TrainingLaunch(job_id="ftjob-early", config={"resources": {"num_workers": 3}}))
     ray._http = dashboard([])
     ray.autoscaling = True
-    ray.submit(LaunchSpec(job_id="ftjob-big", config={}, num_workers=3))
+    ray.submit(TrainingLaunch(job_id="ftjob-big", config={"resources": {"num_workers": 3}}))
     assert [s["submission_id"] for s in client.submitted] == [
         "ftjob-fits",
         "ftjob-early",

@@ -23,19 +23,19 @@ from typing import Any
 
 import httpx
 
-from thinkforge.platform.launcher import CannotFit, LaunchSpec, LaunchState, LaunchStatus
+from thinkforge.contract import find_error as job_error_line
+from thinkforge.jobs.config import Resources
+from thinkforge.platform.launcher import (
+    CannotFit,
+    LaunchSpec,
+    LaunchState,
+    LaunchStatus,
+    ModuleLaunch,
+    TrainingLaunch,
+)
 
 log = logging.getLogger(__name__)
 LOG_TAIL_CHARS = 4000
-JOB_ERROR_PREFIX = "thinkforge job error:"
-
-
-def job_error_line(logs: str | None) -> str | None:
-    """The entrypoint's own last word on a failure (``thinkforge job error: …``), if any."""
-    for line in reversed((logs or "").splitlines()):
-        if line.startswith(JOB_ERROR_PREFIX):
-            return line.removeprefix(JOB_ERROR_PREFIX).strip()
-    return None
 
 
 class RayJobLauncher:
@@ -81,7 +81,7 @@ class RayJobLauncher:
             return self._client
 
     def entrypoint(self, spec: LaunchSpec) -> str:
-        if spec.module is not None:
+        if isinstance(spec, ModuleLaunch):
             return shlex.join([self.python, "-m", spec.module, *spec.args])
         args = [
             self.python, "-m", "thinkforge.jobs",
@@ -97,7 +97,7 @@ class RayJobLauncher:
     def submit(self, spec: LaunchSpec) -> None:
         client = self.client()
         metadata = {"thinkforge_job_id": spec.job_id}
-        if spec.module is None:  # a training run: its workers take the resources
+        if isinstance(spec, TrainingLaunch):  # its workers take the resources
             ask = asked(spec)
             if not self.autoscaling:
                 self._check_fits(ask)
@@ -108,11 +108,7 @@ class RayJobLauncher:
                 submission_id=spec.job_id,
                 # The MLflow URI may hold credentials: in the environment, never in `ps`.
                 runtime_env={
-                    "env_vars": {
-                        **self.env,
-                        **spec.env,
-                        "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
-                    }
+                    "env_vars": {**self.env, "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri}
                 },
                 metadata=metadata,
                 # The driver only coordinates; the training workers hold the resources.
@@ -243,11 +239,13 @@ class RayJobLauncher:
         return [{"holder": k, "resources": v} for k, v in sorted(held.items())]
 
 
-def asked(spec: LaunchSpec) -> dict[str, Any]:
-    per = {"CPU": float(spec.cpus_per_worker)}
-    if spec.gpus_per_worker:
-        per["GPU"] = float(spec.gpus_per_worker)
-    return {"workers": spec.num_workers, "per_worker": per}
+def asked(spec: TrainingLaunch) -> dict[str, Any]:
+    """What the run's workers ask for, from its config: {"workers", "per_worker"}."""
+    res = Resources.model_validate(spec.config.get("resources") or {})
+    per = {"CPU": float(res.cpus_per_worker)}
+    if res.gpus_per_worker:
+        per["GPU"] = float(res.gpus_per_worker)
+    return {"workers": res.num_workers, "per_worker": per}
 
 
 def _actor_holder(actor: dict[str, Any], names: dict[str, str | None]) -> str:
