@@ -23,6 +23,13 @@ from thinkforge.platform.errors import PlatformError, error_body
 from thinkforge.platform.evals import reconcile_evals
 from thinkforge.platform.health import Check, database_check, http_check, mlflow_check, run_checks
 from thinkforge.platform.launcher import JobLauncher
+from thinkforge.platform.leader import (
+    LeaderCollector,
+    Leadership,
+    fenced,
+    leader_status,
+    leadership_for,
+)
 from thinkforge.platform.middleware import BodyLimitMiddleware
 from thinkforge.platform.migrations import upgrade
 from thinkforge.platform.models import DEFAULT_PROJECT
@@ -68,6 +75,7 @@ def create_app(
     runs_jobs = launcher is None  # jobs on Ray will open the MLflow store too
     if launcher is None:
         launcher, serve, cluster = ray_launcher_for(settings)
+    leadership = leadership_for(settings, engine)
     ctx = AppContext(
         settings=settings,
         engine=engine,
@@ -87,20 +95,28 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if cluster is not None:
             cluster.start_in_background()  # Ray comes up while the database migrates
+        writes = fenced(ctx.sessions, leadership)  # the loops write only while leading
         reconciler = Reconciler(
-            ctx.sessions,
+            writes,
             ctx.launcher,
             tracker=ctx.tracker,
             interval_s=settings.reconcile_interval_s,
             tasks=[
-                lambda: reconcile_evals(ctx.sessions, ctx.launcher, settings),
-                MirrorRefresher(ctx.sessions, ctx.registry),
-                *([lambda: ctx.deployments().reconcile()] if serve is not None else []),
+                lambda: reconcile_evals(writes, ctx.launcher, settings),
+                MirrorRefresher(writes, ctx.registry),
+                *(
+                    [lambda: ctx.deployments().reconcile(sessions=writes)]
+                    if serve is not None
+                    else []
+                ),
             ],
+            leader=leadership,
         )
         try:  # a start that fails half-way (say, the database is down) leaves no Ray head
             if settings.migrate_on_start:
                 upgrade(settings.database_url)
+            if settings.start_reconciler:
+                leadership.start()  # a second replica on one SQLite file stops here
             if runs_jobs:
                 _init_local_mlflow(settings.mlflow_tracking_uri)
             with ctx.sessions.begin() as session:
@@ -112,6 +128,7 @@ def create_app(
         finally:
             app.state.ready = False
             reconciler.stop()
+            leadership.stop()
             if cluster is not None:
                 cluster.stop()
             engine.dispose()
@@ -136,7 +153,7 @@ def create_app(
         upload_paths=("/v1/files",),
     )
     _install_error_handlers(app)
-    app.include_router(_health_router(checks))
+    app.include_router(_health_router(checks, leadership))
     app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(registry.router)
@@ -193,10 +210,18 @@ def ray_check(settings: Settings) -> Check:
     return http_check(f"{settings.ray_address.rstrip('/')}/api/version", auth_headers(token))
 
 
-def _health_router(checks: dict[str, Check]):  # type: ignore[no-untyped-def]
+def _health_router(checks: dict[str, Check], leadership: Leadership):  # type: ignore[no-untyped-def]
     from fastapi import APIRouter
+    from fastapi.responses import Response
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
     router = APIRouter(tags=["health"])
+    registry = CollectorRegistry()
+    registry.register(LeaderCollector(leadership))
+
+    @router.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/healthz", response_model=Health)
     def healthz() -> Health:
@@ -211,7 +236,7 @@ def _health_router(checks: dict[str, Check]):  # type: ignore[no-untyped-def]
             status = "starting"
         else:
             status = f"unavailable: {', '.join(down)}" if down else "ok"
-        body = Health(status=status, checks=results)
+        body = Health(status=status, checks=results, reconciler=leader_status(leadership))
         return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
 
     return router

@@ -268,10 +268,14 @@ class DeploymentManager:
         self._wanted: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def reconcile(self, *, force: bool = False) -> None:
+    def reconcile(
+        self, *, force: bool = False, sessions: sessionmaker[Session] | None = None
+    ) -> None:
+        """``sessions``: the reconciler leader's fenced ones (platform/leader.py)."""
+        sessions = sessions or self.sessions
         with self._lock:
             for _ in range(2):  # a finished deletion changes the config once more
-                with self.sessions() as session:
+                with sessions() as session:
                     if not force and self._applied is None and not _any(session):
                         return  # nothing was ever deployed: leave Serve unstarted
                     config, wanted = desired_config(session, self.registry, self.settings)
@@ -279,7 +283,7 @@ class DeploymentManager:
                 if force or digest != self._applied:
                     self.serve.apply(config)
                     self._applied, self._wanted = digest, wanted
-                sync_statuses(self.sessions, self.serve, self._wanted)
+                sync_statuses(sessions, self.serve, self._wanted)
 
     def on_alias_moved(self, name: str, alias: str, version: int | None) -> None:
         """A promotion: deployments following ``name@alias`` roll now, not at the next pass."""

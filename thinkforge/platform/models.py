@@ -266,3 +266,18 @@ class AuditEntry(Base):
     to_value: Mapped[str | None] = mapped_column(Text, default=None)
     reason: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LeaderLease(Base):
+    """Which replica runs the reconciler loops (``platform/leader.py``): one row per lease.
+    ``token`` grows by one at every change of holder; a write fenced by an older token fails."""
+
+    __tablename__ = "leader_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    token: Mapped[int] = mapped_column(BigInteger)
+    acquired_at: Mapped[datetime] = mapped_column()
+    renewed_at: Mapped[datetime] = mapped_column()
+    expires_at: Mapped[datetime] = mapped_column()
+    reconciled_at: Mapped[datetime | None] = mapped_column(default=None)

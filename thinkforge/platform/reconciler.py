@@ -3,9 +3,10 @@
 The database is the record; the launcher (Ray) and the tracker (MLflow, checkpoints) are
 asked again on every pass and never trusted to remember. After a control-plane restart
 the first pass picks every non-terminal job up again; submissions are idempotent on the
-job id, so none is started twice.
+job id, so none is started twice. With several control-plane replicas only the leader's
+loop runs passes, writing through sessions fenced by its lease (``platform/leader.py``).
 
-    reconciler = Reconciler(sessions, launcher, tracker=tracker, interval_s=2.0)
+    reconciler = Reconciler(sessions, launcher, tracker=tracker, interval_s=2.0, leader=leadership)
     reconciler.start(); ...; reconciler.stop()
     reconcile_once(sessions, launcher)          # one pass, for tests and the CLI
 """
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.platform.jobs import add_event, advance_job, fail, set_status, submit
 from thinkforge.platform.launcher import JobLauncher, LaunchState, LaunchStatus
+from thinkforge.platform.leader import Leadership, NotLeader
 from thinkforge.platform.models import Checkpoint, Job
 from thinkforge.platform.status import FailureKind, JobStatus
 
@@ -47,6 +49,8 @@ def reconcile_once(
     for job_id in pending:
         try:
             _reconcile_job(sessions, launcher, tracker, job_id)
+        except NotLeader:
+            raise
         except Exception:  # one bad job must not stop the others
             log.exception("reconciling job %s failed", job_id)
 
@@ -167,12 +171,14 @@ class Reconciler:
         tracker: ProgressTracker | None = None,
         interval_s: float = 2.0,
         tasks: list[Callable[[], None]] | None = None,
+        leader: Leadership | None = None,
     ) -> None:
         self._sessions = sessions
         self._launcher = launcher
         self._tracker = tracker
         self._interval = interval_s
         self._tasks = tasks or []
+        self._leader = leader
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -188,11 +194,28 @@ class Reconciler:
     def _jobs_pass(self) -> None:
         reconcile_once(self._sessions, self._launcher, self._tracker)
 
+    def _leads(self) -> bool:
+        return self._leader is None or self._leader.is_leader()
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            for task in [self._jobs_pass, *self._tasks]:
-                try:
-                    task()
-                except Exception:  # the loop outlives any single failure
-                    log.exception("reconcile pass failed")
+            if self._leads():
+                self._pass()
             self._stop.wait(self._interval)
+
+    def _pass(self) -> None:
+        for task in [self._jobs_pass, *self._tasks]:
+            if not self._leads():  # lost the lease mid-pass: a fenced commit would fail anyway
+                return
+            try:
+                task()
+            except NotLeader as exc:
+                log.info("reconcile pass stopped: %s", exc)
+                return
+            except Exception:  # the loop outlives any single failure
+                log.exception("reconcile pass failed")
+        if self._leader is not None:
+            try:
+                self._leader.reconciled()
+            except Exception:
+                log.exception("recording the reconcile pass failed")

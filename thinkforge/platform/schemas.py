@@ -178,9 +178,19 @@ class CheckpointObject(BaseModel):
     metrics: dict[str, Any]
 
 
+class LeaderStatus(BaseModel):
+    """Which replica runs the reconciler loops; readiness never depends on it."""
+
+    replica: str
+    leader: str | None
+    is_leader: bool
+    last_reconciled_at: int | None  # unix seconds, by the database clock
+
+
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+    reconciler: LeaderStatus | None = None
 
 
 # ---------------------------------------------------------------- registry

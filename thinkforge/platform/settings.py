@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(default=2.0, gt=0)
     migrate_on_start: bool = True
     start_reconciler: bool = True
+    # Several replicas (PostgreSQL only): the reconciler leader renews a lease of this many
+    # seconds every third of it; a dead leader is replaced within 4/3 of it (13.3 s).
+    leader_lease_s: float = Field(default=10.0, ge=1)
+    # This replica's name in the lease and in /readyz. Empty: hostname-pid-random.
+    replica_id: str = Field(default="", max_length=255)
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> Settings:
