@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -228,6 +229,10 @@ class LocalRayCluster:
             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--node-ip-address=127.0.0.1",
             # Fixed defaults (10001, 52365) would collide with a second cluster on this machine.
             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            # Its own temp dir: a job's driver finds "its" cluster through the temp dir's
+            # ray_current_cluster, which under the shared /tmp/ray names the newest cluster
+            # on the machine, whichever that is. Short, for Ray's socket paths.
+            f"--temp-dir={tempfile.mkdtemp(prefix='ray-')}",
         ]  # fmt: skip
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
