@@ -41,12 +41,16 @@ __all__ = [
     "ERROR_PREFIX",
     "EVAL_TAG",
     "EVENT_PREFIX",
+    "EXPERTS_PLOT",
     "JOB_TAG",
     "LINEAGE_TAGS",
     "MANIFEST_FILE",
     "MANIFEST_SHA_TAG",
     "MLMODEL_FILE",
     "MODEL_ARTIFACT_PATH",
+    "MOE_AUX_LOSS",
+    "MOE_IMBALANCE",
+    "MOE_Z_LOSS",
     "PLOT_FILE",
     "PYFUNC_LOADER",
     "PYFUNC_TASK",
@@ -55,6 +59,7 @@ __all__ = [
     "RESULTS_FILE",
     "STEP_METRICS",
     "TINY_MODEL",
+    "TINY_MOE_MODEL",
     "TRAINED_TOKENS",
     "Manifest",
     "ModelRef",
@@ -66,8 +71,10 @@ __all__ = [
     "emit_event",
     "error_line",
     "event_line",
+    "expert_load_metric",
     "find_error",
     "is_manifest",
+    "layer_imbalance_metric",
     "manifest_bytes",
     "parse_event",
     "sha256_file",
@@ -86,6 +93,7 @@ DOWNLOAD_EXTRAS = frozenset({"registered_model_meta"})
 
 # The model the project builds locally (``thinkforge.jobs.tiny``): tests and the demo.
 TINY_MODEL = "thinkforge/tiny"
+TINY_MOE_MODEL = "thinkforge/tiny-moe"  # the same, as a Qwen3-MoE (4 experts, top-2)
 
 # Evaluation jobs: files in the output folder, tag on their MLflow run.
 RESULTS_FILE = "results.json"
@@ -105,8 +113,8 @@ MANIFEST_SHA_TAG = "manifest_sha256"  # on the version: pins manifest.json
 def default_registered_name(base_model: str) -> str:
     """The registry name a job registers under unless told: ``Qwen/Qwen2.5-7B`` ->
     ``qwen2.5-7b-sft`` (the control plane shows it before the job has run)."""
-    if base_model == TINY_MODEL:
-        return "thinkforge-tiny-sft"
+    if base_model in (TINY_MODEL, TINY_MOE_MODEL):
+        return base_model.replace("/", "-") + "-sft"
     stem = base_model.removeprefix("models:/").split("@")[0].rstrip("/")
     parts = [p for p in stem.split("/") if p and not p.isdigit()]
     name = re.sub(r"[^a-z0-9._-]+", "-", (parts[-1] if parts else "model").lower()).strip("-")
@@ -122,6 +130,23 @@ STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "epoch", "total_steps
 TRAINED_TOKENS = "trained_tokens"
 # Step 0 holds the dataset's figures (``DataStats``) under this prefix.
 DATA_METRIC_PREFIX = "data_"
+# MoE bases, every step: the router losses and, per layer, each expert's share of the
+# step's top-k selections (all ranks) and that layer's max/mean load.
+MOE_AUX_LOSS = "moe_aux_loss"
+MOE_Z_LOSS = "moe_z_loss"
+MOE_IMBALANCE = "moe_imbalance"  # max/mean expert load, worst layer; 1.0 is balanced
+# At each checkpoint: the expert-load heatmap, on the job's run as experts/step-NNNNNN.png
+# and, the latest, as experts.png.
+EXPERTS_PLOT = "experts.png"
+
+
+def expert_load_metric(layer: int, expert: int) -> str:
+    return f"moe_load_l{layer}_e{expert}"
+
+
+def layer_imbalance_metric(layer: int) -> str:
+    return f"{MOE_IMBALANCE}_l{layer}"
+
 
 # -- manifest ---------------------------------------------------------------------------
 

@@ -136,6 +136,7 @@ def test_manifest_flatten_and_names(tmp_path: Path) -> None:
     assert default_registered_name("Qwen/Qwen2.5-32B-Instruct") == "qwen2.5-32b-instruct-sft"
     assert default_registered_name("models:/my-sft@production") == "my-sft"
     assert default_registered_name("thinkforge/tiny") == "thinkforge-tiny-sft"
+    assert default_registered_name("thinkforge/tiny-moe") == "thinkforge-tiny-moe-sft"
 
 
 def write_checkpoints(fs: Any, root: str) -> None:

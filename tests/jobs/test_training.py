@@ -10,11 +10,19 @@ from typing import Any
 
 import pytest
 
-from thinkforge.contract import DATA_METRIC_PREFIX, MANIFEST_FILE, TRAINED_TOKENS, check_manifest
+from thinkforge.contract import (
+    DATA_METRIC_PREFIX,
+    MANIFEST_FILE,
+    MOE_AUX_LOSS,
+    MOE_IMBALANCE,
+    TRAINED_TOKENS,
+    check_manifest,
+    expert_load_metric,
+)
 from thinkforge.jobs.__main__ import main
 from thinkforge.jobs.checkpoints import list_checkpoints
 from thinkforge.jobs.config import SFTConfig
-from thinkforge.jobs.synthetic import write_jsonl
+from thinkforge.jobs.synthetic import write_jsonl, write_mixed_jsonl
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -190,3 +198,43 @@ def test_validation_loss_at_every_checkpoint_is_the_whole_held_out_set(
             n = int(labels[:, 1:].ne(IGNORE_INDEX).sum())
             total, tokens = total + float(loss) * n, tokens + n
     assert by_step[16] == pytest.approx(total / tokens, rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def moe_job(ray_cluster: None, workdir: Path, data_dir: Path) -> str:
+    """The tiny-moe recipe, 3 steps of 2 workers x 2 micro-batches, global balance."""
+    data = write_mixed_jsonl(workdir / "mixed.jsonl", n=64, seed=0)
+    recipe = Path(__file__).parents[2] / "recipes" / "tiny-moe-cpu.yaml"
+    overrides = [f"dataset={data}", "hyperparameters.max_steps=3", "checkpoint_every_steps=0"]
+    config = SFTConfig.from_yaml(recipe, overrides=overrides)
+    assert config.moe is not None and config.moe.balance == "global"
+    (workdir / "moe.json").write_text(config.model_dump_json())
+    uri = f"sqlite:///{workdir / 'mlflow-moe.db'}"
+    argv = ["--job-id", "job-moe", "--config", str(workdir / "moe.json"), "--mlflow-uri", uri]
+    argv += ["--mlflow-artifact-root", str(workdir / "artifacts-moe")]
+    argv += ["--storage-path", str(workdir / "ckpt"), "--data-dir", str(data_dir)]
+    assert main(argv) == 0
+    return uri
+
+
+def test_moe_job_logs_router_loss_and_expert_load(moe_job: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=moe_job, registry_uri=moe_job)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("thinkforge").experiment_id], "tags.job_id = 'job-moe'"
+    )
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, MOE_AUX_LOSS)}
+    assert sorted(history) == [1, 2, 3]
+    assert all(0 < v < 4 for v in history.values())  # N_E * sum f P lies in (0, top_k * N_E)
+    metrics = run.data.metrics
+    for layer in range(2):
+        shares = [metrics[expert_load_metric(layer, e)] for e in range(4)]
+        assert sum(shares) == pytest.approx(1.0)
+    assert metrics[MOE_IMBALANCE] >= 1.0
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "experts.png" in logged  # the heatmap of the last checkpoint
+    steps = [a.path for a in client.list_artifacts(run.info.run_id, "experts")]
+    assert steps == ["experts/step-000003.png"]
+    (version,) = client.search_model_versions("name = 'thinkforge-tiny-moe-sft'")
+    assert version.tags["base_model"] == "thinkforge/tiny-moe"

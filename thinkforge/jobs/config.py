@@ -15,9 +15,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from thinkforge.contract import TINY_MODEL
+from thinkforge.contract import TINY_MODEL, TINY_MOE_MODEL
 
 
 class DatasetFormat(StrEnum):
@@ -74,6 +82,40 @@ class Resources(BaseModel):
         return self
 
 
+# MoE architectures whose router thinkforge knows: model_type -> (experts, top-k) fields.
+# Both route with a softmax over experts, then top-k (thinkforge.jobs.moe).
+MOE_MODEL_TYPES = {
+    "qwen2_moe": ("num_experts", "num_experts_per_tok"),
+    "qwen3_moe": ("num_experts", "num_experts_per_tok"),
+}
+# Fields by which other architectures announce experts (Mixtral, DeepSeek, OLMoE...).
+EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def moe_kind(model_config: dict[str, Any]) -> Literal["dense", "known", "unknown"]:
+    """What a model's config.json says about its experts: dense, a router thinkforge
+    knows, or a mixture of experts whose router it does not know."""
+    if model_config.get("model_type") in MOE_MODEL_TYPES:
+        return "known"
+    experts = (model_config.get(f) for f in EXPERT_FIELDS)
+    return "unknown" if any(isinstance(n, int) and n > 1 for n in experts) else "dense"
+
+
+class MoE(BaseModel):
+    """The router loss of a mixture-of-experts base (thinkforge.jobs.moe).
+
+    ``global``: Qwen's global-batch balance loss (counts over every micro-batch of the
+    step and every data-parallel rank); ``micro_batch``: transformers' per-micro-batch
+    value; ``none``: no balance loss.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    balance: Literal["global", "micro_batch", "none"] = "global"
+    aux_loss_coef: float = Field(default=1e-3, ge=0, le=100)
+    router_z_loss_coef: float = Field(default=0.0, ge=0, le=100)
+
+
 class SFTConfig(BaseModel):
     """One fine-tune job, resolved: what the job entrypoint receives."""
 
@@ -90,6 +132,7 @@ class SFTConfig(BaseModel):
     template: TemplateFamily = TemplateFamily.S1
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     resources: Resources = Field(default_factory=Resources)
+    moe: MoE | None = Field(default=None, description="router loss; MoE bases only")
     block_size: int = Field(default=32768, ge=16, le=1_048_576)
     overlong: Literal["truncate", "drop"] = "drop"
     packing: bool = False
@@ -101,6 +144,16 @@ class SFTConfig(BaseModel):
     seed: int = Field(default=42, ge=0)
     registered_model_name: str | None = None
     recipe: str | None = Field(default=None, description="recipe name; from_yaml: the file stem")
+
+    @field_validator("moe")
+    @classmethod
+    def _moe_needs_experts(cls, value: MoE | None, info: ValidationInfo) -> MoE | None:
+        if value is not None and info.data.get("model") == TINY_MODEL:
+            raise ValueError(
+                f"the base model {TINY_MODEL} is dense (no experts): remove the moe section "
+                f"or train {TINY_MOE_MODEL}"
+            )
+        return value
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> SFTConfig:

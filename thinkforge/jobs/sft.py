@@ -33,9 +33,9 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from thinkforge.contract import DATA_METRIC_PREFIX, TRAINED_TOKENS, emit_event
+from thinkforge.contract import DATA_METRIC_PREFIX, EXPERTS_PLOT, TRAINED_TOKENS, emit_event
 from thinkforge.jobs.checkpoints import STATE_FILE, TRAINER_STATE_FILE, checkpoint_dir_name
-from thinkforge.jobs.config import SFTConfig
+from thinkforge.jobs.config import MoE, SFTConfig
 from thinkforge.jobs.data import (
     IGNORE_INDEX,
     DataStats,
@@ -43,6 +43,16 @@ from thinkforge.jobs.data import (
     collate,
     ensure_pad_token,
     load_examples,
+)
+from thinkforge.jobs.moe import (
+    RouterSpec,
+    RouterStats,
+    expert_heatmap,
+    is_moe,
+    load_metrics,
+    router_spec,
+    router_stats,
+    step_router_loss,
 )
 
 __all__ = [
@@ -167,6 +177,7 @@ class _Worker:
     validation_size: int = 0  # 0 when the set has fewer sequences than ranks: a filler share
     data_stats: dict[str, int] | None = None  # what tokenization kept, cut and dropped
     trained_tokens: int = 0  # tokens the loss was computed on, all ranks, whole job
+    router: RouterSpec | None = None  # an MoE base: thinkforge adds the router loss
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -226,6 +237,7 @@ def _build_worker(
     device = ray.train.torch.get_device()
     model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     model.config.use_cache = False
+    router = _router(cfg, model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = ray.train.torch.prepare_model(
@@ -253,6 +265,7 @@ def _build_worker(
         sampler=sampler,
         plan=plan,
         autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+        router=router,
     )
     if cfg.validation_dataset:
         examples = _validation_set(cfg, tokenizer, rank)
@@ -368,6 +381,18 @@ def _optimizer(model: Any, cfg: SFTConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.adam_beta1, hp.adam_beta2))
 
 
+def _router(cfg: SFTConfig, model: Any) -> RouterSpec | None:
+    """The router of an MoE base (RouterError if unknown); transformers' own balancing
+    loss is switched off, as ``cfg.moe`` decides it."""
+    if not is_moe(model.config):
+        if cfg.moe is not None:
+            raise ValueError(f"moe: the base model {cfg.model!r} is dense (no experts)")
+        return None
+    spec = router_spec(model.config)
+    model.router_aux_loss_coef = 0.0
+    return spec
+
+
 def _train(worker: _Worker, logger: Any, callbacks: Sequence[StepCallback] = ()) -> None:
     plan, cfg = worker.plan, worker.cfg
     every = cfg.checkpoint_every_steps
@@ -388,11 +413,20 @@ def _train(worker: _Worker, logger: Any, callbacks: Sequence[StepCallback] = ())
             if saving:
                 if logger is not None:
                     logger.flush()
+                    _log_expert_heatmap(logger, metrics, worker.step)
                 _save_checkpoint(worker, metrics)
             for callback in callbacks:
                 callback(step=worker.step, rank=worker.rank, world_size=plan.world_size)
             if last:
                 return
+
+
+def _log_expert_heatmap(logger: Any, metrics: dict[str, float], step: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = expert_heatmap(metrics, step, Path(tmp) / EXPERTS_PLOT)
+        if path is not None:
+            logger.log_artifact(path)
+            logger.log_artifact(path.rename(path.with_name(f"step-{step:06d}.png")), "experts")
 
 
 def _train_step(worker: _Worker, micro: list[dict[str, Any]]) -> dict[str, float]:
@@ -403,15 +437,44 @@ def _train_step(worker: _Worker, micro: list[dict[str, Any]]) -> dict[str, float
     model, plan = worker.model, worker.plan
     loss_sum = torch.zeros((), dtype=torch.float32)
     tokens = trained = 0
+    routed: list[RouterStats] = []
+    pending = []  # MoE: every forward first, one backward (moe.py: exact global balance)
     for i, batch in enumerate(micro):
         # Only the last micro-batch all-reduces gradients (DDP/FSDP no_sync).
         syncing = i == len(micro) - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if syncing else model.no_sync(), worker.autocast():
-            loss = model(**batch).loss
-        worker.scaler.scale(loss / plan.accumulation).backward()
+            if worker.router is None:
+                loss = model(**batch).loss
+            else:
+                out = model(**batch, output_router_logits=True)
+                loss = out.loss
+                routed.append(
+                    router_stats(out.router_logits, worker.router, batch.get("attention_mask"))
+                )
+        if worker.router is None:
+            worker.scaler.scale(loss / plan.accumulation).backward()
+        else:
+            pending.append(loss / plan.accumulation)
         loss_sum += loss.detach().float().cpu()
         tokens += int(batch["input_ids"].ne(worker.tokenizer.pad_token_id).sum())
         trained += int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())  # what the loss saw
+    moe_metrics = {}
+    if worker.router is not None:
+        moe_cfg = worker.cfg.moe or MoE()
+        router = step_router_loss(
+            routed,
+            worker.router,
+            balance=moe_cfg.balance,
+            aux_loss_coef=moe_cfg.aux_loss_coef,
+            router_z_loss_coef=moe_cfg.router_z_loss_coef,
+            world_size=plan.world_size,
+        )
+        worker.scaler.scale(torch.stack(pending).sum() + router.loss).backward()
+        terms = torch.stack([router.aux, router.z]).to(router.counts.device)
+        if plan.world_size > 1:
+            dist.all_reduce(terms)
+        terms = terms.cpu() / plan.world_size
+        moe_metrics = load_metrics(router.counts.cpu(), float(terms[0]), float(terms[1]))
     worker.scaler.unscale_(worker.optimizer)
     max_norm = worker.cfg.hyperparameters.max_grad_norm
     if hasattr(model, "clip_grad_norm_"):  # FSDP shards gradients: clip across ranks
@@ -441,6 +504,7 @@ def _train_step(worker: _Worker, micro: list[dict[str, Any]]) -> dict[str, float
         "step": float(worker.step),
         "total_steps": float(plan.total_steps),
         TRAINED_TOKENS: float(worker.trained_tokens),
+        **moe_metrics,
     }
 
 

@@ -16,6 +16,12 @@ when budget forcing cuts thinking short: the effect the demo and issue 6 measure
     train, test = train_test_split(8000, 200, recheck_rate=0.25)  # some traces "Wait"
     write_jsonl("train.jsonl", n=2000, seed=0)
     extract_answer("Answer: 17")  # -> "17"
+
+A second domain with another token distribution (words, no digits), for the MoE demo and
+bench/moe_balance.py: reverse a list of words, one word per thinking line. Records carry
+``"domain": "sums" | "words"`` (ignored by training, read by the benchmark):
+
+    write_mixed_jsonl("mixed.jsonl", n=2000, seed=0)  # half sums, half words, shuffled
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from typing import Any
 __all__ = [
     "extract_answer",
     "generate",
+    "generate_mixed",
     "make_record",
     "train_test_split",
     "write_jsonl",
+    "write_mixed_jsonl",
     "write_records",
 ]
 
@@ -143,3 +151,67 @@ def extract_answer(text: str) -> str | None:
     """The last integer in a completion's answer text, or None when there is none."""
     match = _LAST_INT.search(text)
     return match.group(1) if match else None
+
+
+# Whole tokens of the tiny tokenizer's corpus (thinkforge.jobs.tiny), no digits.
+_WORDS = [
+    "system",
+    "user",
+    "assistant",
+    "think",
+    "answer",
+    "Sum",
+    "Wait",
+    "Final",
+    "You",
+    "are",
+    "helpful",
+    "The",
+    "is",
+    "Let",
+    "me",
+    "step",
+    "by",
+    "So",
+    "the",
+    "total",
+    "Question",
+    "Solve",
+    "this",
+    "problem",
+    "and",
+    "put",
+    "final",
+    "last",
+    "Hmm",
+    "check",
+    "again",
+]
+
+
+def make_word_record(words: list[str]) -> Record:
+    """Reverse a list of words; the trace names one word per line, last first."""
+    backwards = list(reversed(words))
+    return {
+        "question": "Reverse: " + " ".join(words),
+        "thinking_trajectories": ["\n".join(backwards)],
+        "attempt": " ".join(backwards),
+        "domain": "words",
+    }
+
+
+def generate_mixed(n: int, seed: int = 0, words_share: float = 0.5) -> list[Record]:
+    """``n`` records, about ``words_share`` of them word reversals and the rest sums."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        if rng.random() < words_share:
+            records.append(make_word_record(rng.sample(_WORDS, rng.randint(3, 5))))
+        else:
+            record = make_record(_draw_terms(rng, 3, 5, 9))
+            records.append({**record, "domain": "sums"})
+    return records
+
+
+def write_mixed_jsonl(path: str | Path, n: int, seed: int = 0, **kwargs: Any) -> Path:
+    return write_records(path, generate_mixed(n, seed, **kwargs))

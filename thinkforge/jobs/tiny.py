@@ -19,8 +19,9 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from thinkforge.jobs.config import TINY_MODEL
+from thinkforge.contract import TINY_MODEL, TINY_MOE_MODEL
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -28,6 +29,7 @@ __all__ = [
     "PAD_TOKEN",
     "TINY_VERSION",
     "build_tiny_model",
+    "build_tiny_moe_model",
     "build_tiny_tokenizer",
     "ensure_tiny_model",
     "resolve_base_model",
@@ -134,7 +136,6 @@ def build_tiny_model(
     num_layers: int = 2,
 ):  # -> Qwen2ForCausalLM
     """A randomly initialised Qwen2 causal LM of a few hundred thousand parameters."""
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -151,18 +152,72 @@ def build_tiny_model(
         bos_token_id=None,
         use_sliding_window=False,
     )
-    # Seed a forked RNG so building the model never disturbs the caller's random state.
+    return _seeded(Qwen2ForCausalLM, config, seed)
+
+
+def _seeded(model_class: Any, config: Any, seed: int) -> Any:
+    """``model_class(config)`` from a forked, seeded RNG, so building a model never
+    disturbs the caller's random state; generation stops at the config's eos."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = eos_token_id
-    model.generation_config.pad_token_id = pad_token_id
+        model = model_class(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
     return model
 
 
-def _build_into(directory: Path, seed: int) -> None:
+def build_tiny_moe_model(
+    vocab_size: int,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_experts: int = 4,
+    top_k: int = 2,
+):  # -> Qwen3MoeForCausalLM
+    """A randomly initialised Qwen3-MoE causal LM: every layer sparse, no shared expert.
+
+    transformers' own balancing loss is switched off (``router_aux_loss_coef=0``): the
+    job's ``moe`` section decides it (``thinkforge.jobs.moe``).
+    """
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        moe_intermediate_size=hidden_size * 2,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        router_aux_loss_coef=0.0,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,  # type: ignore[call-arg]  # a Qwen3 config field
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=None,
+    )
+    return _seeded(Qwen3MoeForCausalLM, config, seed)
+
+
+_BUILDERS = {
+    TINY_MODEL: ("tiny", build_tiny_model),
+    TINY_MOE_MODEL: ("tiny-moe", build_tiny_moe_model),
+}
+
+
+def _build_into(directory: Path, seed: int, name: str = TINY_MODEL) -> None:
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(
+    model = _BUILDERS[name][1](
         len(tokenizer),
         eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
         pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
@@ -170,23 +225,24 @@ def _build_into(directory: Path, seed: int) -> None:
     )
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    info = {"name": TINY_MODEL, "version": TINY_VERSION, "seed": seed}
+    info = {"name": name, "version": TINY_VERSION, "seed": seed}
     (directory / "thinkforge_tiny.json").write_text(json.dumps(info) + "\n")
 
 
-def ensure_tiny_model(data_dir: str | Path, seed: int = 0) -> Path:
-    """Return data_dir/models/tiny, building it on first use.
+def ensure_tiny_model(data_dir: str | Path, seed: int = 0, name: str = TINY_MODEL) -> Path:
+    """Return data_dir/models/tiny (or tiny-moe for ``thinkforge/tiny-moe``), building it
+    on first use.
 
     Built in a temporary sibling and renamed into place: the rename is atomic, so a reader
     never sees half a model, and when two processes race the loser discards its copy.
     """
-    final = Path(data_dir).absolute() / "models" / "tiny"
+    final = Path(data_dir).absolute() / "models" / _BUILDERS[name][0]
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=final.parent))
     try:
-        _build_into(tmp, seed)
+        _build_into(tmp, seed, name)
         os.rename(tmp, final)
     except OSError:
         if not final.is_dir():
@@ -204,12 +260,12 @@ def resolve_base_model(
 ) -> str:
     """Map a config's ``model`` to something ``from_pretrained`` can load.
 
-    ``thinkforge/tiny`` -> the locally built tiny model; ``models:/name/N`` or
+    ``thinkforge/tiny`` / ``thinkforge/tiny-moe`` -> the locally built tiny model; ``models:/name/N`` or
     ``models:/name@alias`` -> ``registry_resolver(uri)`` (the caller's MLflow lookup that
     returns a local directory); anything else (a path or a Hugging Face id) is unchanged.
     """
-    if name == TINY_MODEL:
-        return str(ensure_tiny_model(data_dir))
+    if name in _BUILDERS:
+        return str(ensure_tiny_model(data_dir, name=name))
     if name.startswith("models:/"):
         if registry_resolver is None:
             raise ValueError(f"cannot resolve {name!r}: no model registry is configured")

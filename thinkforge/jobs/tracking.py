@@ -130,6 +130,9 @@ class MetricLogger:
         if time.monotonic() - self._last >= self._every:
             self.flush()
 
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self._run_id, str(path), artifact_path)
+
     def flush(self) -> None:
         for i in range(0, len(self._pending), 1000):
             self._client.log_batch(self._run_id, metrics=self._pending[i : i + 1000])

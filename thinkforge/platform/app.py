@@ -22,6 +22,7 @@ from thinkforge.platform.deps import AppContext
 from thinkforge.platform.errors import PlatformError, error_body
 from thinkforge.platform.evals import reconcile_evals
 from thinkforge.platform.health import Check, database_check, http_check, mlflow_check, run_checks
+from thinkforge.platform.idempotency import purge_expired
 from thinkforge.platform.launcher import JobLauncher
 from thinkforge.platform.leader import (
     LeaderCollector,
@@ -39,12 +40,13 @@ from thinkforge.platform.ray_cluster import (
     auth_headers,
     free_port,
 )
-from thinkforge.platform.reconciler import Reconciler
+from thinkforge.platform.reconciler import Reconciler, every
 from thinkforge.platform.routes import deployments, evals, files, jobs, registry
 from thinkforge.platform.schemas import Health
 from thinkforge.platform.serving import RayServeClient, ServeClient
 from thinkforge.platform.settings import Settings
 from thinkforge.platform.tracker import MirrorRefresher, RunTracker
+from thinkforge.platform.trust import guard_registry
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,14 @@ def create_app(
             tasks=[
                 lambda: reconcile_evals(writes, ctx.launcher, settings),
                 MirrorRefresher(writes, ctx.registry),
+                every(
+                    settings.registry_guard_interval_s,
+                    lambda: guard_registry(writes, ctx.registry()),
+                ),
+                every(
+                    settings.idempotency_purge_interval_s,
+                    lambda: purge_expired(writes, ttl_s=settings.idempotency_ttl_s),
+                ),
                 *(
                     [lambda: ctx.deployments().reconcile(sessions=writes)]
                     if serve is not None

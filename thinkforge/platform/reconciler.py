@@ -17,8 +17,9 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,9 +34,12 @@ log = logging.getLogger(__name__)
 
 
 class ProgressTracker(Protocol):
-    """Turns a run's metrics, checkpoints and registered model into rows for one job."""
+    """Turns a run's metrics, checkpoints and registered model into rows for one job:
+    ``fetch`` asks the outside systems (slow; no transaction open), ``apply`` writes."""
 
-    def sync(self, session: Session, job: Job, *, final: bool) -> None: ...
+    def fetch(self, job: Job, *, final: bool) -> Any: ...
+
+    def apply(self, session: Session, job: Job, progress: Any) -> None: ...
 
 
 def reconcile_once(
@@ -80,11 +84,18 @@ def _reconcile_job(
         LaunchState.RUNNING,
     ):
         launcher.cancel(job_id)
+    progress = None
+    if tracker is not None and status.state is not LaunchState.PENDING:
+        final = status.state in (LaunchState.SUCCEEDED, LaunchState.FAILED, LaunchState.STOPPED)
+        try:  # before the row lock: on SQLite a write transaction holds every request
+            progress = tracker.fetch(job, final=final)
+        except Exception:  # MLflow down must not hold back what Ray says about the run
+            log.exception("job %s: reading progress failed; status still applied", job.id)
     with sessions.begin() as session:
         row = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
         if row is None or JobStatus(row.status).is_terminal():
             return
-        resubmit = _apply(session, row, status, tracker)
+        resubmit = _apply(session, row, status, tracker, progress)
     if resubmit:  # outside the row lock: the launcher may be slow
         with sessions() as session:
             row = session.scalar(select(Job).where(Job.id == job_id))
@@ -93,17 +104,20 @@ def _reconcile_job(
 
 
 def _apply(
-    session: Session, job: Job, status: LaunchStatus, tracker: ProgressTracker | None
+    session: Session,
+    job: Job,
+    status: LaunchStatus,
+    tracker: ProgressTracker | None,
+    progress: Any,
 ) -> bool:
     """Bring the row in line with ``status``; True when the run must be submitted again."""
     state = status.state
-    final = state in (LaunchState.SUCCEEDED, LaunchState.FAILED, LaunchState.STOPPED)
-    if tracker is not None and state is not LaunchState.PENDING:
+    if tracker is not None and progress is not None:
         try:
             with session.begin_nested():
-                tracker.sync(session, job, final=final)
-        except Exception:  # MLflow down must not hold back what Ray says about the run
-            log.exception("job %s: reading progress failed; status still applied", job.id)
+                tracker.apply(session, job, progress)
+        except Exception:
+            log.exception("job %s: recording progress failed; status still applied", job.id)
     if state is LaunchState.PENDING and status.waiting and job.status == JobStatus.QUEUED.value:
         digest = hashlib.sha256(json.dumps(status.waiting, sort_keys=True).encode()).hexdigest()
         add_event(
@@ -158,6 +172,20 @@ def failure_summary(message: str | None, limit: int = 200) -> str:
     line = (message or "").strip().splitlines()[0] if (message or "").strip() else ""
     line = line.split(", last available logs", 1)[0].rstrip(" :") or "the run failed"
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def every(interval_s: float, task: Callable[[], object]) -> Callable[[], None]:
+    """A reconciler task that runs ``task`` on the first pass, then at most every ``interval_s``."""
+    last = float("-inf")
+
+    def throttled() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= interval_s:
+            last = now
+            task()
+
+    return throttled
 
 
 class Reconciler:

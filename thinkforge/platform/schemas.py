@@ -293,6 +293,12 @@ class ServeOptions(BaseModel):
     default_thinking: dict[str, Any] | None = Field(
         default=None, description="max_tokens, min_tokens, num_waits, wait_string, ..."
     )
+    engine_args: dict[str, Any] | None = Field(
+        default=None,
+        description="engine 'vllm' only: tensor_parallel_size (GPU only: a placement group "
+        "of that many GPUs per replica), max_model_len, gpu_memory_utilization, max_num_seqs, "
+        "enable_prefix_caching, dtype, kv_cache_dtype, quantization",
+    )
 
     def given(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

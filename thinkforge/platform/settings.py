@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     storage_path: str = ""
     # Dataset URIs given to jobs must lie under one of these. Empty: data_dir/datasets.
     dataset_roots: list[Path] = Field(default_factory=list)
+    # Jobs may name a Hugging Face id as their model (the cluster reaches the hub, or has
+    # its cache). Off: a job's model is thinkforge/tiny, a registry ref or a path under a root.
+    allow_hub_models: bool = False
     # Recipes a job may name (``recipe: tiny-cpu`` reads recipes_dir/tiny-cpu.yaml).
     recipes_dir: Path = Path("recipes")
 
@@ -65,6 +68,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     max_request_bytes: int = Field(default=1024 * 1024, ge=1)
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
+    idempotency_purge_interval_s: float = Field(default=300.0, gt=0)
+    registry_guard_interval_s: float = Field(default=30.0, gt=0)
 
     # Times a job is resubmitted (resuming from its last checkpoint) when the cluster loses
     # its run, e.g. after a Ray head restart; a job may ask for its own (max_retries).

@@ -1,7 +1,7 @@
 """jobs: max_retries and retries (a lost run is resubmitted within the job's budget)
 
-Revision ID: 0003_job_retries
-Revises: 0002_leader_lease
+Revision ID: 0004_job_retries
+Revises: 0003_manifest_pin
 Create Date: 2026-12-01 12:00:00
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_job_retries"
-down_revision = "0002_leader_lease"
+revision = "0004_job_retries"
+down_revision = "0003_manifest_pin"
 branch_labels = None
 depends_on = None
 
