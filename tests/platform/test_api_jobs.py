@@ -147,7 +147,7 @@ def test_pagination_and_metadata_filter(api: Api, file_id: str) -> None:
         ),
         ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
         ({"hyperparameters": {"bogus": 1}}, "hyperparameters.bogus"),
-        ({"resources": {"num_workers": 2, "strategy": "fsdp"}}, "resources"),
+        ({"resources": {"num_workers": 2, "strategy": "zero3"}}, "resources.strategy"),
         ({"seed": -3}, "seed"),
         ({"suffix": "has space"}, "suffix"),
         ({"config": {"block_size": 1}}, "config.block_size"),
@@ -163,6 +163,13 @@ def test_bad_job_requests_write_nothing(api: Api, file_id: str, fields: dict, pa
     assert_error(resp, 400, param)
     assert api.client.get("/v1/fine_tuning/jobs").json()["data"] == []
     assert api.launcher.submissions == []
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "auto"])
+def test_fsdp_and_auto_are_accepted_on_cpu_workers(api: Api, file_id: str, strategy: str) -> None:
+    """FSDP2 runs on CPU over gloo, so a CPU job may ask for it (or for auto)."""
+    resp = create(api, file_id, resources={"num_workers": 2, "strategy": strategy})
+    assert resp.status_code == 200, resp.text
 
 
 def test_dataset_uri_under_allowed_root(api: Api) -> None:

@@ -160,18 +160,21 @@ def _train_and_register(
 ) -> str | None:
     import ray
 
-    from thinkforge.jobs.sft import emit_event, run_training
+    from thinkforge.jobs.sft import ClusterTooSmall, emit_event, run_training
 
     if not ray.is_initialized():
         ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS"))
-    result = run_training(
-        config,
-        args.job_id,
-        args.storage_path,
-        model_path=model_path,
-        tracking_uri=args.mlflow_uri,
-        run_id=run_id,
-    )
+    try:
+        result = run_training(
+            config,
+            args.job_id,
+            args.storage_path,
+            model_path=model_path,
+            tracking_uri=args.mlflow_uri,
+            run_id=run_id,
+        )
+    except ClusterTooSmall as exc:
+        raise JobError(str(exc)) from None
     if result.error is not None:
         raise JobError(f"training failed: {_first_line(result.error)}")
     if result.checkpoint is None:

@@ -27,6 +27,7 @@ Errors:
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -63,7 +64,7 @@ _ARCHITECTURE = (
 
 def layout(model: Any, *, global_batch: int) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the architecture and the step size."""
-    config = model.config.to_dict()
+    config = _inner(model).config.to_dict()
     keep = _ARCHITECTURE
     return {"architecture": {k: config.get(k) for k in keep}, "global_batch": global_batch}
 
@@ -196,13 +197,19 @@ def export_hf(
     if writer is None:
         return []
     files = writer.close()
-    config = model.config
+    inner = _inner(model)
+    config = copy.deepcopy(inner.config)
     config.dtype = dtype
     config.use_cache = True
     config.save_pretrained(directory)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(directory)
+    if getattr(inner, "generation_config", None) is not None:
+        inner.generation_config.save_pretrained(directory)
     return files
+
+
+def _inner(model: Any) -> Any:
+    """The Hugging Face model inside a DDP wrapper (FSDP2 wraps none)."""
+    return getattr(model, "module", model)
 
 
 class _ShardWriter:

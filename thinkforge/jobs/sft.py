@@ -1,15 +1,17 @@
 """The SFT training loop (one copy per Ray Train worker) and the driver that launches it.
 
 ``run_training`` builds a ``TorchTrainer`` (Ray Train V2, the default in Ray 2.60) whose
-workers run ``train_loop_per_worker``: load model and tokenizer with ``from_pretrained``,
-wrap with ``prepare_model`` (DDP on gloo/NCCL, FSDP on GPUs), accumulate gradients up to
-the global batch, AdamW with linear warmup then cosine (or linear/constant) decay, bf16
-autocast on GPUs, gradient clipping, per-step metrics to MLflow from rank 0, and
-checkpoints reported with ``ray.train.report`` (layout: ``thinkforge.jobs.checkpoints``).
+workers run ``train_loop_per_worker``: the tokenizer, then the model built and parallelised
+by ``thinkforge.jobs.parallel`` (DDP, or FSDP2 over gloo on CPU and NCCL on GPU; ``auto``
+picks), gradients accumulated up to the global batch, AdamW with linear warmup then cosine
+(or linear/constant) decay, bf16 on GPUs (autocast under DDP, FSDP's mixed precision
+policy), gradient clipping, per-step metrics to MLflow from rank 0, and checkpoints
+(``thinkforge.jobs.checkpointing``: sharded DCP state plus a Hugging Face export) reported
+by every rank with ``ray.train.report`` (layout: ``thinkforge.jobs.checkpoints``).
 
 Resume is exact: the data order is a pure function of (seed, epoch), so a worker that
 restarts from the checkpoint of step ``s`` skips the batches of steps before ``s`` in
-that epoch and restores optimizer, scheduler and RNG state. This holds both for worker
+that epoch and restores model, optimizer, scheduler and RNG state, each rank its own shards. This holds both for worker
 failures (``FailureConfig.max_failures``) and for a resubmitted job: the same
 ``RunConfig(name=job_id, storage_path=...)`` makes Ray Train hand back the latest checkpoint.
 
@@ -49,6 +51,7 @@ from thinkforge.jobs.data import (
 from thinkforge.jobs.parallel import build_model, clip_grad_norm, gradient_sync, resolve_strategy
 
 __all__ = [
+    "ClusterTooSmall",
     "EpochSampler",
     "TrainPlan",
     "lr_lambda",
@@ -521,6 +524,43 @@ def _write_state_file(
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
+class ClusterTooSmall(RuntimeError):
+    """The Ray cluster lacks the CPUs or GPUs the job's workers ask for."""
+
+
+def missing_resources(
+    per_worker: dict[str, float], workers: int, cluster: dict[str, float]
+) -> dict[str, tuple[float, float]]:
+    """resource -> (needed, in the cluster) for each one the cluster has too little of."""
+    return {
+        name: (amount * workers, cluster.get(name, 0.0))
+        for name, amount in per_worker.items()
+        if cluster.get(name, 0.0) < amount * workers
+    }
+
+
+def wait_for_resources(per_worker: dict[str, float], workers: int, *, timeout_s: float) -> None:
+    """Return once the cluster holds the workers' resources; say so while waiting. Ray
+    Train would otherwise wait for them without a word."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    while missing := missing_resources(per_worker, workers, ray.cluster_resources()):
+        what = ", ".join(
+            f"{need:g} {name} (the cluster has {have:g})" for name, (need, have) in missing.items()
+        )
+        if time.monotonic() >= deadline:
+            raise ClusterTooSmall(
+                f"the job's {workers} workers need {what}: lower resources.num_workers, "
+                "resources.gpus_per_worker or resources.cpus_per_worker, or add nodes"
+            )
+        if not announced:
+            emit_event("waiting_for_resources", needed=what, timeout_s=timeout_s)
+            announced = True
+        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+
+
 def run_training(
     config: SFTConfig,
     job_id: str,
@@ -530,12 +570,15 @@ def run_training(
     tracking_uri: str | None = None,
     run_id: str | None = None,
     fail_at_step: int | None = None,
+    resource_timeout_s: float = 600.0,
 ) -> Any:
     """Run the job's TorchTrainer to completion and return its ``ray.train.Result``.
 
     ``model_path`` is the resolved base model (see ``tiny.resolve_base_model``). Calling
     this again with the same ``job_id`` and ``storage_path`` resumes from the latest
     checkpoint. ``fail_at_step`` makes the first attempt fail before that step (tests).
+    Raises ``ClusterTooSmall`` when the cluster has not had the workers' CPUs and GPUs for
+    ``resource_timeout_s`` (an autoscaler may add nodes meanwhile).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -548,6 +591,7 @@ def run_training(
     res = config.resources
     use_gpu = res.gpus_per_worker > 0
     resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
+    wait_for_resources(resources, res.num_workers, timeout_s=resource_timeout_s)
     loop_config = {
         "config": config.model_dump(mode="json"),
         "model_path": model_path,
