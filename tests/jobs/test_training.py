@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from thinkforge.jobs.__main__ import main
-from thinkforge.jobs.checkpoints import list_checkpoints
+from thinkforge.jobs.checkpoints import list_checkpoints, model_files
 from thinkforge.jobs.config import SFTConfig
 from thinkforge.jobs.synthetic import write_jsonl
 from thinkforge.jobs.tracking import MANIFEST_FILE, verify_manifest
@@ -228,14 +228,10 @@ def test_fsdp_trains_and_writes_sharded_state_and_a_sharded_export(
     assert len(set(index["weight_map"].values())) >= 2
     model = AutoModelForCausalLM.from_pretrained(final)
     assert model.dtype == torch.float32  # the training dtype on CPU
-    assert verify_manifest_files(final) == sorted(index["weight_map"].values())
-
-
-def verify_manifest_files(directory: Path) -> list[str]:
-    """The weight files a registered version's manifest would cover."""
-    from thinkforge.jobs.checkpoints import model_files
-
-    return sorted(p.name for p in model_files(directory) if p.suffix == ".safetensors")
+    # What a registered version's manifest covers: every shard and the index, no DCP state.
+    covered = {p.relative_to(final).as_posix() for p in model_files(final)}
+    assert set(index["weight_map"].values()) | {"model.safetensors.index.json"} <= covered
+    assert not any(name.startswith("dcp/") for name in covered)
 
 
 def test_fsdp_resume_after_a_killed_worker_is_exact(

@@ -180,31 +180,37 @@ def export_hf(
 ) -> list[str]:
     """Write the model's weights as a Hugging Face directory in ``dtype`` (config and
     safetensors, sharded with an index past ``max_shard_bytes``). Every rank must call
-    it; rank 0 writes. Returns the weight files written (rank 0)."""
+    it; rank 0 writes, holding one gathered tensor at a time. Returns the weight files."""
     from torch.distributed.tensor import DTensor
 
     reshard(model)
-    writer = _ShardWriter(Path(directory), max_shard_bytes) if rank == 0 else None
     # named_parameters() lists a tied weight once: store it once, as from_pretrained expects.
     stored = {name for name, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    for name, value in model.state_dict().items():
-        if name not in stored:
-            continue
-        full = value.full_tensor() if isinstance(value, DTensor) else value  # a collective
-        if writer is not None:
-            cast = dtype if full.is_floating_point() else full.dtype
-            writer.add(name.removeprefix("module."), full.detach().to("cpu", dtype=cast))
-    if writer is None:
+    tensors = {k: v for k, v in model.state_dict().items() if k in stored}
+    out = Path(directory)
+    plan = _plan_shards(tensors, dtype, max_shard_bytes)
+    for file, names in plan.items():
+        with _SafetensorsStream(out / file, tensors, names, dtype, enabled=rank == 0) as stream:
+            for name in names:
+                value = tensors[name]
+                full = value.full_tensor() if isinstance(value, DTensor) else value  # collective
+                stream.write(full)
+                del full
+    if rank != 0:
         return []
-    files = writer.close()
+    if len(plan) > 1:
+        weight_map = {_hf_name(n): file for file, names in plan.items() for n in names}
+        total = sum(_nbytes(tensors[n], dtype) for n in tensors)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     inner = _inner(model)
     config = copy.deepcopy(inner.config)
     config.dtype = dtype
     config.use_cache = True
-    config.save_pretrained(directory)
+    config.save_pretrained(out)
     if getattr(inner, "generation_config", None) is not None:
-        inner.generation_config.save_pretrained(directory)
-    return files
+        inner.generation_config.save_pretrained(out)
+    return list(plan)
 
 
 def _inner(model: Any) -> Any:
@@ -212,48 +218,90 @@ def _inner(model: Any) -> Any:
     return getattr(model, "module", model)
 
 
-class _ShardWriter:
-    """safetensors shards of at most ``limit`` bytes, named and indexed as Hugging Face does."""
+def _hf_name(name: str) -> str:
+    return name.removeprefix("module.")
 
-    def __init__(self, out: Path, limit: int) -> None:
-        self.out, self.limit = out, limit
-        self.current: dict[str, torch.Tensor] = {}
-        self.size = self.total = 0
-        self.shards: list[list[str]] = []
-        out.mkdir(parents=True, exist_ok=True)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.current and self.size + nbytes > self.limit:
-            self._flush()
-        self.current[name] = tensor.contiguous()
-        self.size += nbytes
-        self.total += nbytes
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    return dtype if tensor.is_floating_point() else tensor.dtype
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
 
-        path = self.out / f".shard-{len(self.shards) + 1:05d}.safetensors"
-        save_file(self.current, str(path), metadata={"format": "pt"})
-        self.shards.append(list(self.current))
-        self.current, self.size = {}, 0
+def _nbytes(tensor: torch.Tensor, dtype: torch.dtype) -> int:
+    return tensor.numel() * _cast(tensor, dtype).itemsize
 
-    def close(self) -> list[str]:
-        self._flush()
-        count = len(self.shards)
-        if count == 1:
-            (self.out / ".shard-00001.safetensors").rename(self.out / "model.safetensors")
-            return ["model.safetensors"]
-        weight_map: dict[str, str] = {}
-        files = []
-        for k, names in enumerate(self.shards, start=1):
-            file = f"model-{k:05d}-of-{count:05d}.safetensors"
-            (self.out / f".shard-{k:05d}.safetensors").rename(self.out / file)
-            weight_map |= dict.fromkeys(names, file)
-            files.append(file)
-        index = {
-            "metadata": {"total_size": self.total},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return files
+
+def _plan_shards(
+    tensors: dict[str, torch.Tensor], dtype: torch.dtype, limit: int
+) -> dict[str, list[str]]:
+    """File name -> tensor names, in order, each file at most ``limit`` bytes (or one
+    tensor): Hugging Face's names, ``model.safetensors`` when one file holds everything."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = _nbytes(tensor, dtype)
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        return {"model.safetensors": groups[0]}
+    n = len(groups)
+    return {f"model-{k:05d}-of-{n:05d}.safetensors": g for k, g in enumerate(groups, start=1)}
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.bool: "BOOL",
+}
+
+
+class _SafetensorsStream:
+    """One safetensors file written tensor by tensor: the header is known from shapes and
+    dtypes alone, so the data can follow as each tensor is gathered, then be dropped."""
+
+    def __init__(
+        self,
+        path: Path,
+        tensors: dict[str, torch.Tensor],
+        names: list[str],
+        dtype: torch.dtype,
+        *,
+        enabled: bool,
+    ) -> None:
+        self.path, self.dtype, self.enabled = path, dtype, enabled
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in names:
+            t = tensors[name]
+            end = offset + _nbytes(t, dtype)
+            header[_hf_name(name)] = {
+                "dtype": _SAFETENSORS_DTYPES[_cast(t, dtype)],
+                "shape": list(t.shape),
+                "data_offsets": [offset, end],
+            }
+            offset = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        self.header = raw + b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+
+    def __enter__(self) -> _SafetensorsStream:
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = self.path.open("wb")
+            self.fh.write(len(self.header).to_bytes(8, "little") + self.header)
+        return self
+
+    def write(self, tensor: torch.Tensor) -> None:
+        if self.enabled:
+            data = tensor.detach().to("cpu", dtype=_cast(tensor, self.dtype)).contiguous()
+            raw: Any = data.view(-1).view(torch.uint8).numpy()
+            self.fh.write(raw)  # the tensor's own bytes, not a copy
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.fh.close()
