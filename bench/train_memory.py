@@ -219,7 +219,7 @@ def main() -> None:
         work = Path(tmp)
         n_params = build_model(work / "model", args.layers)
         data = write_jsonl(work / "sums.jsonl", n=256, seed=0)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             results = {s: run(s, work / "model", data, work, args.steps) for s in ("ddp", "fsdp")}
         finally:
