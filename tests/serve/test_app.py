@@ -428,10 +428,10 @@ class _Fake:
 def _door(behaviour: Any, timeout_s: float = 5) -> tuple[Any, _Fake]:
     from fastapi.testclient import TestClient
 
-    from thinkforge.serve.app import FrontDoor, _Model, create_api
+    from thinkforge.serve.ingress import FrontDoor, ModelRoute, create_api
 
     fake = _Fake(behaviour)
-    front = FrontDoor({"m": _Model("m", timeout_s, handle=fake)})  # type: ignore[arg-type]
+    front = FrontDoor({"m": ModelRoute("m", timeout_s, handle=fake)})  # type: ignore[arg-type]
     return TestClient(create_api(front)), fake
 
 

@@ -11,6 +11,7 @@ from thinkforge.jobs.config import TemplateFamily
 from thinkforge.serve.config import ThinkingParams
 from thinkforge.serve.engine import (
     Engine,
+    EngineLoop,
     FinishReason,
     GenerationRequest,
     GenerationResult,
@@ -19,7 +20,8 @@ from thinkforge.serve.engine import (
     TokenPhase,
     budget_from_params,
 )
-from thinkforge.serve.engines.transformers import Detokenizer, StopStrings, TransformersEngine
+from thinkforge.serve.engines.row import Detokenizer, StopStrings
+from thinkforge.serve.engines.transformers import TransformersEngine
 
 GREEDY = SamplingParams(temperature=0, max_completion_tokens=80)
 QUESTIONS = ["Sum: 3 4", "Solve this problem", "Let me think", "Sum: 9 9 9"]
@@ -170,6 +172,10 @@ def test_engine_protocol_and_errors(tiny_model_dir: Path) -> None:
     engine.load()
     with pytest.raises(ValueError, match="empty prompt"):
         list(engine.generate([GenerationRequest("e", [])]))
+    loop = engine.open_loop()
+    assert isinstance(loop, EngineLoop) and loop.idle and loop.active == 0
+    with pytest.raises(ValueError, match="empty prompt"):
+        loop.submit(GenerationRequest("e", []))
 
 
 def test_detokenizer_never_splits_a_character(tiny_model_dir: Path) -> None:

@@ -29,6 +29,7 @@ from thinkforge.jobs.config import TemplateFamily
 from thinkforge.serve.budget import BudgetState, DelimiterSpec, ThinkingBudget
 from thinkforge.serve.config import EngineName, ModelServeConfig, ThinkingParams
 from thinkforge.serve.engine import (
+    EngineLoop,
     GenerationRequest,
     GenerationResult,
     SamplingParams,
@@ -483,7 +484,9 @@ def test_vllm_loop_equals_the_transformers_engine(engine: TransformersEngine) ->
     agree but on inserted waits: only vLLM's worker knows those were forced."""
     requests = generation_requests(engine)
     expected = list(engine.generate(requests))
-    got = drain(vllm_loop(engine, slots=5, seed=1), requests)
+    loop = vllm_loop(engine, slots=5, seed=1)
+    assert isinstance(loop, EngineLoop)  # what the replica's scheduler drives
+    got = drain(loop, requests)
 
     def by_request(events: list[Any]) -> dict[str, list[Any]]:
         grouped: dict[str, list[Any]] = {}

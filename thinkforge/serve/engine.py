@@ -11,6 +11,15 @@ appended token, then one ``GenerationResult`` per request when it finishes:
         else:
             finish(event.finish_reason, event.usage, event.thinking)
 
+A server keeps one ``EngineLoop`` instead (``open_loop``): requests join and leave it
+between decode steps, and one thread owns it (``thinkforge.serve.replica.DecodeScheduler``):
+
+    loop = engine.open_loop()
+    loop.submit(request)                # joins at the next step
+    while not loop.idle:
+        events = loop.step()            # one token per decoding request, then results
+    loop.cancel(request_id)             # leaves; no event is emitted for it
+
 No torch import here: the OpenAI app and its tests depend on these shapes only.
 """
 
@@ -19,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from thinkforge.jobs.config import TemplateFamily
 from thinkforge.serve.budget import DelimiterSpec, Phase, ThinkingBudget, ThinkingSummary
@@ -28,6 +37,7 @@ from thinkforge.serve.config import ThinkingParams
 __all__ = [
     "Engine",
     "EngineEvent",
+    "EngineLoop",
     "FinishReason",
     "GenerationRequest",
     "GenerationResult",
@@ -140,14 +150,52 @@ EngineEvent = TokenEvent | GenerationResult
 
 
 @runtime_checkable
+class EngineLoop(Protocol):
+    """Continuous batching: requests join (``submit``) and leave (``cancel``, or finishing)
+    between decode steps. Not thread-safe: one thread owns it and calls ``step`` while it
+    is not ``idle``."""
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is decoding or waiting to join."""
+        ...
+
+    @property
+    def active(self) -> int:
+        """Requests decoding or waiting to join."""
+        ...
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue the request; ``ValueError`` when it cannot be decoded (an empty prompt)."""
+        ...
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request wherever it is; no event is emitted for it. False: not found."""
+        ...
+
+    def step(self) -> list[EngineEvent]:
+        """One decode step: a ``TokenEvent`` per token appended, then the
+        ``GenerationResult`` of each request that finished."""
+        ...
+
+
+@runtime_checkable
 class Engine(Protocol):
-    """What a Serve replica needs from an inference engine."""
+    """What a Serve replica needs from an inference engine (``thinkforge.serve.engines``)."""
+
+    tokenizer: Any  # the model's Hugging Face tokenizer, set by load(): templates, encoding
 
     def load(self) -> None: ...
 
     def health(self) -> bool: ...
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[EngineEvent]: ...
+    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[EngineEvent]:
+        """Decode a fixed set of requests to the end (batch use, tests, benchmarks)."""
+        ...
+
+    def open_loop(self) -> EngineLoop:
+        """A decode loop for a server: requests join and leave between steps."""
+        ...
 
 
 Encode = Callable[[str], list[int]]

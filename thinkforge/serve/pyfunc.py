@@ -13,16 +13,17 @@ files (``thinkforge.jobs.tracking.register_model``)::
 The input is one request or a list of them, each shaped like the body of
 ``/v1/chat/completions`` (``messages``, ``thinking``, ``reasoning_effort``,
 ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``); each answer
-is a ``chat.completion`` object with ``reasoning_content`` and the ``thinking`` summary.
+is a ``chat.completion`` object (``thinkforge.serve.openai``) with ``reasoning_content``
+and the ``thinking`` summary.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from pathlib import Path
 from typing import Any
+
+from thinkforge.serve.openai import chat_completion, new_id
 
 LOADER_MODULE = "thinkforge.serve.pyfunc"
 TASK = "llm/v1/chat"
@@ -51,30 +52,7 @@ class ChatModel:
         if not isinstance(request.get("messages"), list):
             raise ValueError('each request needs "messages": a list of {"role", "content"}')
         final = asyncio.run(self.server.complete({**params, **request}))
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {
-                        "role": "assistant",
-                        "content": final["content"],
-                        "reasoning_content": final["reasoning"],
-                    },
-                    "finish_reason": final["finish_reason"],
-                }
-            ],
-            "usage": {
-                "prompt_tokens": final["prompt_tokens"],
-                "completion_tokens": final["completion_tokens"],
-                "total_tokens": final["prompt_tokens"] + final["completion_tokens"],
-                "completion_tokens_details": {"reasoning_tokens": final["reasoning_tokens"]},
-            },
-            "thinking": final["thinking"],
-        }
+        return chat_completion(new_id("chatcmpl"), self.name, final)
 
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> ChatModel:

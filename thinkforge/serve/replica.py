@@ -38,10 +38,12 @@ from ray.serve.deployment import Deployment
 
 from thinkforge.serve.config import ModelServeConfig, ThinkingParams
 from thinkforge.serve.engine import (
+    Engine,
+    EngineEvent,
+    EngineLoop,
     GenerationRequest,
     GenerationResult,
     SamplingParams,
-    TokenEvent,
 )
 from thinkforge.serve.engines import create_engine
 from thinkforge.serve.loader import ModelRef, fetch
@@ -58,13 +60,14 @@ class RequestRejected(ValueError):
 @dataclass
 class _Sink:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[list[Any] | BaseException]
+    queue: asyncio.Queue[list[EngineEvent] | BaseException]
 
 
 class DecodeScheduler:
-    """A thread that owns the engine's decode loop; coroutines submit and read events."""
+    """A thread that owns the engine's decode loop (``Engine.open_loop``); coroutines
+    submit and read events."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._inbox: queue.SimpleQueue[tuple[str, Any, _Sink | None]] = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}
@@ -83,9 +86,7 @@ class DecodeScheduler:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stop.is_set()
 
-    async def events(
-        self, request: GenerationRequest
-    ) -> AsyncIterator[TokenEvent | GenerationResult]:
+    async def events(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         """Submit the request; yield its token events, then its ``GenerationResult``."""
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         self._inbox.put(("submit", request, sink))
@@ -120,7 +121,7 @@ class DecodeScheduler:
                 continue
             self._dispatch(events)
 
-    def _drain(self, loop: Any, *, block: bool) -> None:
+    def _drain(self, loop: EngineLoop, *, block: bool) -> None:
         try:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
@@ -141,9 +142,9 @@ class DecodeScheduler:
             except queue.Empty:
                 return
 
-    def _dispatch(self, events: list[Any]) -> None:
+    def _dispatch(self, events: list[EngineEvent]) -> None:
         # One hand-over per request per step: the event loop wakes once, not per token.
-        grouped: dict[str, list[Any]] = {}
+        grouped: dict[str, list[EngineEvent]] = {}
         for event in events:
             grouped.setdefault(event.request_id, []).append(event)
         for request_id, batch in grouped.items():
@@ -174,7 +175,7 @@ class ModelServer:
         self.cfg = cfg
         self.version = model_ref.version if model_ref else None
         self.ref = model_ref
-        self.engine: Any = create_engine(cfg)
+        self.engine: Engine = create_engine(cfg)
         self.engine.load()
         self.scheduler = DecodeScheduler(self.engine)
         self.scheduler.start()

@@ -24,157 +24,26 @@ from __future__ import annotations
 import inspect
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from thinkforge.jobs.config import TemplateFamily
-from thinkforge.serve.budget import BudgetState, DelimiterSpec, Phase, TokenStep
+from thinkforge.serve.budget import BudgetState, DelimiterSpec
 from thinkforge.serve.engine import (
     END_OF_TURN,
     EngineEvent,
-    FinishReason,
     GenerationRequest,
-    GenerationResult,
-    TokenEvent,
-    TokenPhase,
-    Usage,
     budget_from_params,
     delimiters_for,
 )
+from thinkforge.serve.engines.row import Detokenizer, Row, StopStrings, prompt_opens_thinking
 
 __all__ = ["DecodeLoop", "TransformersEngine"]
 
 
-class Detokenizer:
-    """Incremental detokenization: text deltas that never split a UTF-8 character."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tok = tokenizer
-        self._ids: list[int] = []
-        self._prefix = 0  # a few tokens of left context: decoding alone may drop spaces
-        self._read = 0
-
-    def push(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        return self._delta(final=False)
-
-    def flush(self) -> str:
-        """Release what is held back (an incomplete character) and start a new segment."""
-        text = self._delta(final=True)
-        self._ids, self._prefix, self._read = [], 0, 0
-        return text
-
-    def _delta(self, *, final: bool) -> str:
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return after[len(before) :]
-
-    def _decode(self, ids: list[int]) -> str:
-        if not ids:
-            return ""
-        text: str = self._tok.decode(ids, skip_special_tokens=True)
-        return text
-
-
-class StopStrings:
-    """Cuts the answer text at the first stop string, holding back a possible prefix."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = [s for s in stops if s]
-        self._hold = max((len(s) for s in self._stops), default=1) - 1
-        self._buf = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """Return (text to release, whether a stop string was hit)."""
-        self._buf += text
-        hits = [i for s in self._stops if (i := self._buf.find(s)) >= 0]
-        if hits:
-            out, self._buf = self._buf[: min(hits)], ""
-            return out, True
-        cut = max(len(self._buf) - self._hold, 0)
-        out, self._buf = self._buf[:cut], self._buf[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self._buf = self._buf, ""
-        return out
-
-
-@dataclass
-class _Row:
-    request: GenerationRequest
-    state: BudgetState
-    detok: Detokenizer
-    stops: StopStrings
-    generator: torch.Generator | None
-    tokens: list[int] = field(default_factory=list)
-    reasoning: list[str] = field(default_factory=list)
-    content: list[str] = field(default_factory=list)
-    finish: FinishReason | None = None
-    _last_phase: Phase | None = None
-    _stop_hit: bool = False
-    _out: list[str] = field(default_factory=lambda: ["", ""])
-
-    def take(self, step: TokenStep) -> TokenEvent:
-        """Append a token: route its text, apply stop strings, set the finish reason."""
-        self.tokens.append(step.token_id)
-        self._out = ["", ""]
-        if self._last_phase not in (None, step.phase):
-            self._route(self._last_phase, self.detok.flush())  # a segment ended
-        self._last_phase = step.phase
-        self._route(step.phase, self.detok.push(step.token_id))
-        if step.done:
-            self.finish = FinishReason.STOP
-        elif (
-            self.finish is None and len(self.tokens) >= self.request.sampling.max_completion_tokens
-        ):
-            self.finish = FinishReason.LENGTH
-        if self.finish is not None:
-            self._route(step.phase, self.detok.flush())
-            self._route(Phase.ANSWER, self.stops.flush(), filtered=False)
-        reasoning, content = self._out
-        self.reasoning.append(reasoning)
-        self.content.append(content)
-        phase = TokenPhase.of(step.phase)
-        return TokenEvent(
-            self.request.request_id, step.token_id, phase, step.forced, reasoning, content
-        )
-
-    def _route(self, phase: Phase, text: str, *, filtered: bool = True) -> None:
-        # Control tokens carry no text, and nothing after a stop string is released.
-        if not text or phase is Phase.CONTROL or self._stop_hit:
-            return
-        if phase is Phase.THINKING:
-            self._out[0] += text
-            return
-        if filtered:
-            text, self._stop_hit = self.stops.push(text)
-            if self._stop_hit:
-                self.finish = FinishReason.STOP
-        self._out[1] += text
-
-    def result(self) -> GenerationResult:
-        assert self.finish is not None
-        summary = self.state.summary()
-        usage = Usage(len(self.request.prompt_ids), len(self.tokens), summary.tokens)
-        return GenerationResult(
-            request_id=self.request.request_id,
-            finish_reason=self.finish,
-            usage=usage,
-            thinking=summary,
-            token_ids=list(self.tokens),
-            reasoning_text="".join(self.reasoning),
-            content_text="".join(self.content),
-        )
-
-
-def _sample(logits: torch.Tensor, row: _Row) -> int:
+def _sample(logits: torch.Tensor, row: Row) -> int:
     """One token from one row's logits: greedy at temperature 0, else top-p sampling."""
     params = row.request.sampling
     if params.temperature == 0:
@@ -204,13 +73,13 @@ class _Batch:
     def __init__(self, model: Any, cache_arg: str, pad_id: int) -> None:
         self.model, self.cache_arg, self.pad_id = model, cache_arg, pad_id
         self.device = next(model.parameters()).device
-        self.rows: list[_Row] = []
+        self.rows: list[Row] = []
         self.cache: Any = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
         self.logits = torch.zeros(0, 0, device=self.device)
 
-    def add(self, rows: list[_Row]) -> None:
+    def add(self, rows: list[Row]) -> None:
         """Prefill new rows together, then merge them into the running batch."""
         prompts = [list(r.request.prompt_ids) for r in rows]
         width = max(len(p) for p in prompts)
@@ -301,9 +170,8 @@ def _check_prompt(request: GenerationRequest) -> None:
 
 
 class DecodeLoop:
-    """Continuous batching: requests join (``submit``) and leave (``cancel``, or finishing)
-    between decode steps, at most ``max_batch_size`` decoding at once. Not thread-safe:
-    one thread owns it and calls ``step`` while it is not ``idle``."""
+    """The transformers ``EngineLoop`` (``thinkforge.serve.engine``): requests join and
+    leave between decode steps, at most ``max_batch_size`` decoding at once."""
 
     def __init__(self, engine: TransformersEngine) -> None:
         self._engine = engine
@@ -403,16 +271,16 @@ class TransformersEngine:
             raise RuntimeError("the engine is not loaded: call load() first")
         return DecodeLoop(self)
 
-    def _row(self, request: GenerationRequest) -> _Row:
+    def _row(self, request: GenerationRequest) -> Row:
         assert self.spec is not None
-        spec, prompt = self.spec, tuple(request.prompt_ids)
-        opened = len(prompt) >= len(spec.start) and prompt[-len(spec.start) :] == spec.start
+        spec = self.spec
+        opened = prompt_opens_thinking(request.prompt_ids, spec)
         budget = budget_from_params(request.thinking, self._encode)
         generator = None
         if request.sampling.seed is not None:
             generator = torch.Generator(device=self.model.device)
             generator.manual_seed(request.sampling.seed)
-        return _Row(
+        return Row(
             request=request,
             state=BudgetState(spec, budget, prompt_opened_thinking=opened),
             detok=Detokenizer(self.tokenizer),

@@ -64,9 +64,9 @@ from thinkforge.serve.engine import (
     delimiters_for,
 )
 
-# The transformers engine's per-request bookkeeping (phases, detokenization, stop strings,
-# finish reasons): both engines split reasoning from content the same way.
-from thinkforge.serve.engines.transformers import Detokenizer, StopStrings, _Row
+# The per-request bookkeeping (phases, detokenization, stop strings, finish reasons) is
+# the transformers engine's too: both engines split reasoning from content the same way.
+from thinkforge.serve.engines.row import Detokenizer, Row, StopStrings, prompt_opens_thinking
 
 __all__ = [
     "EXTRA_ARGS_KEY",
@@ -384,7 +384,7 @@ def __getattr__(name: str) -> Any:
 
 def request_row(
     request: GenerationRequest, spec: DelimiterSpec, tokenizer: Any
-) -> tuple[_Row, dict[str, Any]]:
+) -> tuple[Row, dict[str, Any]]:
     """The request's bookkeeping row and the ``extra_args`` that make the processor force it.
 
     The row's state follows the tokens vLLM appended: it forces only the cap (the same for
@@ -396,13 +396,12 @@ def request_row(
         ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
         return ids
 
-    prompt = tuple(request.prompt_ids)
-    opened = len(prompt) >= len(spec.start) and prompt[-len(spec.start) :] == spec.start
+    opened = prompt_opens_thinking(request.prompt_ids, spec)
     budget = budget_from_params(request.thinking, encode)
     follower = ThinkingBudget(
         max_tokens=budget.max_tokens, answer_prefix_ids=budget.answer_prefix_ids
     )
-    row = _Row(
+    row = Row(
         request=request,
         state=BudgetState(spec, follower, prompt_opened_thinking=opened),
         detok=Detokenizer(tokenizer),
@@ -426,7 +425,7 @@ def count_waits(thinking: Sequence[int], wait_ids: Sequence[int]) -> int:
 
 @dataclass
 class _Live:
-    row: _Row
+    row: Row
     wait_ids: tuple[int, ...]
     thinking: list[int] = dataclasses.field(default_factory=list)
 
@@ -438,11 +437,10 @@ class _Live:
 
 
 class VllmLoop:
-    """Requests join (``submit``) and leave (``cancel``, finishing) a running vLLM engine;
-    ``step`` runs one engine step. The same interface as the transformers ``DecodeLoop``,
-    so the Serve replica's scheduler thread drives either. Not thread-safe."""
+    """The vLLM ``EngineLoop`` (``thinkforge.serve.engine``): requests join and leave a
+    running vLLM engine; ``step`` runs one engine step. Not thread-safe."""
 
-    def __init__(self, llm: Any, prepare: Callable[[GenerationRequest], tuple[_Row, Any]]) -> None:
+    def __init__(self, llm: Any, prepare: Callable[[GenerationRequest], tuple[Row, Any]]) -> None:
         self._llm = llm
         self._prepare = prepare  # request -> (its row, vLLM SamplingParams)
         self._rows: dict[str, _Live] = {}
@@ -576,7 +574,7 @@ class VllmEngine:
         self._loop = VllmLoop(self._llm, self._prepare)
         return self._loop
 
-    def _prepare(self, request: GenerationRequest) -> tuple[_Row, Any]:
+    def _prepare(self, request: GenerationRequest) -> tuple[Row, Any]:
         from vllm import SamplingParams  # type: ignore[import-not-found]
         from vllm.sampling_params import RequestOutputKind  # type: ignore[import-not-found]
 
