@@ -26,16 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-QWEN25_32B = {
-    "hidden_size": 5120,
-    "intermediate_size": 27648,
-    "num_hidden_layers": 64,
-    "num_attention_heads": 40,
-    "num_key_value_heads": 8,
-    "vocab_size": 152064,
-    "tie_word_embeddings": False,
-}
-
 
 def build_model(directory: Path, layers: int) -> int:
     """A random Qwen2 (Qwen2-0.5B's width) with the tiny tokenizer; returns its size."""
@@ -193,7 +183,7 @@ def summarise(strategy: str, records: list[dict[str, Any]]) -> dict[str, Any]:
 def projection() -> list[dict[str, Any]]:
     from transformers import Qwen2Config
 
-    from thinkforge.jobs.memory import ModelShape, choose_strategy, estimate_memory
+    from thinkforge.jobs.memory import QWEN25_32B, ModelShape, choose_strategy, estimate_memory
 
     shape = ModelShape.from_config(Qwen2Config(**QWEN25_32B))
     common = {"world_size": 16, "block_size": 32768, "activation_checkpointing": True}

@@ -113,6 +113,15 @@ def test_sharded_export_loads_with_from_pretrained_and_gives_the_same_logits(
     torch.testing.assert_close(model(input_ids=INPUT).logits, trained, rtol=1e-5, atol=1e-5)
 
 
+def _single_worker(model: Any, global_batch: int = 4) -> tuple[Any, CheckpointManager]:
+    """An optimizer and a checkpoint manager for one unsharded worker, as under DDP."""
+    optimizer = _adamw(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return optimizer, CheckpointManager(
+        model, optimizer, scheduler, global_batch=global_batch, strategy="ddp", rank=0, world=1
+    )
+
+
 def test_a_checkpoint_of_two_fsdp_ranks_loads_into_one_unsharded_worker(
     fsdp_run: Path, tiny_dir: Path
 ) -> None:
@@ -120,11 +129,7 @@ def test_a_checkpoint_of_two_fsdp_ranks_loads_into_one_unsharded_worker(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    optimizer = _adamw(model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    manager = CheckpointManager(
-        model, optimizer, scheduler, global_batch=4, strategy="ddp", rank=0, world=1
-    )
+    optimizer, manager = _single_worker(model)
     assert manager.load(fsdp_run / "ckpt") == 3
     trained = torch.load(fsdp_run / "rank0-after.pt")["logits"]
     torch.testing.assert_close(model.eval()(input_ids=INPUT).logits, trained, rtol=1e-5, atol=1e-5)
@@ -135,15 +140,11 @@ def test_a_checkpoint_of_two_fsdp_ranks_loads_into_one_unsharded_worker(
 def test_a_checkpoint_of_another_shape_is_refused_with_a_code(
     fsdp_run: Path, tiny_dir: Path, tmp_path: Path
 ) -> None:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    optimizer = _adamw(model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    other_batch = CheckpointManager(
-        model, optimizer, scheduler, global_batch=8, strategy="ddp", rank=0, world=1
-    )
     before = [p.detach().clone() for p in model.parameters()]
+    _, other_batch = _single_worker(model, global_batch=8)
     with pytest.raises(CheckpointError, match="global_batch") as info:
         other_batch.load(fsdp_run / "ckpt")
     assert info.value.code == "checkpoint_incompatible"
@@ -151,3 +152,8 @@ def test_a_checkpoint_of_another_shape_is_refused_with_a_code(
     with pytest.raises(CheckpointError, match="older version"):
         other_batch.load(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    config = AutoConfig.from_pretrained(tiny_dir)
+    config.num_hidden_layers = 1
+    _, shallower = _single_worker(AutoModelForCausalLM.from_config(config))
+    with pytest.raises(CheckpointError, match="architecture"):
+        shallower.load(fsdp_run / "ckpt")

@@ -11,23 +11,12 @@ from typing import Any
 import pytest
 
 from thinkforge.jobs.config import SFTConfig
-from thinkforge.jobs.memory import ModelShape, choose_strategy, estimate_memory
+from thinkforge.jobs.memory import QWEN25_32B, ModelShape, choose_strategy, estimate_memory
 from thinkforge.jobs.sft import plan_steps
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 # Dataset sizes the recipes are written for: s1K and s1K-1.1 1000 rows, LIMO 817.
 ROWS = {"limo": 817}
-
-# Qwen2.5-32B-Instruct's config.json (the shape only; no weights here).
-QWEN25_32B = {
-    "hidden_size": 5120,
-    "intermediate_size": 27648,
-    "num_hidden_layers": 64,
-    "num_attention_heads": 40,
-    "num_key_value_heads": 8,
-    "vocab_size": 152064,
-    "tie_word_embeddings": False,
-}
 
 
 def test_the_recipes_are_all_here() -> None:

@@ -117,25 +117,33 @@ def test_mlflow_run_and_registered_version(finished_job: str, workdir: Path) -> 
     assert verify_manifest(local) == []
 
 
-def test_resume_after_a_killed_worker_is_exact(
-    finished_job: str, workdir: Path, data_dir: Path, config: SFTConfig
+def assert_resume_is_exact(
+    config: SFTConfig, job_id: str, straight: str, storage: Path, data_dir: Path
 ) -> None:
+    """Run ``job_id`` with a worker SIGKILLed before step 6 (the retry resumes from step
+    4): its checkpoints' loss and val_loss equal those of the uninterrupted ``straight``."""
     from thinkforge.jobs.sft import run_training
     from thinkforge.jobs.tiny import ensure_tiny_model
 
-    retrying = config.model_copy(update={"max_failures": 1})
     result = run_training(
-        retrying,
-        "job-b",
-        str(workdir / "ckpt"),
+        config.model_copy(update={"max_failures": 1}),
+        job_id,
+        str(storage),
         model_path=str(ensure_tiny_model(data_dir)),
-        fail_at_step=6,  # a worker process is killed before step 6; the retry resumes at 4
+        fail_at_step=6,
     )
     assert result.error is None
+    assert (storage / job_id / ".killed-once").exists()
     for key in ("loss", "val_loss"):
-        resumed = {c.step: c.metrics[key] for c in list_checkpoints(workdir / "ckpt", "job-b")}
-        straight = {c.step: c.metrics[key] for c in list_checkpoints(workdir / "ckpt", "job-a")}
-        assert resumed == pytest.approx(straight, rel=1e-6)
+        resumed = {c.step: c.metrics[key] for c in list_checkpoints(storage, job_id)}
+        uninterrupted = {c.step: c.metrics[key] for c in list_checkpoints(storage, straight)}
+        assert resumed == pytest.approx(uninterrupted, rel=1e-6)
+
+
+def test_resume_after_a_killed_worker_is_exact(
+    finished_job: str, workdir: Path, data_dir: Path, config: SFTConfig
+) -> None:
+    assert_resume_is_exact(config, "job-b", "job-a", workdir / "ckpt", data_dir)
 
 
 def test_validation_loss_at_every_checkpoint_is_the_whole_held_out_set(
@@ -235,25 +243,10 @@ def test_fsdp_trains_and_writes_sharded_state_and_a_sharded_export(
 
 
 def test_fsdp_resume_after_a_killed_worker_is_exact(
-    fsdp_job: Path, workdir: Path, data_dir: Path, fsdp_config: SFTConfig
+    fsdp_job: Path, data_dir: Path, fsdp_config: SFTConfig
 ) -> None:
-    from thinkforge.jobs.sft import run_training
-    from thinkforge.jobs.tiny import ensure_tiny_model
-
-    retrying = fsdp_config.model_copy(update={"max_failures": 1})
-    result = run_training(
-        retrying,
-        "job-g",
-        str(fsdp_job),
-        model_path=str(ensure_tiny_model(data_dir)),
-        fail_at_step=6,  # a worker process is killed before step 6; the retry resumes at 4
-    )
-    assert result.error is None
-    assert (fsdp_job / "job-g" / ".killed-once").exists()
-    for key in ("loss", "val_loss"):
-        resumed = {c.step: c.metrics[key] for c in list_checkpoints(fsdp_job, "job-g")}
-        straight = {c.step: c.metrics[key] for c in list_checkpoints(fsdp_job, "job-f")}
-        assert resumed == pytest.approx(straight, rel=1e-6)
+    """Each rank reads back only its DCP shards; no full optimizer state exists anywhere."""
+    assert_resume_is_exact(fsdp_config, "job-g", "job-f", fsdp_job, data_dir)
 
 
 def test_gpus_the_cluster_lacks_fail_the_job_with_a_clear_error(

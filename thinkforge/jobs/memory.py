@@ -23,7 +23,26 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-__all__ = ["HEADROOM", "MemoryEstimate", "ModelShape", "choose_strategy", "estimate_memory"]
+__all__ = [
+    "HEADROOM",
+    "QWEN25_32B",
+    "MemoryEstimate",
+    "ModelShape",
+    "choose_strategy",
+    "estimate_memory",
+]
+
+# Qwen2.5-32B-Instruct's config.json, the shape only: the s1 and LIMO recipes' model, for
+# projections where its weights are not at hand (``Qwen2Config(**QWEN25_32B)``).
+QWEN25_32B = {
+    "hidden_size": 5120,
+    "intermediate_size": 27648,
+    "num_hidden_layers": 64,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "vocab_size": 152064,
+    "tie_word_embeddings": False,
+}
 
 HEADROOM = 0.85  # of a worker's memory the estimate may fill
 

@@ -11,8 +11,8 @@ by every rank with ``ray.train.report`` (layout: ``thinkforge.jobs.checkpoints``
 
 Resume is exact: the data order is a pure function of (seed, epoch), so a worker that
 restarts from the checkpoint of step ``s`` skips the batches of steps before ``s`` in
-that epoch and restores model, optimizer, scheduler and RNG state, each rank its own shards. This holds both for worker
-failures (``FailureConfig.max_failures``) and for a resubmitted job: the same
+that epoch and restores model, optimizer, scheduler and RNG state, each rank its own
+shards. This holds both for worker failures (``FailureConfig.max_failures``) and for a resubmitted job: the same
 ``RunConfig(name=job_id, storage_path=...)`` makes Ray Train hand back the latest checkpoint.
 
     result = run_training(cfg, job_id, storage_path, model_path=path,
@@ -212,7 +212,7 @@ def _build_worker(
     cfg: SFTConfig, model_path: str, ckpt_dir: str | None, rank: int, world: int
 ) -> _Worker:
     import ray.train.torch
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     source = ckpt_dir or model_path
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -232,27 +232,8 @@ def _build_worker(
     )
     device = ray.train.torch.get_device()
     dtype = _autocast_dtype(cfg.mixed_precision, device)
-    strategy = resolve_strategy(
-        cfg.resources.strategy,
-        AutoConfig.from_pretrained(source),
-        world=world,
-        device=device,
-        block_size=cfg.block_size,
-        micro_batch_size=hp.micro_batch_size,
-        mixed_precision=dtype is not None,
-        activation_checkpointing=cfg.gradient_checkpointing,
-    )
+    strategy, model = _parallel_model(cfg, source, device, world, dtype, resume=bool(ckpt_dir))
     sharded = strategy == "fsdp"
-    model = build_model(
-        source,
-        strategy=strategy,
-        device=device,
-        world=world,
-        param_dtype=dtype if sharded else None,  # FSDP computes in it; DDP autocasts
-        activation_checkpointing=cfg.gradient_checkpointing,
-        cpu_offload=cfg.resources.cpu_offload,
-        load_weights=ckpt_dir is None,  # a checkpoint's DCP state fills them below
-    )
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(hp.lr_scheduler, plan.warmup_steps, plan.total_steps)
@@ -295,6 +276,41 @@ def _build_worker(
     if rank == 0:
         emit_event("parallel", strategy=strategy, world_size=world)
     return worker
+
+
+def _parallel_model(
+    cfg: SFTConfig,
+    source: str,
+    device: torch.device,
+    world: int,
+    dtype: torch.dtype | None,
+    *,
+    resume: bool,
+) -> tuple[str, Any]:
+    """The strategy (``auto`` resolved) and the model built for it."""
+    from transformers import AutoConfig
+
+    strategy = resolve_strategy(
+        cfg.resources.strategy,
+        AutoConfig.from_pretrained(source),
+        world=world,
+        device=device,
+        block_size=cfg.block_size,
+        micro_batch_size=cfg.hyperparameters.micro_batch_size,
+        mixed_precision=dtype is not None,
+        activation_checkpointing=cfg.gradient_checkpointing,
+    )
+    model = build_model(
+        source,
+        strategy=strategy,
+        device=device,
+        world=world,
+        param_dtype=dtype if strategy == "fsdp" else None,  # FSDP computes in it; DDP autocasts
+        activation_checkpointing=cfg.gradient_checkpointing,
+        cpu_offload=cfg.resources.cpu_offload,
+        load_weights=not resume,  # a checkpoint's DCP state fills them
+    )
+    return strategy, model
 
 
 def _tokenize(
