@@ -626,6 +626,10 @@ def run_training(
         "TRANSFORMERS_VERBOSITY": "error",
         # Ray's print patch would echo every THINKFORGE_EVENT line twice.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        # glibc raises its mmap threshold as large blocks are freed, then keeps the
+        # per-layer buffers FSDP gathers and frees in its heaps: host RSS grew to DDP's.
+        # A fixed threshold hands them back (bench/train_memory.py: 4.1 -> 2.2 GB).
+        "MALLOC_MMAP_THRESHOLD_": "65536",
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
