@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lint format test demo bench clean
+.PHONY: setup lint format test test-fast demo bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ format: setup
 
 test: lint $(BIN)/helm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The edit-test loop: lint and every test that starts no Ray cluster (a conftest check
+# fails a test that starts Ray without the `ray` marker). `make test` stays the full suite.
+test-fast: lint
+	$(BIN)/python -m pytest -m "not ray" $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python -m thinkforge.demo

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,67 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+# -- every test that starts Ray says so ----------------------------------------------------
+# `make test-fast` runs `-m "not ray"`: a test that starts a Ray cluster (in this process
+# or as a child process) without the marker would slow that tier down, so it fails here.
+
+
+def _ray_is_up() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return True
+    return bool(_ray_children())
+
+
+def _ray_children() -> list[str]:
+    """Ray daemons (raylet, gcs_server) among this process's descendants (Linux /proc)."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended meanwhile
+            continue
+        pid, rest = text.split(" (", 1)
+        name, fields = rest.rsplit(") ", 1)
+        parents[int(pid)] = int(fields.split()[1])
+        names[int(pid)] = name
+    found, me = [], os.getpid()
+    for pid, name in names.items():
+        if name not in ("raylet", "gcs_server"):
+            continue
+        ancestor = parents.get(pid, 0)
+        while ancestor > 1 and ancestor != me:
+            ancestor = parents.get(ancestor, 0)
+        if ancestor == me:
+            found.append(name)
+    return found
+
+
+@contextmanager
+def _ray_marker_check(item: pytest.Item, when: str) -> Iterator[None]:
+    marked = item.get_closest_marker("ray") is not None
+    was_up = not marked and _ray_is_up()
+    yield
+    if not marked and not was_up and _ray_is_up():
+        pytest.fail(
+            f"{item.nodeid} started Ray during {when} but is not marked: add "
+            "@pytest.mark.ray (and slow), so that `make test-fast` leaves it out",
+            pytrace=False,
+        )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _ray_marker_check(item, "setup"):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _ray_marker_check(item, "the test"):
+        return (yield)

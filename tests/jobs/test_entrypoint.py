@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
+from thinkforge.contract import build_manifest, default_registered_name
 from thinkforge.jobs.checkpoints import STATE_FILE, list_checkpoints
 from thinkforge.jobs.config import SFTConfig
 from thinkforge.jobs.sft import EpochSampler, lr_lambda, plan_steps
 from thinkforge.jobs.synthetic import write_jsonl
-from thinkforge.jobs.tracking import build_manifest, default_registered_name, flatten
+from thinkforge.jobs.tracking import flatten
 
 
 def run_job(tmp_path: Path, **config: object) -> subprocess.CompletedProcess[str]:

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from thinkforge.contract import DATA_METRIC_PREFIX, MANIFEST_FILE, TRAINED_TOKENS, check_manifest
 from thinkforge.jobs.__main__ import main
 from thinkforge.jobs.checkpoints import list_checkpoints, model_files
 from thinkforge.jobs.config import SFTConfig
 from thinkforge.jobs.synthetic import write_jsonl
-from thinkforge.jobs.tracking import MANIFEST_FILE, verify_manifest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -114,27 +114,45 @@ def test_mlflow_run_and_registered_version(finished_job: str, workdir: Path) -> 
     assert "model.safetensors" in manifest and not any(k.startswith("dcp/") for k in manifest)
     mlmodel = (Path(local) / "MLmodel").read_text()  # an MLflow pyfunc model, task llm/v1/chat
     assert "loader_module: thinkforge.serve.pyfunc" in mlmodel and "llm/v1/chat" in mlmodel
-    assert verify_manifest(local) == []
+    assert check_manifest(local, manifest_sha256=version.tags["manifest_sha256"]) == []
+
+
+def test_trained_tokens_are_the_tokens_the_loss_was_computed_on(finished_job: str) -> None:
+    """Every sequence is trained on once per epoch, so the job's count is the dataset's
+    assistant tokens times the epochs (the control plane shows it as ``trained_tokens``)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=finished_job)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("thinkforge").experiment_id], "tags.job_id = 'job-a'"
+    )
+    per_epoch = run.data.metrics[f"{DATA_METRIC_PREFIX}trained_tokens"]
+    assert per_epoch > 0
+    assert run.data.metrics[TRAINED_TOKENS] == 2 * per_epoch
 
 
 def assert_resume_is_exact(
     config: SFTConfig, job_id: str, straight: str, storage: Path, data_dir: Path
 ) -> None:
-    """Run ``job_id`` with a worker SIGKILLed before step 6 (the retry resumes from step
-    4): its checkpoints' loss and val_loss equal those of the uninterrupted ``straight``."""
+    """Run ``job_id`` with a worker SIGKILLed after step 5 (the retry resumes from the
+    checkpoint at 4): its checkpoints' loss, val_loss and trained tokens equal those of
+    the uninterrupted ``straight``."""
+    from tests.jobs import faults
     from thinkforge.jobs.sft import run_training
     from thinkforge.jobs.tiny import ensure_tiny_model
 
+    faults.ship()
+    marker = storage / f"{job_id}.killed"
     result = run_training(
         config.model_copy(update={"max_failures": 1}),
         job_id,
         str(storage),
         model_path=str(ensure_tiny_model(data_dir)),
-        fail_at_step=6,
+        callbacks=[faults.KillWorkerOnce(after_step=5, marker=marker)],
     )
     assert result.error is None
-    assert (storage / job_id / ".killed-once").exists()
-    for key in ("loss", "val_loss"):
+    assert marker.exists()  # it did die, once
+    for key in ("loss", "val_loss", TRAINED_TOKENS):
         resumed = {c.step: c.metrics[key] for c in list_checkpoints(storage, job_id)}
         uninterrupted = {c.step: c.metrics[key] for c in list_checkpoints(storage, straight)}
         assert resumed == pytest.approx(uninterrupted, rel=1e-6)

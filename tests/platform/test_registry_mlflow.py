@@ -16,6 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import free_port
+from thinkforge.contract import ModelRef
 from thinkforge.jobs.config import SFTConfig
 from thinkforge.jobs.tracking import MetricLogger, open_job_run, register_model
 from thinkforge.platform.errors import InvalidRequest, NotFound
@@ -25,7 +26,6 @@ from thinkforge.platform.registry import (
     InvalidReference,
     MlflowRegistry,
     ModelNotFound,
-    ModelRef,
     VersionNotFound,
     VersionStatus,
     parse_ref,

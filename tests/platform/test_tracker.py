@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.platform.conftest import add_job, memory_database
+from thinkforge.contract import TRAINED_TOKENS
 from thinkforge.jobs.config import SFTConfig
 from thinkforge.jobs.tracking import MetricLogger, open_job_run
 from thinkforge.platform.models import Job, JobEvent, new_id
@@ -120,3 +121,24 @@ def test_what_tokenization_did_to_the_dataset_is_one_event(
         (event,) = session.scalars(select(JobEvent).where(JobEvent.dedupe_key == "data"))
     assert event.level == "warning" and event.data == {**stats, "sequences": 8, "block_size": 128}
     assert "3 longer than block_size 128 (1 truncated, 2 dropped)" in event.message
+
+
+def test_trained_tokens_come_from_the_metric_training_logs(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Training logs the running count at every step under the contract's name; the job
+    object shows the last one once the job has ended."""
+    uri, job_id, run_id = job_with_a_run(sessions, tmp_path)
+    logger = MetricLogger(uri, run_id)
+    for step, count in enumerate((640, 1280, 1900), start=1):
+        logger.log({**step_metrics(step), TRAINED_TOKENS: count}, step=step)
+    logger.flush()
+    tracker = RunTracker(tracking_uri=uri, storage_path=str(tmp_path / "ckpt"))
+    with sessions.begin() as session:
+        tracker.sync(session, _job(session, job_id), final=False)
+    with sessions() as session:
+        assert _job(session, job_id).trained_tokens is None  # still running
+    with sessions.begin() as session:
+        tracker.sync(session, _job(session, job_id), final=True)
+    with sessions() as session:
+        assert _job(session, job_id).trained_tokens == 1900

@@ -22,9 +22,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from thinkforge.contract import default_registered_name, emit_error, emit_event
 from thinkforge.jobs.config import RecordError, SFTConfig, iter_jsonl
-
-ERROR_PREFIX = "thinkforge job error:"
 
 
 class JobError(Exception):
@@ -139,7 +138,6 @@ def _first_line(exc: BaseException) -> str:
 def run_job(args: argparse.Namespace) -> str | None:
     """Validate, train, register; returns "name/version" when a registry is configured."""
     from thinkforge.jobs.data import dataset_sha256
-    from thinkforge.jobs.sft import emit_event
 
     config = load_config_json(args.config_json) if args.config_json else load_config(args.config)
     records = validate_dataset(config.dataset, config)
@@ -175,7 +173,7 @@ def _train_and_register(
 ) -> str | None:
     import ray
 
-    from thinkforge.jobs.sft import ClusterTooSmall, emit_event, run_training
+    from thinkforge.jobs.sft import ClusterTooSmall, run_training
 
     if not ray.is_initialized():
         ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS"))
@@ -197,7 +195,7 @@ def _train_and_register(
     emit_event("trained", checkpoint=str(result.checkpoint.path), metrics=result.metrics)
     if not (args.mlflow_uri and run_id):
         return None
-    from thinkforge.jobs.tracking import default_registered_name, register_model
+    from thinkforge.jobs.tracking import register_model
 
     name = config.registered_model_name or default_registered_name(config.model)
     with result.checkpoint.as_directory() as final_dir:
@@ -236,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         message = f"unexpected {type(exc).__name__}: {_first_line(exc)}"
     else:
         return 0
-    print(f"{ERROR_PREFIX} {message}", file=sys.stderr, flush=True)
+    emit_error(message)
     return 1
 
 

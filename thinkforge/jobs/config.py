@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-TINY_MODEL = "thinkforge/tiny"
+from thinkforge.contract import TINY_MODEL
 
 
 class DatasetFormat(StrEnum):

@@ -19,12 +19,12 @@ padding uses a pad token distinct from end of turn so the stop token is never ma
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from thinkforge.contract import sha256_file
 from thinkforge.jobs.config import DatasetFormat, ReasoningExample, TemplateFamily, iter_jsonl
 
 __all__ = [
@@ -223,8 +223,4 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int, packed: bool = False
 
 def dataset_sha256(path: str | Path) -> str:
     """sha256 of the dataset file's bytes: the lineage tag on runs and model versions."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)

@@ -38,6 +38,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from thinkforge.contract import EVAL_TAG, PLOT_FILE, RESULTS_FILE, emit_error, emit_event
 from thinkforge.jobs.answers import extract_answer, is_correct
 from thinkforge.serve.config import VERSION_HEADER
 
@@ -56,11 +57,6 @@ __all__ = [
     "summarize",
 ]
 
-EVENT_PREFIX = "THINKFORGE_EVENT"
-ERROR_PREFIX = "thinkforge job error:"  # what the control plane's launcher looks for
-EVAL_TAG = "eval_id"
-RESULTS_FILE = "results.json"
-PLOT_FILE = "plot.png"
 
 Progress = Callable[[int, int], None]
 
@@ -463,11 +459,6 @@ def _budget_labels(result: EvalResult) -> str:
 # ---------------------------------------------------------------- job entrypoint
 
 
-def emit_event(event: str, **fields: Any) -> None:
-    """One machine-readable progress line: ``THINKFORGE_EVENT {json}`` (as sft.py's)."""
-    print(f"{EVENT_PREFIX} {json.dumps({'event': event, **fields}, sort_keys=True)}", flush=True)
-
-
 def _progress_events(eval_id: str) -> Progress:
     last = [-1]
 
@@ -535,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not result.results or any(r.error is None for r in result.results):
             return 0
         message = f"every request failed, e.g. {result.results[0].error}"
-    print(f"{ERROR_PREFIX} {message}", file=sys.stderr, flush=True)
+    emit_error(message)
     return 1
 
 

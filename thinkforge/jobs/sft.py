@@ -24,19 +24,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
-import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from thinkforge.contract import DATA_METRIC_PREFIX, TRAINED_TOKENS, emit_event
 from thinkforge.jobs.checkpointing import CheckpointManager, export_hf
 from thinkforge.jobs.checkpoints import STATE_FILE, checkpoint_dir_name
 from thinkforge.jobs.config import SFTConfig
@@ -53,6 +52,7 @@ from thinkforge.jobs.parallel import build_model, clip_grad_norm, gradient_sync,
 __all__ = [
     "ClusterTooSmall",
     "EpochSampler",
+    "StepCallback",
     "TrainPlan",
     "lr_lambda",
     "plan_steps",
@@ -60,12 +60,12 @@ __all__ = [
     "train_loop_per_worker",
 ]
 
-EVENT_PREFIX = "THINKFORGE_EVENT"
 
+class StepCallback(Protocol):
+    """Called on every worker after each optimizer step (and its checkpoint, if one was
+    due): progress hooks, and fault injection in tests. It must pickle (Ray ships it)."""
 
-def emit_event(event: str, **fields: Any) -> None:
-    """One machine-readable progress line for the driver log: ``THINKFORGE_EVENT {json}``."""
-    print(f"{EVENT_PREFIX} {json.dumps({'event': event, **fields}, sort_keys=True)}", flush=True)
+    def __call__(self, *, step: int, rank: int, world_size: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,7 @@ class _Worker:
     validation: list[TokenizedExample] | None = None  # this rank's share, in file order
     validation_size: int = 0  # 0 when the set has fewer sequences than ranks: a filler share
     data_stats: dict[str, int] | None = None  # what tokenization kept, cut and dropped
+    trained_tokens: int = 0  # tokens the loss was computed on, all ranks, whole job
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -190,20 +191,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     source_cm = checkpoint.as_directory() if checkpoint else contextlib.nullcontext()
     with source_cm as ckpt_dir:
         worker = _build_worker(cfg, loop_config["model_path"], ckpt_dir, rank, world)
+        if ckpt_dir:  # the count goes on from the checkpoint's
+            state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+            worker.trained_tokens = int(state["metrics"].get(TRAINED_TOKENS, 0))
     logger = None
     if rank == 0 and loop_config.get("run_id"):
         logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
-    fail_at = loop_config.get("fail_at_step")  # test hook: kill a worker once per job
-    marker = loop_config.get("fail_marker")
-    if fail_at is not None and (checkpoint is not None or (marker and Path(marker).exists())):
-        fail_at = None
     if logger is not None and worker.data_stats is not None:
         # Step 0 holds the dataset's figures; the control plane turns them into an event.
-        logger.log({f"data_{k}": v for k, v in worker.data_stats.items()}, step=0)
+        logger.log({DATA_METRIC_PREFIX + k: v for k, v in worker.data_stats.items()}, step=0)
         logger.flush()
     if rank == 0:
         emit_event("training_started", step=worker.step, **asdict(worker.plan))
-    _train(worker, logger, fail_at, marker)
+    _train(worker, logger, loop_config.get("callbacks", ()))
     if logger is not None:
         logger.flush()
 
@@ -407,17 +407,7 @@ def _optimizer(model: Any, cfg: SFTConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.adam_beta1, hp.adam_beta2))
 
 
-def _kill_one_worker(worker: _Worker, marker: str | None) -> None:
-    """Test hook: the last rank's process dies as if OOM-killed (no exception, no cleanup);
-    the others are left waiting in the next all-reduce until Ray Train restarts the group."""
-    if worker.rank == worker.plan.world_size - 1:
-        if marker:
-            Path(marker).parent.mkdir(parents=True, exist_ok=True)
-            Path(marker).touch()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _train(worker: _Worker, logger: Any, fail_at: int | None, marker: str | None = None) -> None:
+def _train(worker: _Worker, logger: Any, callbacks: Sequence[StepCallback] = ()) -> None:
     plan, cfg = worker.plan, worker.cfg
     every = cfg.checkpoint_every_steps
     while worker.step < plan.total_steps:
@@ -426,8 +416,6 @@ def _train(worker: _Worker, logger: Any, fail_at: int | None, marker: str | None
         worker.sampler.set_epoch(epoch, start=done_in_epoch * per_step)
         batches = iter(worker.loader)
         for _ in range(done_in_epoch, plan.steps_per_epoch):
-            if fail_at is not None and worker.step + 1 == fail_at:
-                _kill_one_worker(worker, marker)
             micro = [next(batches) for _ in range(plan.accumulation)]
             metrics = _train_step(worker, micro)
             last = worker.step >= plan.total_steps
@@ -440,6 +428,8 @@ def _train(worker: _Worker, logger: Any, fail_at: int | None, marker: str | None
                 if logger is not None:
                     logger.flush()
                 _save_checkpoint(worker, metrics)
+            for callback in callbacks:
+                callback(step=worker.step, rank=worker.rank, world_size=plan.world_size)
             if last:
                 return
 
@@ -451,7 +441,7 @@ def _train_step(worker: _Worker, micro: list[dict[str, Any]]) -> dict[str, float
     started = time.perf_counter()
     model, plan = worker.model, worker.plan
     loss_sum = torch.zeros((), dtype=torch.float32)
-    tokens = 0
+    tokens = trained = 0
     for i, batch in enumerate(micro):
         # Under DDP only the last micro-batch all-reduces gradients.
         with gradient_sync(model, i == len(micro) - 1), worker.autocast():
@@ -459,6 +449,7 @@ def _train_step(worker: _Worker, micro: list[dict[str, Any]]) -> dict[str, float
         worker.scaler.scale(loss / plan.accumulation).backward()
         loss_sum += loss.detach().float().cpu()
         tokens += int(batch["input_ids"].ne(worker.tokenizer.pad_token_id).sum())
+        trained += int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())  # what the loss saw
     worker.scaler.unscale_(worker.optimizer)
     grad_norm = clip_grad_norm(model, worker.cfg.hyperparameters.max_grad_norm)
     lr = float(worker.scheduler.get_last_lr()[0])
@@ -468,10 +459,13 @@ def _train_step(worker: _Worker, micro: list[dict[str, Any]]) -> dict[str, float
     worker.optimizer.zero_grad(set_to_none=True)
     worker.step += 1
     device = micro[0]["input_ids"].device  # NCCL reduces device tensors, gloo CPU ones
-    totals = torch.tensor([float(loss_sum) / len(micro), float(tokens)], device=device)
+    totals = torch.tensor(
+        [float(loss_sum) / len(micro), float(tokens), float(trained)], device=device
+    )
     if plan.world_size > 1:
         dist.all_reduce(totals)
     elapsed = time.perf_counter() - started
+    worker.trained_tokens += int(totals[2])
     return {
         "loss": float(totals[0]) / plan.world_size,
         "lr": lr,
@@ -480,6 +474,7 @@ def _train_step(worker: _Worker, micro: list[dict[str, Any]]) -> dict[str, float
         "epoch": worker.step / plan.steps_per_epoch,
         "step": float(worker.step),
         "total_steps": float(plan.total_steps),
+        TRAINED_TOKENS: float(worker.trained_tokens),
     }
 
 
@@ -585,14 +580,14 @@ def run_training(
     model_path: str,
     tracking_uri: str | None = None,
     run_id: str | None = None,
-    fail_at_step: int | None = None,
+    callbacks: Sequence[StepCallback] = (),
     resource_timeout_s: float = 600.0,
 ) -> Any:
     """Run the job's TorchTrainer to completion and return its ``ray.train.Result``.
 
     ``model_path`` is the resolved base model (see ``tiny.resolve_base_model``). Calling
     this again with the same ``job_id`` and ``storage_path`` resumes from the latest
-    checkpoint. ``fail_at_step`` makes the first attempt fail before that step (tests).
+    checkpoint. ``callbacks`` run on every worker after each step (see ``StepCallback``).
     Raises ``ClusterTooSmall`` when the cluster has not had the workers' CPUs and GPUs for
     ``resource_timeout_s`` (an autoscaler may add nodes meanwhile).
     """
@@ -613,11 +608,7 @@ def run_training(
         "model_path": model_path,
         "tracking_uri": tracking_uri,
         "run_id": run_id,
-        "fail_at_step": fail_at_step,
-        # The test hook kills once per job: a marker outlives the killed attempt.
-        "fail_marker": str(Path(storage_path) / job_id / ".killed-once")
-        if "://" not in storage_path
-        else None,
+        "callbacks": list(callbacks),
     }
     env = {
         "HF_HUB_OFFLINE": "1",

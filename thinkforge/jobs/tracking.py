@@ -12,38 +12,45 @@ the final Hugging Face directory under the run's ``model/`` artifacts with a sha
 Run tags: ``job_id``, ``base_model``, ``dataset_sha256``, ``recipe``; version tags:
 ``job_id``, ``base_model``, ``dataset_sha256``, ``manifest_sha256``. The version's
 source is the run's ``model/`` artifact folder, so ``models:/name/N`` downloads to a
-directory that ``from_pretrained`` loads and ``verify_manifest`` checks.
+directory that ``from_pretrained`` loads and ``thinkforge.contract.check_manifest``
+checks. Names, layout and manifest format: ``thinkforge.contract``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from thinkforge.contract import (
+    BASE_MODEL_TAG,
+    DATASET_SHA_TAG,
+    JOB_TAG,
+    MANIFEST_FILE,
+    MANIFEST_SHA_TAG,
+    MLMODEL_FILE,
+    MODEL_ARTIFACT_PATH,
+    PYFUNC_LOADER,
+    PYFUNC_TASK,
+    RECIPE_TAG,
+    build_manifest,
+    check_manifest,
+    manifest_bytes,
+    sha256_file,
+)
 from thinkforge.jobs.checkpoints import model_files
-from thinkforge.jobs.config import TINY_MODEL, SFTConfig
+from thinkforge.jobs.config import SFTConfig
 
 __all__ = [
-    "MANIFEST_FILE",
     "MetricLogger",
-    "build_manifest",
-    "default_registered_name",
     "flatten",
     "open_job_run",
     "register_model",
     "registry_resolver",
-    "verify_manifest",
 ]
-
-MANIFEST_FILE = "manifest.json"
-MODEL_ARTIFACT_PATH = "model"
-JOB_TAG = "job_id"
 
 
 def _client(tracking_uri: str) -> Any:
@@ -62,16 +69,6 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = "" if value is None else str(value)
     return out
-
-
-def default_registered_name(base_model: str) -> str:
-    """A registry name derived from the base model: ``Qwen/Qwen2.5-7B`` -> ``qwen2.5-7b-sft``."""
-    if base_model == TINY_MODEL:
-        return "thinkforge-tiny-sft"
-    stem = base_model.removeprefix("models:/").split("@")[0].rstrip("/")
-    parts = [p for p in stem.split("/") if p and not p.isdigit()]
-    name = re.sub(r"[^a-z0-9._-]+", "-", (parts[-1] if parts else "model").lower()).strip("-")
-    return name if name.endswith("-sft") else f"{name}-sft"
 
 
 def open_job_run(
@@ -97,9 +94,9 @@ def open_job_run(
         return run_id
     tags = {
         JOB_TAG: job_id,
-        "base_model": config.model,
-        "dataset_sha256": dataset_sha256,
-        "recipe": config.recipe or "",
+        BASE_MODEL_TAG: config.model,
+        DATASET_SHA_TAG: dataset_sha256,
+        RECIPE_TAG: config.recipe or "",
     }
     run = client.create_run(experiment_id, run_name=job_id, tags=tags)
     run_id = str(run.info.run_id)
@@ -140,36 +137,6 @@ class MetricLogger:
         self._last = time.monotonic()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def build_manifest(files: list[Path], root: Path) -> dict[str, dict[str, Any]]:
-    """relative path -> {"sha256", "size"} for each file."""
-    return {
-        p.relative_to(root).as_posix(): {"sha256": _sha256(p), "size": p.stat().st_size}
-        for p in files
-    }
-
-
-def verify_manifest(directory: str | Path) -> list[str]:
-    """Problems found checking a downloaded model directory against its manifest ([] = ok)."""
-    root = Path(directory)
-    manifest = json.loads((root / MANIFEST_FILE).read_text())
-    problems = []
-    for rel, entry in manifest.items():
-        path = root / rel
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
-        elif path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
-            problems.append(f"{rel}: content differs from the manifest")
-    return problems
-
-
 def register_model(
     *,
     tracking_uri: str,
@@ -182,13 +149,11 @@ def register_model(
     template: str = "s1",
 ) -> str:
     """Log the HF directory under ``model/`` as an MLflow pyfunc model (an ``MLmodel``
-    beside the files, see ``thinkforge.serve.pyfunc``) with a manifest of every file, and
+    beside the files naming ``thinkforge.serve.pyfunc`` as its loader) with a manifest of every file, and
     register it: "name/N".
 
     Idempotent per run: a restarted job that already registered gets the same version.
     """
-    from thinkforge.serve.pyfunc import mlmodel_file
-
     client = _client(tracking_uri)
     for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         return f"{name}/{version.version}"
@@ -207,20 +172,36 @@ def register_model(
         manifest |= build_manifest([mlmodel], Path(tmp))
         client.log_artifact(run_id, str(mlmodel), artifact_path=MODEL_ARTIFACT_PATH)
         manifest_path = Path(tmp) / MANIFEST_FILE
-        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        manifest_path.write_bytes(manifest_bytes(manifest))
         client.log_artifact(run_id, str(manifest_path), artifact_path=MODEL_ARTIFACT_PATH)
-        manifest_sha = _sha256(manifest_path)
+        manifest_sha = sha256_file(manifest_path)
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name)
     source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT_PATH}"
     tags = {
         JOB_TAG: job_id,
-        "base_model": base_model,
-        "dataset_sha256": dataset_sha256,
-        "manifest_sha256": manifest_sha,
+        BASE_MODEL_TAG: base_model,
+        DATASET_SHA_TAG: dataset_sha256,
+        MANIFEST_SHA_TAG: manifest_sha,
     }
     version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
     return f"{name}/{version.version}"
+
+
+def mlmodel_file(
+    directory: Path, *, run_id: str, artifact_path: str, name: str, template: str
+) -> Path:
+    """Write the ``MLmodel`` that makes a Hugging Face directory a pyfunc model whose
+    loader is ``thinkforge.serve.pyfunc`` (named, not imported)."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    model = Model(artifact_path=artifact_path, run_id=run_id, metadata={"task": PYFUNC_TASK})
+    config = {"name": name, "template": template}
+    mlflow.pyfunc.add_to_model(model, loader_module=PYFUNC_LOADER, model_config=config)
+    path = directory / MLMODEL_FILE
+    model.save(str(path))
+    return path
 
 
 def registry_resolver(tracking_uri: str, dest_root: str | Path) -> Callable[[str], str]:
@@ -237,7 +218,7 @@ def registry_resolver(tracking_uri: str, dest_root: str | Path) -> Callable[[str
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking_uri
         )
-        problems = verify_manifest(local)
+        problems = check_manifest(local)
         if problems:
             raise ValueError(f"{uri} does not match its manifest: {'; '.join(problems[:3])}")
         return str(local)

@@ -29,6 +29,7 @@ from thinkforge.platform.models import Deployment, new_id
 from thinkforge.platform.registry import ModelRegistry, parse_ref
 from thinkforge.platform.serving import ServeClient
 from thinkforge.platform.settings import Settings
+from thinkforge.platform.status import DeploymentStatus, moves
 from thinkforge.serve.config import ModelServeConfig
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def create_deployment(
         raise name_taken(name)
     row = Deployment(
         id=new_id("deploy"), project_id=project_id, name=name, model=model,
-        engine=str(clean.get("engine", "transformers")), config=clean, status="pending",
+        engine=str(clean.get("engine", "transformers")), config=clean,
+        status=DeploymentStatus.PENDING.value,
     )  # fmt: skip
     session.add(row)
     try:
@@ -100,7 +102,7 @@ def update_deployment(
         # Before the first read: a project-scoped registry reads in a session of its own.
         registry.resolve(model)
     row = get_deployment(session, project_id=project_id, name=name)
-    if row.status == "deleting":
+    if row.status == DeploymentStatus.DELETING:
         raise Conflict(f"deployment {name!r} is being deleted", param="name")
     merged = {**row.config, **options}
     new_model = model or row.model
@@ -108,8 +110,32 @@ def update_deployment(
     if model is not None:
         row.model = model
     row.engine = str(row.config.get("engine", row.engine))
-    row.status = "updating"
+    set_status(row, DeploymentStatus.UPDATING, message=row.message)
     return row
+
+
+def delete_deployment(session: Session, *, project_id: str, name: str) -> Deployment:
+    """Mark for deletion: gone from the front door first, then from Serve (``sync_statuses``
+    drops the row once the door no longer routes to it)."""
+    row = get_deployment(session, project_id=project_id, name=name)
+    set_status(row, DeploymentStatus.DELETING, message=row.message)
+    return row
+
+
+def list_deployments(session: Session, *, project_id: str) -> list[Deployment]:
+    """A project's deployments, newest first."""
+    stmt = select(Deployment).where(Deployment.project_id == project_id)
+    return list(session.scalars(stmt.order_by(Deployment.seq.desc())))
+
+
+def set_status(row: Deployment, target: DeploymentStatus, *, message: str | None) -> bool:
+    """Move ``row`` to ``target`` with ``message`` if the status machine allows it; returns
+    whether the status changed (the message is refreshed when it stays)."""
+    current = DeploymentStatus(row.status)
+    moved = moves(current, target, what=f"deployment {row.name}")
+    if moved or current == target:
+        row.status, row.message = target.value, message
+    return moved
 
 
 def desired_config(
@@ -143,7 +169,7 @@ def desired_config(
         )
     # A deployment being deleted leaves the front door first, then Serve: requests the old
     # door still routes to it keep finding replicas until the door has rolled.
-    deleting = {row.name for row in rows if row.status == "deleting"}
+    deleting = {row.name for row in rows if row.status == DeploymentStatus.DELETING}
     routes = {name: app_name(name) for name in versions if name not in deleting}
     door = {"routes": routes, "ingress": {"num_cpus": 0}}
     apps.insert(0, _app(FRONT_DOOR, "/", door, settings))
@@ -189,7 +215,7 @@ def sync_statuses(
         for row in session.scalars(select(Deployment)):
             app = statuses.get(app_name(row.name))
             target = wanted.get(row.name)
-            if row.status == "deleting":
+            if row.status == DeploymentStatus.DELETING:
                 if (
                     door is not None
                     and door.status == "RUNNING"
@@ -198,16 +224,20 @@ def sync_statuses(
                     session.delete(row)  # the door no longer routes here: Serve may drop it
                 continue
             if app is None:
-                row.status, row.message = "deploying", "waiting for Ray Serve"
+                set_status(row, DeploymentStatus.DEPLOYING, message="waiting for Ray Serve")
                 continue
             served = _served_version(app)
             if app.status == "RUNNING" and served == target:
-                row.status, row.message, row.served_version = "running", None, served
+                set_status(row, DeploymentStatus.RUNNING, message=None)
+                row.served_version = served
             elif app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                row.status = "degraded" if row.served_version else "failed"
-                row.message = app.message[:2000] or "the new replicas did not become healthy"
+                failed = (
+                    DeploymentStatus.DEGRADED if row.served_version else DeploymentStatus.FAILED
+                )
+                message = app.message[:2000] or "the new replicas did not become healthy"
+                set_status(row, failed, message=message)
             else:
-                row.status, row.message = "deploying", app.message[:2000] or None
+                set_status(row, DeploymentStatus.DEPLOYING, message=app.message[:2000] or None)
 
 
 def _served_version(app: Any) -> str | None:

@@ -22,19 +22,23 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from thinkforge.jobs.evaluate import EVAL_TAG, PLOT_FILE, RESULTS_FILE, EvalConfig
+from thinkforge.contract import EVAL_TAG, PLOT_FILE, RESULTS_FILE
+from thinkforge.jobs.evaluate import EvalConfig
 from thinkforge.platform.deployments import get_deployment
 from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound, first_error_location
-from thinkforge.platform.files import get_file
-from thinkforge.platform.launcher import JobLauncher, LaunchSpec, LaunchState
+from thinkforge.platform.files import resolve_dataset
+from thinkforge.platform.launcher import JobLauncher, LaunchState, ModuleLaunch
 from thinkforge.platform.models import Evaluation, new_id, utcnow
+from thinkforge.platform.pagination import page
 from thinkforge.platform.ray_launcher import job_error_line
+from thinkforge.platform.runs import cancel_target, is_cancelled, launch_run
 from thinkforge.platform.schemas import EvalCreate
 from thinkforge.platform.settings import Settings
+from thinkforge.platform.status import EvalFailureKind, EvalStatus, moves
 
 log = logging.getLogger(__name__)
-TERMINAL = ("succeeded", "failed", "cancelled")
-# queued -> running -> succeeded | failed; cancelling -> cancelled once Ray has stopped it
+TERMINAL = tuple(s.value for s in EvalStatus if s.is_terminal())
+MIXED_VERSIONS = "mixed_versions"  # the error.code of a succeeded sweep that vouches for none
 
 
 def create_eval(
@@ -49,23 +53,9 @@ def create_eval(
     version (``spec.model``, resolved by the caller to ``version`` through its view of the
     registry; the job loads it in-process)."""
     target = _target(session, settings, project_id, spec, version)
-    if spec.dataset.startswith("file-"):
-        try:
-            dataset = get_file(session, project_id=project_id, file_id=spec.dataset).path
-        except NotFound:
-            raise InvalidRequest(
-                f"no file {spec.dataset!r} in this project", param="dataset"
-            ) from None
-    else:
-        path = Path(spec.dataset).resolve()
-        if (
-            not any(path.is_relative_to(r.resolve()) for r in settings.dataset_roots)
-            or not path.is_file()
-        ):
-            raise InvalidRequest(
-                "dataset must be a file id or a file under a dataset root", param="dataset"
-            )
-        dataset = str(path)
+    dataset = resolve_dataset(
+        session, settings, project_id=project_id, ref=spec.dataset, param="dataset"
+    ).path
     eval_id = new_id("eval")
     try:
         config = EvalConfig.model_validate(
@@ -83,8 +73,8 @@ def create_eval(
         loc, msg = first_error_location(exc)
         raise InvalidRequest(f"{loc}: {msg}") from None
     row = Evaluation(
-        id=eval_id, project_id=project_id, status="queued", deployment=target.deployment,
-        model_version=target.version, config=config.model_dump(mode="json"),
+        id=eval_id, project_id=project_id, status=EvalStatus.QUEUED.value,
+        deployment=target.deployment, model_version=target.version, config=config.model_dump(mode="json"),
         output_dir=str(settings.data_dir / "evals" / eval_id),
     )  # fmt: skip
     session.add(row)
@@ -129,33 +119,52 @@ def get_eval(session: Session, *, project_id: str, eval_id: str, lock: bool = Fa
     return row
 
 
+def list_evals(
+    session: Session, *, project_id: str, after: str | None, limit: int
+) -> tuple[list[Evaluation], bool]:
+    stmt = select(Evaluation).where(Evaluation.project_id == project_id)
+    return page(session, stmt, Evaluation, after=after, limit=limit)
+
+
 def cancel_eval(session: Session, *, project_id: str, eval_id: str) -> tuple[Evaluation, bool]:
     """Cancel an evaluation; returns it and whether its launched run must be stopped."""
     row = get_eval(session, project_id=project_id, eval_id=eval_id, lock=True)
-    if row.status in TERMINAL:
-        raise Conflict(f"evaluation {eval_id} already ended ({row.status}); nothing to cancel")
-    if row.submitted_at is None:
-        row.status, row.finished_at = "cancelled", utcnow()
-        return row, False
-    row.status = "cancelling"
-    return row, True
+    target = cancel_target(
+        EvalStatus(row.status), launched=row.submitted_at is not None, what=f"evaluation {eval_id}"
+    )
+    if target is not None:
+        set_status(row, target)
+    return row, target is not EvalStatus.CANCELLED
+
+
+def set_status(row: Evaluation, target: EvalStatus, *, error: dict[str, Any] | None = None) -> bool:
+    """Move ``row`` to ``target`` if the status machine allows it; returns whether it moved.
+    An ``error`` is kept with any status (a stopped run's reason, a mixed-version note)."""
+    if not moves(EvalStatus(row.status), target, what=f"evaluation {row.id}"):
+        return False
+    row.status = target.value
+    if error is not None:
+        row.error = error
+    if target.is_terminal():
+        row.finished_at = utcnow()
+    return True
 
 
 def plot_path(row: Evaluation) -> Path:
     path = Path(row.output_dir) / PLOT_FILE
-    if row.status != "succeeded" or not path.is_file():
+    if row.status != EvalStatus.SUCCEEDED or not path.is_file():
         raise Conflict(f"evaluation {row.id} is {row.status}; its plot exists once it succeeds")
     return path
 
 
-def launch_spec(row: Evaluation, settings: Settings) -> LaunchSpec:
+def launch_spec(row: Evaluation, settings: Settings) -> ModuleLaunch:
     args = [
         "--eval-id", row.id, "--config-json", json.dumps(row.config, separators=(",", ":")),
         "--output", row.output_dir, "--mlflow-uri", settings.mlflow_tracking_uri,
     ]  # fmt: skip
     if settings.mlflow_artifact_root:
         args += ["--mlflow-artifact-root", settings.mlflow_artifact_root]
-    return LaunchSpec(job_id=row.id, config={}, module="thinkforge.jobs.evaluate", args=tuple(args))
+    return ModuleLaunch(job_id=row.id, module="thinkforge.jobs.evaluate", args=tuple(args))
 
 
 def reconcile_evals(
@@ -179,7 +188,8 @@ def _advance(
         _submit(sessions, launcher, settings, row)
         return
     status = launcher.status(row.id)
-    if row.status == "cancelling" and status.state in (LaunchState.PENDING, LaunchState.RUNNING):
+    live = status.state in (LaunchState.PENDING, LaunchState.RUNNING)
+    if row.status == EvalStatus.CANCELLING and live:
         launcher.cancel(row.id)
         return
     run_id, fetched = None, False
@@ -192,48 +202,49 @@ def _advance(
         )
         if current is None or current.status in TERMINAL:
             return
-        if current.status == "cancelling" and status.state is not LaunchState.SUCCEEDED:
-            current.status, current.finished_at = "cancelled", utcnow()
+        if current.status == EvalStatus.CANCELLING and status.state is not LaunchState.SUCCEEDED:
+            set_status(current, EvalStatus.CANCELLED)
         elif status.state is LaunchState.RUNNING:
-            current.status = "running"
+            set_status(current, EvalStatus.RUNNING)
         elif status.state is LaunchState.SUCCEEDED:
             _finish(current)
-            if current.mlflow_run_id is None and (fetched or current.status == "succeeded"):
+            succeeded = current.status == EvalStatus.SUCCEEDED
+            if current.mlflow_run_id is None and (fetched or succeeded):
                 current.mlflow_run_id = run_id
         elif status.state in (LaunchState.FAILED, LaunchState.UNKNOWN, LaunchState.STOPPED):
             message = (
                 job_error_line(status.log_tail) or status.message or "the evaluation run ended"
             )
-            current.status = "cancelled" if status.state is LaunchState.STOPPED else "failed"
-            current.error = {"code": "eval_failed", "message": message}
-            current.finished_at = utcnow()
+            stopped = status.state is LaunchState.STOPPED
+            error = {"code": EvalFailureKind.EVAL_FAILED.value, "message": message}
+            set_status(current, EvalStatus.CANCELLED if stopped else EvalStatus.FAILED, error=error)
 
 
 def _submit(
     sessions: sessionmaker[Session], launcher: JobLauncher, settings: Settings, row: Evaluation
 ) -> None:
-    """Launch, as jobs do: a launcher error ends the evaluation with the reason kept.
-    A second submission of one id is a no-op in the launcher, so a crash between the
-    submit and the row's update is safe."""
-    failure: dict[str, str] | None = None
-    try:
-        launcher.submit(launch_spec(row, settings))
-    except Exception as exc:
-        log.exception("evaluation %s: launch failed", row.id)
-        failure = {"code": "launch_failed", "message": f"could not start the run: {exc}"}
-    with sessions.begin() as session:
-        current = session.scalar(
-            select(Evaluation).where(Evaluation.seq == row.seq).with_for_update()
-        )
-        if current is None:
-            return
-        cancelled = current.status in ("cancelling", "cancelled")
-        if failure is not None and not cancelled:
-            current.status, current.error, current.finished_at = "failed", failure, utcnow()
-        elif failure is None:
+    """Launch as jobs do; the row counts as submitted only once the launcher took it."""
+
+    def locked(session: Session) -> Evaluation | None:
+        stmt = select(Evaluation).where(Evaluation.seq == row.seq).with_for_update()
+        return session.scalar(stmt)
+
+    def failed(message: str) -> None:
+        with sessions.begin() as session:
+            current = locked(session)
+            if current is not None and not is_cancelled(current.status):
+                error = {"code": EvalFailureKind.LAUNCH_FAILED.value, "message": message}
+                set_status(current, EvalStatus.FAILED, error=error)
+
+    def launched() -> bool:
+        with sessions.begin() as session:
+            current = locked(session)
+            if current is None:
+                return False
             current.submitted_at = utcnow()
-    if cancelled and failure is None:
-        launcher.cancel(row.id)  # cancelled while the submission was on its way
+            return is_cancelled(current.status)
+
+    launch_run(launcher, launch_spec(row, settings), failed=failed, launched=launched)
 
 
 def _fetch_from_mlflow(row: Evaluation, tracking_uri: str, run_id: str | None) -> bool:
@@ -260,14 +271,14 @@ def _finish(row: Evaluation) -> None:
     try:
         data: dict[str, Any] = json.loads(results.read_text())
     except (OSError, ValueError) as exc:
-        row.status, row.error = "failed", {"code": "eval_failed", "message": f"no results: {exc}"}
+        error = {"code": EvalFailureKind.EVAL_FAILED.value, "message": f"no results: {exc}"}
+        set_status(row, EvalStatus.FAILED, error=error)
     else:
         row.summary = data.get("budgets", [])
         row.best_accuracy = max((b["accuracy"] for b in row.summary or []), default=0.0)
         row.mlflow_run_id = data.get("mlflow_run_id") or row.mlflow_run_id
-        row.status = "succeeded"
+        set_status(row, EvalStatus.SUCCEEDED)
         _record_answering_version(row, data.get("model_versions") or [])
-    row.finished_at = utcnow()
 
 
 def _record_answering_version(row: Evaluation, seen: list[int]) -> None:
@@ -283,7 +294,7 @@ def _record_answering_version(row: Evaluation, seen: list[int]) -> None:
     row.model_version = None
     listed = ", ".join(str(v) for v in seen)
     row.error = {
-        "code": "mixed_versions",
+        "code": MIXED_VERSIONS,
         "message": f"answers came from versions {listed} of {name} (the deployment rolled "
         "during the sweep): this evaluation counts for no version when promoting",
     }
@@ -305,7 +316,7 @@ def passing_eval(session: Session, model_version: str, min_accuracy: float) -> E
         select(Evaluation)
         .where(
             Evaluation.model_version == model_version,
-            Evaluation.status == "succeeded",
+            Evaluation.status == EvalStatus.SUCCEEDED.value,
             Evaluation.best_accuracy >= min_accuracy,
         )
         .order_by(Evaluation.best_accuracy.desc())

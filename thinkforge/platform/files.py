@@ -2,6 +2,7 @@
 
 info = validate_dataset(path)                 # raises InvalidFile naming line and field
 row = store_upload(session, settings, project_id=..., filename=..., purpose=..., stream=fh)
+ref = resolve_dataset(session, settings, project_id=..., ref="file-…" or "/data/x.jsonl", param=...)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from thinkforge.platform.errors import (
     PayloadTooLarge,
 )
 from thinkforge.platform.models import File, Job, new_id
+from thinkforge.platform.pagination import page
 from thinkforge.platform.settings import Settings
 from thinkforge.platform.status import JobStatus
 
@@ -157,6 +159,49 @@ def get_file(session: Session, *, project_id: str, file_id: str) -> File:
             f"no file {file_id!r} in this project: list files with GET /v1/files", param="file_id"
         )
     return row
+
+
+def list_files(
+    session: Session, *, project_id: str, after: str | None, limit: int
+) -> tuple[list[File], bool]:
+    stmt = select(File).where(File.project_id == project_id)
+    return page(session, stmt, File, after=after, limit=limit)
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    path: str
+    sha256: str  # "" for a dataset path: hashed when the run is validated
+    format: str  # "auto" for a dataset path
+
+
+def resolve_dataset(
+    session: Session, settings: Settings, *, project_id: str, ref: str, param: str
+) -> DatasetRef:
+    """Where a run reads a dataset given as a file id of the project, or as an absolute
+    path (``file://`` allowed) to a file under one of the dataset roots."""
+    if ref.startswith("file-"):
+        try:
+            row = get_file(session, project_id=project_id, file_id=ref)
+        except NotFound:
+            raise InvalidRequest(
+                f"{param} {ref!r} is not a file of this project: upload it with POST /v1/files",
+                param=param,
+                code="file_not_found",
+            ) from None
+        return DatasetRef(row.path, row.sha256, row.format)
+    path = Path(ref.removeprefix("file://"))
+    if not path.is_absolute():
+        raise InvalidRequest(f"{param} must be a file id or an absolute dataset path", param=param)
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root.resolve()) for root in settings.dataset_roots):
+        roots = ", ".join(str(r) for r in settings.dataset_roots)
+        raise InvalidRequest(
+            f"{param} {ref!r} is outside the allowed dataset roots ({roots})", param=param
+        )
+    if not resolved.is_file():
+        raise InvalidRequest(f"{param} {ref!r} does not exist", param=param, code="file_not_found")
+    return DatasetRef(str(resolved), "", "auto")
 
 
 def delete_file(session: Session, *, project_id: str, file_id: str) -> None:

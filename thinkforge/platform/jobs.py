@@ -9,7 +9,6 @@ also claims, for its project, the registered model name it will register under
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +16,25 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from thinkforge.contract import default_registered_name
 from thinkforge.jobs.config import SFTConfig
-from thinkforge.jobs.tracking import default_registered_name
 from thinkforge.platform import ownership
 from thinkforge.platform.errors import (
-    Conflict,
     InvalidFile,
     InvalidRequest,
     NotFound,
     first_error_location,
 )
-from thinkforge.platform.files import get_file, validate_dataset
-from thinkforge.platform.launcher import JobLauncher, LaunchSpec
+from thinkforge.platform.files import resolve_dataset, validate_dataset
+from thinkforge.platform.launcher import JobLauncher, TrainingLaunch
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, new_id, utcnow
 from thinkforge.platform.pagination import page
 from thinkforge.platform.recipes import load_recipe
 from thinkforge.platform.registry import ModelRegistry
+from thinkforge.platform.runs import cancel_target, is_cancelled, launch_run
 from thinkforge.platform.schemas import JobCreate
 from thinkforge.platform.settings import Settings
-from thinkforge.platform.status import FailureKind, JobStatus
-
-log = logging.getLogger(__name__)
+from thinkforge.platform.status import FailureKind, JobStatus, moves
 
 
 def create_job(
@@ -50,24 +47,24 @@ def create_job(
 ) -> Job:
     """Validate and write a job (not yet launched). With a ``registry``, a name that
     exists there unclaimed (an operator's shared model) cannot be claimed."""
-    dataset_path, dataset_sha, file_format = _resolve_training_file(
-        session, settings, project_id=project_id, ref=spec.training_file
+    dataset = resolve_dataset(
+        session, settings, project_id=project_id, ref=spec.training_file, param="training_file"
     )
     validation_path = None
     if spec.validation_file is not None:
-        validation_path, _, _ = _resolve_training_file(
+        validation_path = resolve_dataset(
             session,
             settings,
             project_id=project_id,
             ref=spec.validation_file,
             param="validation_file",
-        )
-    config = _resolve_config(settings, spec, dataset_path)
+        ).path
+    config = _resolve_config(settings, spec, dataset.path)
     if validation_path is not None:
         config = config.model_copy(update={"validation_dataset": validation_path})
-    if config.format.value not in ("auto", file_format):
+    if config.format.value not in ("auto", dataset.format):
         raise InvalidRequest(
-            f"config.format is {config.format.value!r} but the training file is {file_format!r}",
+            f"config.format is {config.format.value!r} but the training file is {dataset.format!r}",
             param="config.format",
         )
     base = ownership.registry_name(config.model)
@@ -82,8 +79,8 @@ def create_job(
         model=spec.model,
         training_file=spec.training_file,
         validation_file=spec.validation_file,
-        dataset_path=dataset_path,
-        dataset_sha256=dataset_sha,
+        dataset_path=dataset.path,
+        dataset_sha256=dataset.sha256,
         suffix=spec.suffix,
         seed=config.seed,
         user_metadata=spec.metadata,
@@ -94,34 +91,6 @@ def create_job(
     session.flush()
     add_event(session, job.id, "Validating training file", dedupe_key="created")
     return job
-
-
-def _resolve_training_file(
-    session: Session, settings: Settings, *, project_id: str, ref: str, param: str = "training_file"
-) -> tuple[str, str, str]:
-    """Return (path, sha256, format) for a file id, or (path, '', 'auto') for a dataset URI."""
-    if ref.startswith("file-"):
-        try:
-            row = get_file(session, project_id=project_id, file_id=ref)
-        except NotFound:
-            raise InvalidRequest(
-                f"{param} {ref!r} is not a file of this project: upload it with POST /v1/files",
-                param=param,
-                code="file_not_found",
-            ) from None
-        return row.path, row.sha256, row.format
-    path = Path(ref.removeprefix("file://"))
-    if not path.is_absolute():
-        raise InvalidRequest(f"{param} must be a file id or an absolute dataset path", param=param)
-    resolved = path.resolve()
-    if not any(resolved.is_relative_to(root.resolve()) for root in settings.dataset_roots):
-        roots = ", ".join(str(r) for r in settings.dataset_roots)
-        raise InvalidRequest(
-            f"{param} {ref!r} is outside the allowed dataset roots ({roots})", param=param
-        )
-    if not resolved.is_file():
-        raise InvalidRequest(f"{param} {ref!r} does not exist", param=param, code="file_not_found")
-    return str(resolved), "", "auto"
 
 
 def _resolve_config(settings: Settings, spec: JobCreate, dataset_path: str) -> SFTConfig:
@@ -243,11 +212,7 @@ def set_status(
     error: dict[str, Any] | None = None,
 ) -> bool:
     """Move ``job`` to ``target`` if the status machine allows it; returns whether it moved."""
-    current = JobStatus(job.status)
-    if current == target:
-        return False
-    if not current.can_become(target):
-        log.info("job %s: ignoring %s -> %s", job.id, current, target)
+    if not moves(JobStatus(job.status), target, what=f"job {job.id}"):
         return False
     now = utcnow()
     job.status = target.value
@@ -270,23 +235,17 @@ def set_status(
 def cancel_job(session: Session, *, project_id: str, job_id: str) -> tuple[Job, bool]:
     """Cancel a job; returns the job and whether a launched run must be stopped."""
     job = get_job(session, project_id=project_id, job_id=job_id, lock=True)
-    status = JobStatus(job.status)
-    if status.is_terminal():
-        raise Conflict(
-            f"job {job_id} already ended ({status.value}); nothing to cancel",
-            param="fine_tuning_job_id",
-        )
-    if status is JobStatus.CANCELLING:
-        return job, True
-    if job.submitted_at is None:
-        set_status(
-            session, job, JobStatus.CANCELLED, message="Job cancelled before it was launched"
-        )
-        return job, False
-    set_status(
-        session, job, JobStatus.CANCELLING, message="Cancellation requested; stopping the run"
+    target = cancel_target(
+        JobStatus(job.status),
+        launched=job.submitted_at is not None,
+        what=f"job {job_id}",
+        param="fine_tuning_job_id",
     )
-    return job, True
+    if target is JobStatus.CANCELLED:
+        set_status(session, job, target, message="Job cancelled before it was launched")
+    elif target is JobStatus.CANCELLING:
+        set_status(session, job, target, message="Cancellation requested; stopping the run")
+    return job, target is not JobStatus.CANCELLED
 
 
 def fail(
@@ -345,25 +304,18 @@ def _validate_job_dataset(session: Session, job: Job) -> None:
 
 
 def submit(sessions: sessionmaker[Session], launcher: JobLauncher, job: Job) -> None:
-    resources = job.config.get("resources", {})
-    spec = LaunchSpec(
-        job_id=job.id,
-        config=job.config,
-        num_workers=int(resources.get("num_workers", 1)),
-        gpus_per_worker=float(resources.get("gpus_per_worker", 0)),
-        cpus_per_worker=float(resources.get("cpus_per_worker", 1)),
-    )
-    try:
-        launcher.submit(spec)
-    except Exception as exc:  # any launcher failure ends the job, with the reason kept
-        log.exception("job %s: launch failed", job.id)
+    def failed(message: str) -> None:
         with sessions.begin() as session:
             row = session.scalar(select(Job).where(Job.id == job.id).with_for_update())
             if row is not None:
-                fail(session, row, FailureKind.LAUNCH_FAILED, f"could not start the run: {exc}")
-        return
-    with sessions.begin() as session:
-        add_event(session, job.id, "Submitted to the cluster", dedupe_key="submitted")
-        status = session.scalar(select(Job.status).where(Job.id == job.id))
-    if status in (JobStatus.CANCELLING.value, JobStatus.CANCELLED.value):
-        launcher.cancel(job.id)  # cancelled while the submission was on its way
+                fail(session, row, FailureKind.LAUNCH_FAILED, message)
+
+    def launched() -> bool:
+        with sessions.begin() as session:
+            add_event(session, job.id, "Submitted to the cluster", dedupe_key="submitted")
+            status = session.scalar(select(Job.status).where(Job.id == job.id))
+        return status is not None and is_cancelled(status)
+
+    launch_run(
+        launcher, TrainingLaunch(job_id=job.id, config=job.config), failed=failed, launched=launched
+    )

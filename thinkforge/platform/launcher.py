@@ -7,7 +7,7 @@ Submissions are idempotent on the job id, so asking twice never starts two runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -22,16 +22,24 @@ class LaunchState(StrEnum):
 
 
 @dataclass(frozen=True)
-class LaunchSpec:
+class TrainingLaunch:
+    """A fine-tune job: the launcher adds where runs keep their state and MLflow."""
+
     job_id: str
     config: dict[str, Any]  # a resolved SFTConfig, as JSON
-    num_workers: int = 1
-    gpus_per_worker: float = 0
-    cpus_per_worker: float = 1
-    env: dict[str, str] = field(default_factory=dict)
-    # Another entrypoint than the SFT job (evaluations): ``python -m module *args``.
-    module: str | None = None
+
+
+@dataclass(frozen=True)
+class ModuleLaunch:
+    """Any other run (evaluations): ``python -m module *args``, exactly as given."""
+
+    job_id: str
+    module: str
     args: tuple[str, ...] = ()
+
+
+# Only what the launcher reads; the training workers' resources are in the SFT config.
+LaunchSpec = TrainingLaunch | ModuleLaunch
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from thinkforge.platform.auth import Principal
 from thinkforge.platform.errors import Conflict
 from thinkforge.platform.models import AuditEntry, ModelAlias, new_id
+from thinkforge.platform.pagination import page
 from thinkforge.platform.registry import ModelRegistry, VersionStatus
 
 OnMoved = Callable[[str, str, int | None], None]
@@ -169,6 +170,16 @@ def delete_alias(
         move = _record(session, actor, "delete", name, alias, previous, None, reason)
     _notify(on_moved, name, alias, None)
     return move
+
+
+def list_audit(
+    session: Session, *, project_id: str, target: str | None, after: str | None, limit: int
+) -> tuple[list[AuditEntry], bool]:
+    """A page of the project's audit trail, newest first; ``target`` is ``name@alias``."""
+    stmt = select(AuditEntry).where(AuditEntry.project_id == project_id)
+    if target is not None:
+        stmt = stmt.where(AuditEntry.target == target)
+    return page(session, stmt, AuditEntry, after=after, limit=limit)
 
 
 def _notify(on_moved: OnMoved | None, name: str, alias: str, version: int | None) -> None:

@@ -16,19 +16,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from thinkforge.platform.launcher import LaunchSpec, LaunchState, LaunchStatus
+from thinkforge.contract import find_error as job_error_line
+from thinkforge.platform.launcher import LaunchSpec, LaunchState, LaunchStatus, ModuleLaunch
 
 log = logging.getLogger(__name__)
 LOG_TAIL_CHARS = 4000
-JOB_ERROR_PREFIX = "thinkforge job error:"
-
-
-def job_error_line(logs: str | None) -> str | None:
-    """The entrypoint's own last word on a failure (``thinkforge job error: …``), if any."""
-    for line in reversed((logs or "").splitlines()):
-        if line.startswith(JOB_ERROR_PREFIX):
-            return line.removeprefix(JOB_ERROR_PREFIX).strip()
-    return None
 
 
 class RayJobLauncher:
@@ -69,7 +61,7 @@ class RayJobLauncher:
             return self._client
 
     def entrypoint(self, spec: LaunchSpec) -> str:
-        if spec.module is not None:
+        if isinstance(spec, ModuleLaunch):
             return shlex.join([self.python, "-m", spec.module, *spec.args])
         args = [
             self.python, "-m", "thinkforge.jobs",
@@ -89,7 +81,7 @@ class RayJobLauncher:
             client.submit_job(
                 entrypoint=self.entrypoint(spec),
                 submission_id=spec.job_id,
-                runtime_env={"env_vars": {**self.env, **spec.env}},
+                runtime_env={"env_vars": dict(self.env)},
                 metadata={"thinkforge_job_id": spec.job_id},
                 # The driver only coordinates; the training workers hold the resources.
                 entrypoint_num_cpus=0,

@@ -26,9 +26,7 @@ Versions are ints here (MLflow's are strings). Imports MLflow only: no torch, no
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,16 +36,24 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from thinkforge.contract import (
+    LINEAGE_TAGS,
+    MANIFEST_FILE,
+    MANIFEST_SHA_TAG,
+    REF_HELP,
+    Manifest,
+    ModelRef,
+    check_files,
+    is_manifest,
+    sha256_file,
+)
 from thinkforge.platform.errors import InvalidRequest, NotFound, PlatformError
 
 __all__ = [
-    "LINEAGE_KEYS",
-    "MANIFEST_FILE",
     "AliasNotFound",
     "InvalidReference",
     "MlflowRegistry",
     "ModelNotFound",
-    "ModelRef",
     "ModelRegistry",
     "ModelVersionDetail",
     "ModelVersionInfo",
@@ -58,12 +64,6 @@ __all__ = [
     "VersionStatus",
     "parse_ref",
 ]
-
-# Same values as thinkforge.jobs.tracking; not imported so the control plane stays
-# free of the jobs package's heavier modules.
-MANIFEST_FILE = "manifest.json"
-LINEAGE_KEYS = ("job_id", "base_model", "dataset_sha256", "recipe")
-MANIFEST_SHA_TAG = "manifest_sha256"
 
 
 class RegistryError(PlatformError):
@@ -101,7 +101,6 @@ _STATUS = {
 }
 
 T = TypeVar("T")
-Manifest = dict[str, dict[str, Any]]  # relative path -> {"sha256": hex, "size": bytes}
 
 
 @dataclass(frozen=True)
@@ -145,35 +144,14 @@ class ModelVersionDetail(ModelVersionInfo):
     manifest: Manifest | None = None  # None: the version has no manifest
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    name: str
-    version: int | None = None
-    alias: str | None = None
-
-    def __str__(self) -> str:
-        return (
-            f"models:/{self.name}@{self.alias}"
-            if self.alias
-            else f"models:/{self.name}/{self.version}"
-        )
-
-
-_REF_HELP = "write models:/NAME/VERSION, models:/NAME@ALIAS, NAME/VERSION or NAME@ALIAS"
-
-
 def parse_ref(ref: str) -> ModelRef:
     """``models:/name@alias``, ``models:/name/3``, ``name@alias`` or ``name/3``, checked for shape."""
-    body = ref.strip().removeprefix("models:/")
-    name, at, alias = body.rpartition("@")
-    if at:
-        if name and re.fullmatch(r"[\w\-]+", alias):
-            return ModelRef(name=name, alias=alias)
-    else:
-        name, slash, version = body.rpartition("/")
-        if slash and name and version.isdigit() and int(version) > 0:
-            return ModelRef(name=name, version=int(version))
-    raise InvalidReference(f"{ref!r} is not a model reference: {_REF_HELP}", param="model")
+    try:
+        return ModelRef.parse(ref)
+    except ValueError:
+        raise InvalidReference(
+            f"{ref!r} is not a model reference: {REF_HELP}", param="model"
+        ) from None
 
 
 class ModelRegistry(Protocol):
@@ -224,14 +202,6 @@ def _walk(fetch: Callable[[str | None], Page[T]]) -> Iterator[T]:
 
 def _ms(value: int | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value / 1000, tz=UTC)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class MlflowRegistry:
@@ -348,7 +318,7 @@ class MlflowRegistry:
         aliases = self.get_model(name).aliases
         info = _version_info(mv, aliases)
         run_tags, metrics, params = self._run_data(mv.run_id)
-        lineage = {k: info.tags.get(k) or run_tags.get(k, "") for k in LINEAGE_KEYS}
+        lineage = {k: info.tags.get(k) or run_tags.get(k, "") for k in LINEAGE_TAGS}
         download_uri = self._download_uri(name, version)
         with tempfile.TemporaryDirectory(dir=self._scratch) as tmp:
             manifest, _ = self._read_manifest(self._repo(download_uri), Path(tmp))
@@ -452,22 +422,10 @@ class MlflowRegistry:
             if expected_sha and expected_sha != manifest_sha:
                 problems.append(f"{MANIFEST_FILE}: sha256 differs from the version's tag")
             stored = self._list_files(repo)
-            problems += self._check_files(repo, manifest, stored, Path(tmp))
-        return problems
-
-    def _check_files(
-        self, repo: Any, manifest: Manifest, stored: dict[str, int | None], tmp: Path
-    ) -> list[str]:
-        problems = []
-        for rel, entry in sorted(manifest.items()):
-            if rel not in stored:
-                problems.append(f"{rel}: missing from the artifact store")
-            elif stored[rel] is not None and stored[rel] != entry["size"]:
-                problems.append(f"{rel}: size {stored[rel]} differs from the manifest's")
-            elif self._fetch_sha256(repo, rel, tmp) != entry["sha256"]:
-                problems.append(f"{rel}: sha256 differs from the manifest")
-        extra = sorted(set(stored) - set(manifest) - {MANIFEST_FILE})
-        problems += [f"{rel}: in the artifact store but not in the manifest" for rel in extra]
+            problems += check_files(
+                manifest, stored, lambda rel: self._fetch_sha256(repo, rel, Path(tmp)),
+                place="the artifact store",
+            )  # fmt: skip
         return problems
 
     def _repo(self, uri: str) -> Any:
@@ -498,7 +456,7 @@ class MlflowRegistry:
         except MlflowException:
             return None
         try:
-            return _sha256(local)
+            return sha256_file(local)
         finally:
             local.unlink(missing_ok=True)
 
@@ -514,12 +472,12 @@ class MlflowRegistry:
                 local = Path(repo.download_artifacts(MANIFEST_FILE, dst_path=str(tmp)))
         except MlflowException:
             return None, None
-        sha = _sha256(local)
+        sha = sha256_file(local)
         try:
             manifest = json.loads(local.read_text())
         except ValueError:
             return None, sha
-        return (manifest if _is_manifest(manifest) else None), sha
+        return (manifest if is_manifest(manifest) else None), sha
 
     def _listing(self, repo: Any, path: str | None = None) -> list[Any]:
         """One folder's FileInfos; a folder that does not exist is empty."""
@@ -557,13 +515,6 @@ def _version_info(mv: Any, aliases: dict[str, int]) -> ModelVersionInfo:
         created_at=_ms(mv.creation_timestamp) or datetime.fromtimestamp(0, tz=UTC),
         aliases=sorted(a for a, v in aliases.items() if v == version),
         tags=dict(mv.tags or {}),
-    )
-
-
-def _is_manifest(data: Any) -> bool:
-    return isinstance(data, dict) and all(
-        isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
-        for e in data.values()
     )
 
 

@@ -1,4 +1,6 @@
-"""Fine-tune job status: an enum with its transitions written down.
+"""Every lifecycle's status: an enum with its transitions written down, ``is_terminal()``
+and its failure kinds. Fine-tune jobs first (``jobs.set_status`` moves them), then
+evaluations (``evals.set_status``) and deployments (``deployments.set_status``).
 
 ::
 
@@ -16,7 +18,11 @@ Terminal states (succeeded, failed, cancelled) never change. A job not yet launc
 
 from __future__ import annotations
 
+import logging
 from enum import StrEnum
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
 
 
 class JobStatus(StrEnum):
@@ -69,3 +75,117 @@ class FailureKind(StrEnum):
     TRAINING_FAILED = "training_failed"
     LOST = "job_lost"
     INTERNAL = "internal_error"
+
+
+class EvalStatus(StrEnum):
+    """An evaluation's status.
+
+    ::
+
+        queued ──► running ──► succeeded | failed
+           │  │       │
+           │  └───────┼──► succeeded | failed   (Ray finished before we saw it run)
+           ▼          ▼
+        cancelled ◄─ cancelling ──► succeeded | failed   (the run ended before it stopped)
+
+    A run not yet submitted is cancelled at once; a launched one goes through cancelling
+    until Ray has stopped it. Terminal states never change.
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def is_terminal(self) -> bool:
+        return self in _EVAL_TERMINAL
+
+    def can_become(self, target: EvalStatus) -> bool:
+        return target in EVAL_TRANSITIONS[self]
+
+
+_EVAL_TERMINAL = frozenset({EvalStatus.SUCCEEDED, EvalStatus.FAILED, EvalStatus.CANCELLED})
+
+EVAL_TRANSITIONS: dict[EvalStatus, frozenset[EvalStatus]] = {
+    EvalStatus.QUEUED: _EVAL_TERMINAL | {EvalStatus.RUNNING, EvalStatus.CANCELLING},
+    EvalStatus.RUNNING: _EVAL_TERMINAL | {EvalStatus.CANCELLING},
+    EvalStatus.CANCELLING: _EVAL_TERMINAL,
+    EvalStatus.SUCCEEDED: frozenset(),
+    EvalStatus.FAILED: frozenset(),
+    EvalStatus.CANCELLED: frozenset(),
+}
+
+
+class EvalFailureKind(StrEnum):
+    """Why an evaluation failed: the ``error.code`` of a failed (or stopped) evaluation."""
+
+    LAUNCH_FAILED = "launch_failed"
+    EVAL_FAILED = "eval_failed"
+
+
+class DeploymentStatus(StrEnum):
+    """A deployment's status: the API's desired state (pending, updating, deleting) and
+    Ray Serve's view of it, copied back by the reconciler (deploying, running, degraded,
+    failed).
+
+    ::
+
+        pending ──► deploying ◄──► running            (any live state may become any other
+           │            ▲  ▲          │                 live state but pending; a PATCH
+           ▼            │  │          ▼                 makes it updating)
+        updating ───────┘  └──── degraded | failed
+           │
+           └──► deleting   (from any state; the row goes once the front door no longer
+                            routes to it, so deleting never changes)
+
+    Two failure kinds: ``degraded`` (the new replicas failed; the old version still
+    serves) and ``failed`` (nothing serves).
+    """
+
+    PENDING = "pending"
+    UPDATING = "updating"
+    DEPLOYING = "deploying"
+    RUNNING = "running"
+    DEGRADED = "degraded"
+    FAILED = "failed"
+    DELETING = "deleting"
+
+    def is_terminal(self) -> bool:
+        return self is DeploymentStatus.DELETING
+
+    def can_become(self, target: DeploymentStatus) -> bool:
+        return target in DEPLOYMENT_TRANSITIONS[self]
+
+
+_LIVE = frozenset(
+    {
+        DeploymentStatus.UPDATING,
+        DeploymentStatus.DEPLOYING,
+        DeploymentStatus.RUNNING,
+        DeploymentStatus.DEGRADED,
+        DeploymentStatus.FAILED,
+    }
+)
+
+DEPLOYMENT_TRANSITIONS: dict[DeploymentStatus, frozenset[DeploymentStatus]] = {
+    **{s: (_LIVE - {s}) | {DeploymentStatus.DELETING} for s in _LIVE},
+    DeploymentStatus.PENDING: _LIVE | {DeploymentStatus.DELETING},
+    DeploymentStatus.DELETING: frozenset(),
+}
+
+
+Status = TypeVar("Status", JobStatus, EvalStatus, DeploymentStatus)
+
+
+def moves(current: Status, target: Status, *, what: str) -> bool:
+    """Whether ``current`` becomes ``target`` (every ``set_status`` asks this first). A
+    move the machine forbids is logged and ignored, not raised: the reconciler may act on
+    a view of the cluster older than the row."""
+    if current == target:
+        return False
+    if not current.can_become(target):
+        log.info("%s: ignoring %s -> %s", what, current.value, target.value)
+        return False
+    return True

@@ -20,6 +20,15 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from thinkforge.contract import (
+    BASE_MODEL_TAG,
+    DATA_METRIC_PREFIX,
+    DATASET_SHA_TAG,
+    JOB_TAG,
+    RECIPE_TAG,
+    STEP_METRICS,
+    TRAINED_TOKENS,
+)
 from thinkforge.jobs.checkpoints import list_checkpoints
 from thinkforge.platform.jobs import add_event
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, ModelVersion, new_id
@@ -32,8 +41,6 @@ from thinkforge.platform.registry import (
 )
 
 log = logging.getLogger(__name__)
-JOB_TAG = "job_id"
-STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "epoch", "total_steps", "val_loss")
 
 
 class RunTracker:
@@ -137,7 +144,7 @@ class RunTracker:
                 data={"model": version.name, "version": int(version.version)},
                 dedupe_key="registered",
             )  # fmt: skip
-        tokens = run.data.metrics.get("trained_tokens")
+        tokens = run.data.metrics.get(TRAINED_TOKENS)
         if tokens is not None:
             job.trained_tokens = int(tokens)
 
@@ -145,7 +152,11 @@ class RunTracker:
 def _sync_data_stats(session: Session, job: Job, metrics: dict[str, float]) -> None:
     """One event with what tokenization did to the dataset: examples longer than the
     block size are said out loud (s1: truncating its traces cost 20 AIME points)."""
-    stats = {k.removeprefix("data_"): int(v) for k, v in metrics.items() if k.startswith("data_")}
+    stats = {
+        k.removeprefix(DATA_METRIC_PREFIX): int(v)
+        for k, v in metrics.items()
+        if k.startswith(DATA_METRIC_PREFIX)
+    }
     if "records" not in stats:
         return
     block = job.config.get("block_size")
@@ -179,11 +190,11 @@ def mirror_version(
         session.add(row)
     lineage = detail.lineage
     row.project_id = job.project_id if job is not None else row.project_id
-    row.job_id = lineage.get("job_id") or (job.id if job is not None else None)
+    row.job_id = lineage.get(JOB_TAG) or (job.id if job is not None else None)
     row.run_id = detail.run_id
-    row.base_model = lineage.get("base_model")
-    row.dataset_sha256 = lineage.get("dataset_sha256")
-    row.recipe = lineage.get("recipe")
+    row.base_model = lineage.get(BASE_MODEL_TAG)
+    row.dataset_sha256 = lineage.get(DATASET_SHA_TAG)
+    row.recipe = lineage.get(RECIPE_TAG)
     row.metrics = dict(detail.metrics)
     row.manifest = dict(detail.manifest) if detail.manifest is not None else None
     row.status = detail.status.value

@@ -1,20 +1,39 @@
-"""Rows to public shapes: the one place ORM rows turn into API objects."""
+"""Rows to public shapes: the one place ORM rows (and the registry's records) turn into
+API objects. Routes call these; nothing else builds a response object."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
 from thinkforge.jobs.config import Hyperparameters, Resources
-from thinkforge.platform.models import Checkpoint, File, Job, JobEvent
+from thinkforge.platform.models import (
+    AuditEntry,
+    Checkpoint,
+    Deployment,
+    Evaluation,
+    File,
+    Job,
+    JobEvent,
+)
+from thinkforge.platform.promotions import AliasMove
+from thinkforge.platform.registry import ModelVersionDetail, ModelVersionInfo, RegisteredModelInfo
 from thinkforge.platform.schemas import (
+    AliasObject,
+    AuditObject,
     CheckpointObject,
+    DeploymentObject,
+    EvalObject,
     FileObject,
     FineTuningJob,
     JobError,
     JobEventObject,
     Method,
+    ModelObject,
+    ModelVersionObject,
+    RegisteredModelObject,
     SupervisedMethod,
 )
+from thinkforge.platform.status import EvalStatus
 
 
 def ts(value: datetime | None) -> int | None:
@@ -81,3 +100,72 @@ def checkpoint_view(row: Checkpoint) -> CheckpointObject:
         step_number=row.step,
         metrics=row.metrics or {},
     )
+
+
+def eval_view(row: Evaluation) -> EvalObject:
+    succeeded = row.status == EvalStatus.SUCCEEDED
+    return EvalObject(
+        id=row.id, status=row.status, deployment=row.deployment, model_version=row.model_version,
+        budgets=row.summary, best_accuracy=row.best_accuracy, mlflow_run_id=row.mlflow_run_id,
+        plot_url=f"/v1/evals/{row.id}/plot.png" if succeeded else None,
+        error=row.error, config=row.config, created_at=ts(row.created_at) or 0,
+        finished_at=ts(row.finished_at),
+    )  # fmt: skip
+
+
+def deployment_view(row: Deployment) -> DeploymentObject:
+    return DeploymentObject(
+        id=row.id, name=row.name, model=row.model, engine=row.engine, status=row.status,
+        served_version=row.served_version, message=row.message, config=row.config,
+        created_at=ts(row.created_at) or 0, updated_at=ts(row.updated_at) or 0,
+    )  # fmt: skip
+
+
+def served_model_view(row: Deployment) -> ModelObject:
+    return ModelObject(id=row.name, created=ts(row.created_at) or 0, owned_by=row.project_id)
+
+
+def registered_version_model_view(v: ModelVersionInfo) -> ModelObject:
+    return ModelObject(
+        id=f"{v.name}/{v.version}", created=ts(v.created_at) or 0, owned_by="registry"
+    )
+
+
+def audit_view(row: AuditEntry) -> AuditObject:
+    return AuditObject(
+        id=row.id, created_at=int(row.created_at.timestamp()), actor=row.actor,
+        action=row.action, target=row.target, from_value=row.from_value, to_value=row.to_value,
+        reason=row.reason,
+    )  # fmt: skip
+
+
+def registered_model_view(model: RegisteredModelInfo) -> RegisteredModelObject:
+    return RegisteredModelObject(
+        name=model.name, description=model.description or "", created_at=ts(model.created_at) or 0,
+        updated_at=ts(model.updated_at), aliases=model.aliases, latest_version=model.latest_version,
+        tags=model.tags,
+    )  # fmt: skip
+
+
+def version_view(v: ModelVersionInfo, *, run_url: str | None = None) -> ModelVersionObject:
+    """A version; a ``ModelVersionDetail`` adds lineage, metrics, params, manifest and the
+    link to its MLflow run (``run_url``)."""
+    view = ModelVersionObject(
+        id=f"{v.name}/{v.version}", name=v.name, version=v.version, status=v.status.value,
+        status_message=v.status_message or "", created_at=ts(v.created_at) or 0,
+        aliases=v.aliases, run_id=v.run_id, source=v.source, tags=v.tags,
+    )  # fmt: skip
+    if isinstance(v, ModelVersionDetail):
+        view.lineage = v.lineage
+        view.metrics = v.metrics
+        view.params = v.params
+        view.manifest = dict(v.manifest) if v.manifest is not None else None
+        view.mlflow_run_url = run_url
+    return view
+
+
+def alias_view(move: AliasMove) -> AliasObject:
+    return AliasObject(
+        name=move.name, alias=move.alias, version=move.version,
+        previous_version=move.previous, audit_id=move.audit_id,
+    )  # fmt: skip

@@ -31,7 +31,7 @@ from ray import serve
 
 from thinkforge.serve.config import ModelServeConfig
 from thinkforge.serve.ingress import OpenAIIngressDeployment, create_api, deployment_name
-from thinkforge.serve.loader import parse_model_uri, resolve
+from thinkforge.serve.loader import ModelRef, resolve
 from thinkforge.serve.replica import ModelServerDeployment
 
 __all__ = [
@@ -66,7 +66,7 @@ class ServedModel(ModelServeConfig):
         if bool(self.model_path) == bool(self.model_uri):
             raise ValueError(f"model {self.name!r}: give exactly one of model_path, model_uri")
         if self.model_uri:
-            parse_model_uri(self.model_uri)
+            ModelRef.parse(self.model_uri)
         return self
 
     def serve_config(self) -> dict[str, Any]:
@@ -171,7 +171,7 @@ def _bind_model(served: ServedModel, args: AppArgs) -> tuple[serve.Application, 
     if served.model_uri:
         ref = resolve(served.model_uri, tracking_uri=args.mlflow_tracking_uri)
     info = {
-        "version": ref.version if ref else None,
+        "version": str(ref.version) if ref else None,
         "model_uri": ref.model_uri if ref else None,
         "alias": ref.alias if ref else None,
         "template": served.template.value,

@@ -8,12 +8,12 @@ replica can report healthy: it downloads the version's ``model/`` folder into a 
 cache and checks it against the version's sha256 manifest, so a damaged or tampered file
 makes the replica fail to start instead of serving the wrong weights.
 
-    ref = resolve("models:/s1-tiny@production", tracking_uri=uri)   # ModelRef, version "3"
+    ref = resolve("models:/s1-tiny@production", tracking_uri=uri)   # ModelRef, version 3
     path = fetch(ref, cache_dir="/var/cache/thinkforge", tracking_uri=uri)
 
 The chain of trust: the version tag ``manifest_sha256`` (in the registry database) pins
 ``manifest.json``; the manifest pins every file (sha256 and size), and files the manifest
-does not list are refused too. Layout and manifest format: ``thinkforge.jobs.tracking``.
+does not list are refused too. Layout, manifest and its check: ``thinkforge.contract``.
 
 Errors::
 
@@ -24,17 +24,14 @@ Errors::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from thinkforge.jobs.tracking import MANIFEST_FILE
+from thinkforge.contract import MANIFEST_SHA_TAG, ModelRef, check_manifest
 
 __all__ = [
     "LoaderError",
@@ -42,12 +39,8 @@ __all__ = [
     "ModelNotFoundError",
     "ModelRef",
     "fetch",
-    "parse_model_uri",
     "resolve",
-    "verify_files",
 ]
-
-_URI = re.compile(r"^(?:models:/)?(?P<name>[^@/][^@]*?)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
 
 
 class LoaderError(Exception):
@@ -62,32 +55,6 @@ class ModelIntegrityError(LoaderError):
     """Downloaded files differ from the registered version's manifest."""
 
 
-@dataclass(frozen=True, slots=True)
-class ModelRef:
-    """One registered model version, pinned."""
-
-    name: str
-    version: str
-    source: str  # artifact URI of the version's model folder
-    manifest_sha256: str | None = None
-    alias: str | None = None
-
-    @property
-    def model_uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
-
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/name/3`` -> (name, "3", None); ``models:/name@prod`` -> (name, None, "prod")."""
-    match = _URI.match(uri.strip())
-    if not match:
-        raise ValueError(
-            f"{uri!r} is not a model URI: use models:/name/VERSION, models:/name@ALIAS "
-            "or name/VERSION"
-        )
-    return match["name"], match["version"], match["alias"]
-
-
 def _client(tracking_uri: str | None) -> Any:
     from mlflow.tracking import MlflowClient
 
@@ -98,29 +65,33 @@ def resolve(uri: str, *, tracking_uri: str | None) -> ModelRef:
     """Pin ``uri`` to one registered version (an alias is looked up now, once)."""
     from mlflow.exceptions import MlflowException
 
-    name, version, alias = parse_model_uri(uri)
+    ref = ModelRef.parse(uri)
     client = _client(tracking_uri)
     try:
-        if alias is not None:
-            mv = client.get_model_version_by_alias(name, alias)
+        if ref.alias is not None:
+            mv = client.get_model_version_by_alias(ref.name, ref.alias)
         else:
-            mv = client.get_model_version(name, version)
-        source = client.get_model_version_download_uri(name, mv.version)
+            mv = client.get_model_version(ref.name, str(ref.version))
+        source = client.get_model_version_download_uri(ref.name, mv.version)
     except MlflowException as exc:
         raise ModelNotFoundError(f"{uri}: not in the model registry ({exc.message})") from exc
     tags = dict(mv.tags or {})
-    return ModelRef(name, str(mv.version), str(source), tags.get("manifest_sha256"), alias)
+    return ModelRef(ref.name, int(mv.version), ref.alias, str(source), tags.get(MANIFEST_SHA_TAG))
 
 
 def fetch(ref: ModelRef, *, cache_dir: str | Path, tracking_uri: str | None) -> Path:
     """The verified local model directory for ``ref``: cached, else downloaded."""
     # Keyed by content too: "name/1" of another registry (or a re-created one) is not this.
-    folder = f"{ref.version}-{ref.manifest_sha256[:16]}" if ref.manifest_sha256 else ref.version
+    if ref.source is None or ref.version is None:
+        raise LoaderError(f"{ref}: not pinned to a version; resolve it first")
+    folder = (
+        f"{ref.version}-{ref.manifest_sha256[:16]}" if ref.manifest_sha256 else f"{ref.version}"
+    )
     root = Path(cache_dir) / _safe(ref.name) / folder
     if not root.is_dir():
         _download(ref, root, tracking_uri)
     # Verified every time, the cached copy too: the cache is only as trustworthy as its disk.
-    problems = verify_files(root, manifest_sha256=ref.manifest_sha256)
+    problems = check_manifest(root, manifest_sha256=ref.manifest_sha256)
     if problems:
         raise ModelIntegrityError(
             f"{ref.model_uri} does not match its manifest ({'; '.join(problems[:5])}); "
@@ -150,38 +121,6 @@ def _download(ref: ModelRef, root: Path, tracking_uri: str | None) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def verify_files(directory: str | Path, *, manifest_sha256: str | None = None) -> list[str]:
-    """Problems found checking a model directory against its manifest ([] means ok)."""
-    root = Path(directory)
-    manifest_path = root / MANIFEST_FILE
-    if not manifest_path.is_file():
-        return [f"{MANIFEST_FILE}: missing"]
-    if manifest_sha256 is not None and _sha256(manifest_path) != manifest_sha256:
-        return [f"{MANIFEST_FILE}: differs from the version's manifest_sha256 tag"]
-    manifest: dict[str, dict[str, Any]] = json.loads(manifest_path.read_text())
-    problems = []
-    for rel, entry in sorted(manifest.items()):
-        path = root / rel
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
-        elif path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
-            problems.append(f"{rel}: content differs from the manifest")
-    listed = {*manifest, MANIFEST_FILE}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and rel not in listed:
-            problems.append(f"{rel}: not in the manifest")
-    return problems
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _safe(name: str) -> str:

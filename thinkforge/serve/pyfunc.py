@@ -3,7 +3,8 @@ Ray Serve, in the calling process, for notebooks, batch jobs and MLflow's own to
 
 Every version a job registers carries an ``MLmodel`` (task ``llm/v1/chat``) whose
 ``python_function`` flavor names this module as its loader, next to the Hugging Face
-files (``thinkforge.jobs.tracking.register_model``)::
+files (``thinkforge.jobs.tracking.register_model``; the loader is named in
+``thinkforge.contract.PYFUNC_LOADER``)::
 
     model = mlflow.pyfunc.load_model("models:/sums@production")
     [answer] = model.predict({"messages": [{"role": "user", "content": "Sum: 3 5 2"}],
@@ -23,21 +24,18 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from thinkforge.contract import MANIFEST_FILE, check_manifest
 from thinkforge.serve.openai import chat_completion, new_id
-
-LOADER_MODULE = "thinkforge.serve.pyfunc"
-TASK = "llm/v1/chat"
 
 
 class ChatModel:
     """What ``mlflow.pyfunc.load_model`` wraps: one engine, requests run one at a time."""
 
     def __init__(self, path: str, model_config: dict[str, Any]) -> None:
-        from thinkforge.jobs.tracking import MANIFEST_FILE, verify_manifest
         from thinkforge.serve.replica import ModelServer
 
         if (Path(path) / MANIFEST_FILE).is_file():
-            problems = verify_manifest(path)
+            problems = check_manifest(path)
             if problems:
                 raise ValueError(f"{path} does not match its manifest: {'; '.join(problems[:3])}")
         self.name = str(model_config.get("name", "thinkforge"))
@@ -58,18 +56,3 @@ class ChatModel:
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> ChatModel:
     """MLflow's entry point for the ``python_function`` flavor (``loader_module``)."""
     return ChatModel(path, model_config or {})
-
-
-def mlmodel_file(
-    directory: Path, *, run_id: str, artifact_path: str, name: str, template: str
-) -> Path:
-    """Write the ``MLmodel`` that makes a Hugging Face directory this pyfunc model."""
-    import mlflow.pyfunc
-    from mlflow.models import Model
-
-    model = Model(artifact_path=artifact_path, run_id=run_id, metadata={"task": TASK})
-    config = {"name": name, "template": template}
-    mlflow.pyfunc.add_to_model(model, loader_module=LOADER_MODULE, model_config=config)
-    path = directory / "MLmodel"
-    model.save(str(path))
-    return path

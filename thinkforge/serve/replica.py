@@ -173,7 +173,7 @@ class ModelServer:
             path = fetch(model_ref, cache_dir=cache, tracking_uri=tracking_uri)
             cfg = cfg.model_copy(update={"model_path": str(path)})
         self.cfg = cfg
-        self.version = model_ref.version if model_ref else None
+        self.version = str(model_ref.version) if model_ref else None
         self.ref = model_ref
         self.engine: Engine = create_engine(cfg)
         self.engine.load()

@@ -7,13 +7,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
 
 from thinkforge.platform import deployments
 from thinkforge.platform.deps import CtxDep, IdempotencyKeyDep, PrincipalDep
 from thinkforge.platform.errors import PlatformError
 from thinkforge.platform.idempotency import fingerprint, run_idempotent_action
-from thinkforge.platform.models import Deployment
 from thinkforge.platform.registry import all_models, all_versions
 from thinkforge.platform.schemas import (
     DeploymentCreate,
@@ -23,7 +21,11 @@ from thinkforge.platform.schemas import (
     ListResponse,
     ModelObject,
 )
-from thinkforge.platform.views import ts
+from thinkforge.platform.views import (
+    deployment_view,
+    registered_version_model_view,
+    served_model_view,
+)
 
 router = APIRouter(prefix="/v1", tags=["deployments"])
 log = logging.getLogger(__name__)
@@ -61,12 +63,8 @@ def create(
 @router.get("/deployments", response_model=ListResponse[DeploymentObject])
 def list_deployments(ctx: CtxDep, principal: PrincipalDep) -> ListResponse[DeploymentObject]:
     with ctx.sessions() as session:
-        rows = session.scalars(
-            select(Deployment)
-            .where(Deployment.project_id == principal.project_id)
-            .order_by(Deployment.seq.desc())
-        ).all()
-        data = [_view(r) for r in rows]
+        rows = deployments.list_deployments(session, project_id=principal.project_id)
+        data = [deployment_view(r) for r in rows]
     return ListResponse[DeploymentObject].of(data, False)
 
 
@@ -95,9 +93,9 @@ def update(
 def delete(ctx: CtxDep, principal: PrincipalDep, name: NamePath) -> DeploymentDeleted:
     manager = ctx.deployments()
     with ctx.sessions.begin() as session:
-        row = deployments.get_deployment(session, project_id=principal.project_id, name=name)
-        row_id = row.id
-        row.status = "deleting"  # gone from the front door first, then from Serve
+        row_id = deployments.delete_deployment(
+            session, project_id=principal.project_id, name=name
+        ).id
     _apply_now(manager)
     return DeploymentDeleted(id=row_id)
 
@@ -105,35 +103,20 @@ def delete(ctx: CtxDep, principal: PrincipalDep, name: NamePath) -> DeploymentDe
 @router.get("/models", response_model=ListResponse[ModelObject])
 def list_models(ctx: CtxDep, principal: PrincipalDep) -> ListResponse[ModelObject]:
     """OpenAI's model list: live deployments, then every registered version."""
-    data = []
     with ctx.sessions() as session:
-        for row in session.scalars(
-            select(Deployment).where(Deployment.project_id == principal.project_id)
-        ):
-            data.append(
-                ModelObject(id=row.name, created=ts(row.created_at) or 0, owned_by=row.project_id)
-            )
+        rows = deployments.list_deployments(session, project_id=principal.project_id)
+        data = [served_model_view(r) for r in reversed(rows)]  # oldest first
     registry = ctx.registry_for(principal.project_id)
     for model in all_models(registry):
-        for v in all_versions(registry, model.name):
-            created = ts(v.created_at) or 0
-            data.append(
-                ModelObject(id=f"{v.name}/{v.version}", created=created, owned_by="registry")
-            )
+        data += [registered_version_model_view(v) for v in all_versions(registry, model.name)]
     return ListResponse[ModelObject].of(data, False)
 
 
 def _view_by_name(ctx: CtxDep, project_id: str, name: str) -> DeploymentObject:
     with ctx.sessions() as session:
-        return _view(deployments.get_deployment(session, project_id=project_id, name=name))
-
-
-def _view(row: Deployment) -> DeploymentObject:
-    return DeploymentObject(
-        id=row.id, name=row.name, model=row.model, engine=row.engine, status=row.status,
-        served_version=row.served_version, message=row.message, config=row.config,
-        created_at=ts(row.created_at) or 0, updated_at=ts(row.updated_at) or 0,
-    )  # fmt: skip
+        return deployment_view(
+            deployments.get_deployment(session, project_id=project_id, name=name)
+        )
 
 
 def _apply_now(manager: deployments.DeploymentManager) -> None:

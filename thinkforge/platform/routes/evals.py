@@ -6,7 +6,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Path
 from fastapi.responses import FileResponse, JSONResponse
-from sqlalchemy import select
 
 from thinkforge.platform import evals
 from thinkforge.platform.deps import (
@@ -17,11 +16,9 @@ from thinkforge.platform.deps import (
     PrincipalDep,
 )
 from thinkforge.platform.idempotency import fingerprint, run_idempotent
-from thinkforge.platform.models import Evaluation
-from thinkforge.platform.pagination import page
 from thinkforge.platform.routes.common import cancel_run
 from thinkforge.platform.schemas import EvalCreate, EvalObject, ListResponse
-from thinkforge.platform.views import ts
+from thinkforge.platform.views import eval_view
 
 router = APIRouter(prefix="/v1/evals", tags=["evaluations"])
 EvalId = Annotated[str, Path(max_length=40, pattern=r"^eval-[0-9a-f]+$")]
@@ -42,7 +39,7 @@ def create(
         row = evals.create_eval(
             session, ctx.settings, project_id=principal.project_id, spec=body, version=version
         )
-        return 200, _view(row).model_dump(mode="json")
+        return 200, eval_view(row).model_dump(mode="json")
 
     status, view = run_idempotent(
         ctx.sessions, project_id=principal.project_id, key=idempotency_key, method="POST",
@@ -59,7 +56,7 @@ def cancel(
 ) -> JSONResponse:
     return cancel_run(
         ctx, project_id=principal.project_id, run_id=eval_id, path=f"/v1/evals/{eval_id}/cancel",
-        idempotency_key=idempotency_key, view=_view,
+        idempotency_key=idempotency_key, view=eval_view,
         cancel=lambda s: evals.cancel_eval(s, project_id=principal.project_id, eval_id=eval_id),
     )  # fmt: skip
 
@@ -69,15 +66,16 @@ def list_evals(
     ctx: CtxDep, principal: PrincipalDep, after: AfterQuery = None, limit: LimitQuery = 20
 ) -> ListResponse[EvalObject]:
     with ctx.sessions() as session:
-        stmt = select(Evaluation).where(Evaluation.project_id == principal.project_id)
-        rows, more = page(session, stmt, Evaluation, after=after, limit=limit)
-        return ListResponse[EvalObject].of([_view(r) for r in rows], more)
+        rows, more = evals.list_evals(
+            session, project_id=principal.project_id, after=after, limit=limit
+        )
+        return ListResponse[EvalObject].of([eval_view(r) for r in rows], more)
 
 
 @router.get("/{eval_id}", response_model=EvalObject)
 def get(ctx: CtxDep, principal: PrincipalDep, eval_id: EvalId) -> EvalObject:
     with ctx.sessions() as session:
-        return _view(evals.get_eval(session, project_id=principal.project_id, eval_id=eval_id))
+        return eval_view(evals.get_eval(session, project_id=principal.project_id, eval_id=eval_id))
 
 
 @router.get("/{eval_id}/plot.png", response_class=FileResponse)
@@ -86,13 +84,3 @@ def plot(ctx: CtxDep, principal: PrincipalDep, eval_id: EvalId) -> FileResponse:
         row = evals.get_eval(session, project_id=principal.project_id, eval_id=eval_id)
         path = evals.plot_path(row)
     return FileResponse(path, media_type="image/png")
-
-
-def _view(row: Evaluation) -> EvalObject:
-    return EvalObject(
-        id=row.id, status=row.status, deployment=row.deployment, model_version=row.model_version,
-        budgets=row.summary, best_accuracy=row.best_accuracy, mlflow_run_id=row.mlflow_run_id,
-        plot_url=f"/v1/evals/{row.id}/plot.png" if row.status == "succeeded" else None,
-        error=row.error, config=row.config, created_at=ts(row.created_at) or 0,
-        finished_at=ts(row.finished_at),
-    )  # fmt: skip

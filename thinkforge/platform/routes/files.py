@@ -7,14 +7,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, UploadFile
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
 
 from thinkforge.platform import files
 from thinkforge.platform.deps import AfterQuery, CtxDep, IdempotencyKeyDep, LimitQuery, PrincipalDep
 from thinkforge.platform.errors import InvalidRequest
 from thinkforge.platform.idempotency import fingerprint, run_idempotent
-from thinkforge.platform.models import File
-from thinkforge.platform.pagination import page
 from thinkforge.platform.schemas import FileDeleted, FileObject, ListResponse
 from thinkforge.platform.views import file_view
 
@@ -66,8 +63,9 @@ def list_files(
     ctx: CtxDep, principal: PrincipalDep, after: AfterQuery = None, limit: LimitQuery = 20
 ) -> ListResponse[FileObject]:
     with ctx.sessions() as session:
-        stmt = select(File).where(File.project_id == principal.project_id)
-        rows, more = page(session, stmt, File, after=after, limit=limit)
+        rows, more = files.list_files(
+            session, project_id=principal.project_id, after=after, limit=limit
+        )
         data = [file_view(r) for r in rows]
     return ListResponse.of(data, more)
 

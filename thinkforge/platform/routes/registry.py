@@ -7,17 +7,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
 
 from thinkforge.platform import promotions
 from thinkforge.platform.auth import Principal
 from thinkforge.platform.deps import AfterQuery, CtxDep, IdempotencyKeyDep, LimitQuery, PrincipalDep
 from thinkforge.platform.errors import PermissionDenied
 from thinkforge.platform.idempotency import fingerprint, run_idempotent_action
-from thinkforge.platform.models import AuditEntry
 from thinkforge.platform.ownership import ScopedRegistry
-from thinkforge.platform.pagination import page
-from thinkforge.platform.registry import ModelVersionDetail, ModelVersionInfo, all_versions
+from thinkforge.platform.registry import ModelVersionInfo, all_versions
 from thinkforge.platform.schemas import (
     AliasAction,
     AliasMoveCreate,
@@ -27,7 +24,12 @@ from thinkforge.platform.schemas import (
     ModelVersionObject,
     RegisteredModelObject,
 )
-from thinkforge.platform.views import ts
+from thinkforge.platform.views import (
+    alias_view,
+    audit_view,
+    registered_model_view,
+    version_view,
+)
 
 router = APIRouter(prefix="/v1", tags=["registry"])
 NamePath = Annotated[str, Path(max_length=256, pattern=r"^[^\x00/]+$")]
@@ -43,7 +45,7 @@ def list_models(
 ) -> ListResponse[RegisteredModelObject]:
     registry = ctx.registry_for(principal.project_id)
     found = registry.list_models(max_results=limit, page_token=page_token)
-    data = [_model_view(m) for m in found.items]
+    data = [registered_model_view(m) for m in found.items]
     listing = ListResponse[RegisteredModelObject].of(data, found.next_page_token is not None)
     listing.last_id = found.next_page_token
     return listing
@@ -51,7 +53,7 @@ def list_models(
 
 @router.get("/registry/models/{name}", response_model=RegisteredModelObject)
 def get_model(ctx: CtxDep, principal: PrincipalDep, name: NamePath) -> RegisteredModelObject:
-    return _model_view(ctx.registry_for(principal.project_id).get_model(name))
+    return registered_model_view(ctx.registry_for(principal.project_id).get_model(name))
 
 
 @router.get("/registry/models/{name}/versions", response_model=ListResponse[ModelVersionObject])
@@ -88,7 +90,7 @@ def promote(
         version=body.version, reason=body.reason, on_moved=ctx.on_alias_moved,
         policy=ctx.promotion_policy(),
     )  # fmt: skip
-    return _alias_view(move)
+    return alias_view(move)
 
 
 @router.delete("/registry/models/{name}/aliases/{alias}", response_model=AliasObject)
@@ -100,7 +102,7 @@ def delete_alias(
         ctx.sessions, registry, actor=principal, name=name, alias=alias,
         on_moved=ctx.on_alias_moved,
     )  # fmt: skip
-    return _alias_view(move)
+    return alias_view(move)
 
 
 @router.post("/registry/models/{name}/aliases/{alias}/rollback", response_model=AliasObject)
@@ -121,7 +123,7 @@ def rollback(
             ctx.sessions, registry, actor=principal, name=name, alias=alias,
             reason=body.reason if body else None, on_moved=ctx.on_alias_moved,
         )  # fmt: skip
-        return 200, _alias_view(move).model_dump(mode="json")
+        return 200, alias_view(move).model_dump(mode="json")
 
     status, view = run_idempotent_action(
         ctx.sessions, project_id=principal.project_id, key=idempotency_key, method="POST",
@@ -141,54 +143,11 @@ def list_audit(
     limit: LimitQuery = 20,
 ) -> ListResponse[AuditObject]:
     with ctx.sessions() as session:
-        stmt = select(AuditEntry).where(AuditEntry.project_id == principal.project_id)
-        if target is not None:
-            stmt = stmt.where(AuditEntry.target == target)
-        rows, more = page(session, stmt, AuditEntry, after=after, limit=limit)
-        data = [
-            AuditObject(
-                id=r.id,
-                created_at=int(r.created_at.timestamp()),
-                actor=r.actor,
-                action=r.action,
-                target=r.target,
-                from_value=r.from_value,
-                to_value=r.to_value,
-                reason=r.reason,
-            )
-            for r in rows
-        ]
+        rows, more = promotions.list_audit(
+            session, project_id=principal.project_id, target=target, after=after, limit=limit
+        )
+        data = [audit_view(r) for r in rows]
     return ListResponse[AuditObject].of(data, more)
-
-
-def _model_view(model) -> RegisteredModelObject:  # type: ignore[no-untyped-def]
-    return RegisteredModelObject(
-        name=model.name, description=model.description or "", created_at=ts(model.created_at) or 0,
-        updated_at=ts(model.updated_at), aliases=model.aliases, latest_version=model.latest_version,
-        tags=model.tags,
-    )  # fmt: skip
-
-
-def _version_view(ctx: CtxDep, v: ModelVersionInfo) -> ModelVersionObject:
-    view = ModelVersionObject(
-        id=f"{v.name}/{v.version}", name=v.name, version=v.version, status=v.status.value,
-        status_message=v.status_message or "", created_at=ts(v.created_at) or 0,
-        aliases=v.aliases, run_id=v.run_id, source=v.source, tags=v.tags,
-    )  # fmt: skip
-    if isinstance(v, ModelVersionDetail):
-        view.lineage = v.lineage
-        view.metrics = v.metrics
-        view.params = v.params
-        view.manifest = dict(v.manifest) if v.manifest is not None else None
-        view.mlflow_run_url = ctx.mlflow_run_url(v.run_id)
-    return view
-
-
-def _alias_view(move: promotions.AliasMove) -> AliasObject:
-    return AliasObject(
-        name=move.name, alias=move.alias, version=move.version,
-        previous_version=move.previous, audit_id=move.audit_id,
-    )  # fmt: skip
 
 
 def _alias_registry(ctx: CtxDep, principal: Principal, name: str) -> ScopedRegistry:
@@ -205,3 +164,7 @@ def _require_admin(principal: Principal) -> None:
             "moving an alias needs an admin key (thinkforge keys create --admin)",
             code="admin_required",
         )
+
+
+def _version_view(ctx: CtxDep, v: ModelVersionInfo) -> ModelVersionObject:
+    return version_view(v, run_url=ctx.mlflow_run_url(v.run_id))

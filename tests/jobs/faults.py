@@ -1,0 +1,35 @@
+"""Fault injection from outside the training loop: ``StepCallback``s that tests hand to
+``run_training``. Ray ships them to the workers by value (``ship``), so the workers need
+not import the tests package."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+
+class KillWorkerOnce:
+    """After step ``after_step`` the last rank's process dies as if OOM-killed (no
+    exception, no cleanup); the others wait in the next all-reduce until Ray Train restarts
+    the group. Once per job: the ``marker`` file outlives the killed attempt."""
+
+    def __init__(self, *, after_step: int, marker: Path) -> None:
+        self.after_step = after_step
+        self.marker = str(marker)
+
+    def __call__(self, *, step: int, rank: int, world_size: int) -> None:
+        if step != self.after_step or rank != world_size - 1 or Path(self.marker).exists():
+            return
+        Path(self.marker).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def ship() -> None:
+    """Pickle this module's callbacks by value, so Ray workers can load them."""
+    import sys
+
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

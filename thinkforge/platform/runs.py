@@ -1,0 +1,59 @@
+"""What fine-tune jobs and evaluations share: each is one Ray Job whose submission id is
+the row's id, launched and cancelled by the same steps.
+
+    launch_run(launcher, spec, failed=..., launched=...)   # from the reconciler or a request
+    target = cancel_target(status, launched=..., what="job ftjob-1", param=...)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+from thinkforge.platform.errors import Conflict
+from thinkforge.platform.launcher import JobLauncher, LaunchSpec
+from thinkforge.platform.status import EvalStatus, JobStatus
+
+log = logging.getLogger(__name__)
+RunStatus = TypeVar("RunStatus", JobStatus, EvalStatus)
+
+
+def launch_run(
+    launcher: JobLauncher,
+    spec: LaunchSpec,
+    *,
+    failed: Callable[[str], None],
+    launched: Callable[[], bool],
+) -> None:
+    """Submit the run. A launcher error goes to ``failed`` (with the reason, for the row's
+    error); after a submission ``launched`` records it and says whether the row was
+    cancelled meanwhile, in which case the run is stopped at once. A second submission
+    of one id is a no-op in the launcher, so a crash between the two steps is safe."""
+    try:
+        launcher.submit(spec)
+    except Exception as exc:  # any launcher failure ends the run, with the reason kept
+        log.exception("%s: launch failed", spec.job_id)
+        failed(f"could not start the run: {exc}")
+        return
+    if launched():
+        launcher.cancel(spec.job_id)  # cancelled while the submission was on its way
+
+
+def cancel_target(
+    status: RunStatus, *, launched: bool, what: str, param: str | None = None
+) -> RunStatus | None:
+    """Where a cancel takes a run in ``status``: cancelled at once if nothing was launched,
+    cancelling while Ray stops it, None if it is cancelling already (a repeated cancel).
+    A run that ended cannot be cancelled (409)."""
+    if status.is_terminal():
+        raise Conflict(f"{what} already ended ({status.value}); nothing to cancel", param=param)
+    kind = type(status)
+    if status is kind.CANCELLING:
+        return None
+    return kind.CANCELLING if launched else kind.CANCELLED
+
+
+def is_cancelled(status: str) -> bool:
+    """A row cancelled (or being cancelled) by the time its submission returned."""
+    return status in (JobStatus.CANCELLING.value, JobStatus.CANCELLED.value)
