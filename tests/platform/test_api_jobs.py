@@ -81,14 +81,25 @@ def test_lifecycle_to_succeeded_and_terminal_is_final(api: Api, file_id: str) ->
     assert_error(api.client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel"), 409)
 
 
-def test_failed_run_records_error(api: Api, file_id: str) -> None:
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ("worker OOM", "training_failed"),
+        (  # what the entrypoint says when DCP state cannot be resumed (jobs.checkpointing)
+            "training failed: [checkpoint_incompatible] checkpoint_00000004 was written with "
+            "global_batch 16, this job has 32",
+            "checkpoint_incompatible",
+        ),
+    ],
+)
+def test_failed_run_records_error(api: Api, file_id: str, message: str, code: str) -> None:
     job_id = create(api, file_id).json()["id"]
     reconcile(api)
-    api.launcher.set(job_id, LaunchState.FAILED, "worker OOM")
+    api.launcher.set(job_id, LaunchState.FAILED, message)
     reconcile(api)
     job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["finished_at"] is not None
-    assert job["error"]["code"] == "training_failed" and "worker OOM" in job["error"]["message"]
+    assert job["error"]["code"] == code and message in job["error"]["message"]
 
 
 def test_launch_failure_fails_the_job(api: Api, file_id: str) -> None:
