@@ -2,7 +2,7 @@
 
 A random-initialised Qwen2 of ~160M parameters is built here and saved as a Hugging Face
 directory; each strategy then trains it through ``run_training`` (2 workers, gloo), with a
-checkpoint at step 3 and 6 and a worker SIGKILLed before step 5, so the retry resumes from
+checkpoint at step 3 and 6 and a worker SIGKILLed after step 4, so the retry resumes from
 step 3. Inside every worker a sampler thread reads the process's RSS (psutil) every 5 ms
 and keeps the peak per phase: load (model built, weights read), steps, save (DCP + export),
 resume (model built, checkpoint read). The phases are marked by wrapping the job's own
@@ -143,7 +143,11 @@ def run(strategy: str, model_dir: Path, data: Path, work: Path, steps: int) -> d
     try:
         started = time.perf_counter()
         result = sft.run_training(
-            cfg, f"mem-{strategy}", str(work / "ckpt"), model_path=str(model_dir), fail_at_step=5
+            cfg,
+            f"mem-{strategy}",
+            str(work / "ckpt"),
+            model_path=str(model_dir),
+            callbacks=[KillOnce(after_step=4, marker=str(work / f"{strategy}.killed"))],
         )
         wall = time.perf_counter() - started
     finally:
@@ -152,6 +156,22 @@ def run(strategy: str, model_dir: Path, data: Path, work: Path, steps: int) -> d
         raise RuntimeError(f"{strategy}: {result.error}")
     del ray
     return {"wall_s": wall, "records": _records(work / strategy)}
+
+
+class KillOnce:
+    """A ``StepCallback``: the last rank dies by SIGKILL after ``after_step``, once per job
+    (the marker outlives the attempt). Defined here, so Ray ships it by value."""
+
+    def __init__(self, *, after_step: int, marker: str) -> None:
+        self.after_step, self.marker = after_step, marker
+
+    def __call__(self, *, step: int, rank: int, world_size: int) -> None:
+        import signal
+
+        if step != self.after_step or rank != world_size - 1 or Path(self.marker).exists():
+            return
+        Path(self.marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _with_bench_dir(work: Path) -> Any:
