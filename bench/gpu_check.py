@@ -1,21 +1,26 @@
-"""GPU check of the transformers engine: a bigger random Qwen2, ratios (1)-(3) of serve_bench;
-then (4), training: FSDP2 in bf16 on every visible GPU.
+"""GPU check of both engines: a bigger random Qwen2, ratios (1)-(3) of serve_bench; then (4),
+training: FSDP2 in bf16 on every visible GPU.
 
-Needs only torch + transformers + thinkforge (no tokenizer training, no network):
+Needs only torch + transformers + thinkforge (no tokenizer training, no network); with
+vLLM installed (the `vllm` extra) and a GPU, the vLLM engine runs as well (v1)-(v3):
     python bench/gpu_check.py                 # cuda when available, else a small cpu run
     python bench/gpu_check.py --hidden 2048 --layers 16
+    python bench/gpu_check.py --no-vllm       # the transformers engine only
     python bench/gpu_check.py --train-only    # only (4)
 
-Finishes in a few minutes on one GPU. Prints one line per measurement; (4) prints one table:
-a Qwen2-0.5B-shaped random model, block 4096, activation checkpointing, FSDP2 with
-MixedPrecisionPolicy(bf16, fp32 reduce) over all visible GPUs (one process each, NCCL):
-tokens/s, an MFU estimate, peak GPU memory, and a DCP save and resume (the resumed model's
-loss on the next batch must equal the uninterrupted one's).
+Finishes within 5 minutes on one GPU (vLLM: eager mode, no CUDA graph capture). Prints one
+line per measurement; (4) prints one table: a Qwen2-0.5B-shaped random model, block 4096,
+activation checkpointing, FSDP2 with MixedPrecisionPolicy(bf16, fp32 reduce) over all
+visible GPUs (one process each, NCCL): tokens/s, an MFU estimate, peak GPU memory, and a
+DCP save and resume (the resumed model's loss on the next batch must equal the
+uninterrupted one's).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import tempfile
 import time
 from pathlib import Path
@@ -60,14 +65,61 @@ def build(path: Path, hidden: int, layers: int, vocab: int) -> None:
     fast.save_pretrained(path)
 
 
-def timed(engine: TransformersEngine, requests: list[GenerationRequest]) -> tuple[float, int]:
-    if engine.model.device.type == "cuda":
+def timed(engine: Any, requests: list[GenerationRequest]) -> tuple[float, int]:
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
     tokens = sum(isinstance(e, TokenEvent) for e in engine.generate(requests))
-    if engine.model.device.type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start, tokens
+
+
+def results(engine: Any, requests: list[GenerationRequest]) -> dict[str, GenerationResult]:
+    return {e.request_id: e for e in engine.generate(requests) if isinstance(e, GenerationResult)}
+
+
+def vllm_check(path: str, n: int, expected: dict[str, GenerationResult], reqs: list) -> None:
+    """The vLLM engine on the GPU: same requests as the transformers engine (bfloat16, so
+    near ties may flip: the agreement is reported, not asserted), forcing overhead,
+    batched throughput. Unrun so far: no GPU has been lent to this project's sessions."""
+    from thinkforge.serve.engines.vllm import VllmEngine
+
+    start = time.perf_counter()
+    engine = VllmEngine(
+        path,
+        template="s1",
+        device="cuda",
+        dtype="bfloat16",
+        max_batch_size=16,
+        engine_args={"gpu_memory_utilization": 0.4, "max_model_len": 8192, "enforce_eager": True},
+    )
+    engine.load()
+    print(f"(v0) vllm engine loaded in {time.perf_counter() - start:.0f}s")
+    got = results(engine, reqs)
+    same = sum(got[r].token_ids == expected[r].token_ids for r in expected)
+    summaries = sum(got[r].thinking == expected[r].thinking for r in expected)
+    print(
+        f"(v1) greedy, same tokens as the transformers engine: {same}/{len(expected)} requests, "
+        f"same thinking summary: {summaries}/{len(expected)}"
+    )
+    plain, forced = reqs[0], reqs[1]
+    timed(engine, [plain])  # warm
+    t_plain, k_plain = timed(engine, [plain])
+    t_forced, k_forced = timed(engine, [forced])
+    print(
+        f"(v2) plain {k_plain / t_plain:.0f} tok/s, forced {k_forced / t_forced:.0f} tok/s, "
+        f"per-token ratio {(t_forced / k_forced) / (t_plain / k_plain):.3f}x"
+    )
+    for concurrency in (1, 8, 16):
+        batch = [
+            GenerationRequest(
+                str(i), plain.prompt_ids, SamplingParams(1.0, seed=i, max_completion_tokens=n)
+            )
+            for i in range(concurrency)
+        ]
+        t, k = timed(engine, batch)
+        print(f"(v3) {concurrency:2d} requests batched: {k / t:.0f} tok/s")
 
 
 def main() -> None:
@@ -77,6 +129,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--prompt", type=int, default=2048, help="prompt tokens for (2)")
+    parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM engine")
     parser.add_argument("--train-only", action="store_true", help="only the training check (4)")
     parser.add_argument("--no-train", action="store_true", help="skip the training check (4)")
     args = parser.parse_args()
@@ -146,6 +199,21 @@ def serve_checks(args: argparse.Namespace, cuda: bool) -> None:
                 f"(3) {concurrency:2d} requests: one at a time {k_seq / t_seq:.0f} tok/s, "
                 f"batched {k_bat / t_bat:.0f} tok/s"
             )
+        if args.no_vllm or not cuda or importlib.util.find_spec("vllm") is None:
+            print("(v) vllm engine skipped: needs a CUDA GPU and the `vllm` extra")
+            return
+        checks = [
+            plain,
+            forced,
+            GenerationRequest(
+                "w", prompt, SamplingParams(0, max_completion_tokens=n), ThinkingParams(num_waits=3)
+            ),
+        ]
+        expected = results(engine, checks)
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        vllm_check(tmp, n, expected, checks)
 
 
 # ---------------------------------------------------------------- (4) training, FSDP2

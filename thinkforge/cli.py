@@ -425,9 +425,8 @@ def chat(
         if not chunk.choices:
             continue
         delta = chunk.choices[0].delta
-        reasoning = getattr(delta, "reasoning_content", None) or (delta.model_extra or {}).get(
-            "reasoning_content"
-        )
+        extra = delta.model_extra or {}
+        reasoning = extra.get("reasoning_content") or extra.get("reasoning")
         if reasoning:
             console.print(reasoning, style="dim italic", end="", highlight=False)
         if delta.content:

@@ -377,6 +377,7 @@ EXPECTED_KINDS = {
     "ingress.yaml": {"Ingress"},
     "mlflow.yaml": {"Deployment", "Service"},
     "networkpolicy.yaml": {"NetworkPolicy"},
+    "pdb.yaml": {"PodDisruptionBudget"},
     "raycluster.yaml": {"RayCluster"},
 }
 
@@ -648,6 +649,41 @@ def check_control_plane_config(data: dict[str, str], monkeypatch: pytest.MonkeyP
     assert settings.env == "production"
     assert (settings.port, settings.serve_port) == (API_PORT, SERVE_PORT)
     assert settings.ray_address.startswith("http")
+
+
+def rendered(*sets: str) -> dict[str, dict[str, Any]]:
+    """The control plane's objects by kind."""
+    result = helm("template", "tf", str(CHART), "--namespace", "ml", *sets)
+    assert result.returncode == 0, result.stderr
+    return {
+        doc["kind"]: doc
+        for doc in yaml.safe_load_all(result.stdout)
+        if doc and doc["metadata"]["labels"].get("app.kubernetes.io/component") == "control-plane"
+    }
+
+
+@needs_helm
+def test_helm_control_plane_runs_two_replicas_with_a_disruption_budget() -> None:
+    """PostgreSQL is always external in this chart, so two replicas by default: one leads
+    the reconciler, both serve and are ready, and a drain keeps one of them."""
+    docs = rendered()
+    deployment, pdb = docs["Deployment"], docs["PodDisruptionBudget"]
+    assert deployment["spec"]["replicas"] == 2
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+    for k8s_version in K8S_VERSIONS:
+        validate_k8s(pdb, k8s_version)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["THINKFORGE_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"  # never leadership
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+    assert docs["ConfigMap"]["data"]["THINKFORGE_LEADER_LEASE_S"] == "10"
+    assert "keep 1" not in (CHART / "values.yaml").read_text()
+    single = rendered("--set=controlPlane.replicaCount=1")
+    assert "PodDisruptionBudget" not in single  # it would block every drain
+    assert "topologySpreadConstraints" not in single["Deployment"]["spec"]["template"]["spec"]
 
 
 @needs_helm

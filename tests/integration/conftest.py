@@ -82,3 +82,16 @@ class ControlPlane:
         return httpx.Client(
             base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60
         )
+
+
+def serving_plane(data_dir: Path, cluster: LocalRayCluster) -> tuple[ControlPlane, int]:
+    """The control plane (started) with Serve's front door on a free port, replicas at
+    half a CPU; returns it and the front door's port."""
+    serve_port = free_port()
+    plane = ControlPlane(
+        data_dir,
+        cluster,
+        THINKFORGE_SERVE_PORT=str(serve_port),
+        THINKFORGE_SERVE_REPLICA_CPUS="0.5",
+    )
+    return plane.start(), serve_port

@@ -16,8 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import free_port
-from tests.integration.conftest import ControlPlane
+from tests.integration.conftest import serving_plane
 from thinkforge.jobs.config import SFTConfig
 from thinkforge.jobs.tiny import ensure_tiny_model
 from thinkforge.jobs.tracking import open_job_run, register_model
@@ -74,19 +73,13 @@ def wait_status(client: httpx.Client, status: str, timeout: float = 300) -> dict
 
 def test_deploy_roll_refuse_and_delete(ray_cluster: LocalRayCluster, tmp_path: Path) -> None:
     data = tmp_path / "data"
-    serve_port = free_port()
     uri, artifacts = f"sqlite:///{data / 'mlflow.db'}", str(data / "mlartifacts")
     tiny = ensure_tiny_model(tmp_path / "models")
     # Registered before the control plane opens the same SQLite MLflow store (whose first
     # opening migrates it; two processes doing that at once collide).
     for i in (1, 2, 3):
         assert register(uri, artifacts, tiny, f"ftjob-{i}") == f"{NAME}/{i}"
-    plane = ControlPlane(
-        data,
-        ray_cluster,
-        THINKFORGE_SERVE_PORT=str(serve_port),
-        THINKFORGE_SERVE_REPLICA_CPUS="0.5",
-    ).start()
+    plane, serve_port = serving_plane(data, ray_cluster)
     try:
         with plane.client() as client:
             assert (

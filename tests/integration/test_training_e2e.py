@@ -183,13 +183,14 @@ def test_missing_base_model_fails_early_with_a_clear_error(
     ray_cluster: LocalRayCluster, tmp_path: Path
 ) -> None:
     plane = ControlPlane(tmp_path / "data", ray_cluster).start()
+    missing = tmp_path / "data" / "datasets" / "no-such-base-model"  # under the allowed root
     try:
         with plane.client() as client:
             file_id = upload_sums(client, tmp_path, n=16)
             resp = client.post(
                 "/v1/fine_tuning/jobs",
                 json={
-                    "model": "/nonexistent/base-model",
+                    "model": str(missing),
                     "training_file": file_id,
                     "recipe": "tiny-cpu",
                 },
@@ -201,5 +202,5 @@ def test_missing_base_model_fails_early_with_a_clear_error(
     assert done["status"] == "failed"
     assert done["error"]["code"] == "training_failed"
     message = done["error"]["message"]
-    assert "/nonexistent/base-model" in message.splitlines()[0]
+    assert str(missing) in message.splitlines()[0]
     assert "Traceback" not in message.splitlines()[0]

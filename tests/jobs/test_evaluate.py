@@ -316,3 +316,16 @@ def test_a_registry_version_is_evaluated_in_process(
     assert zero.avg_thinking_tokens == 0 and zero.forced_end_rate == 1
     assert all(r.content.startswith(PREFIX) for r in result.results if r.forced_end)
     assert all(r.thinking_tokens <= 3 for r in result.results if r.budget == three.budget)
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_either_reasoning_field_name_is_read(field: str) -> None:
+    """vLLM renamed reasoning_content to reasoning: an endpoint sending either is scored."""
+    from thinkforge.jobs.evaluate import BudgetPoint, Question, _ask
+
+    message = {"role": "assistant", "content": "Answer: 7", field: "3+4=7"}
+    body = {"choices": [{"message": message, "finish_reason": "stop"}], "usage": {}}
+    cfg = EvalConfig(dataset="d.jsonl", base_url="http://127.0.0.1:1/v1", model="m")
+    question = Question(index=0, messages=[], question="Sum: 3 4", reference="7")
+    out = _ask(lambda request: (body, None), cfg, BudgetPoint(max_tokens=4), question)
+    assert out.reasoning == "3+4=7" and out.correct and out.error is None

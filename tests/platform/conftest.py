@@ -47,16 +47,16 @@ class Api:
 
 
 def make_settings(tmp_path: Path, database_url: str, **overrides: object) -> Settings:
+    fields: dict[str, object] = {"start_reconciler": False, **overrides}
     return Settings(
         data_dir=tmp_path / "data",
         database_url=database_url,
         bootstrap_api_key=BOOTSTRAP_KEY,  # type: ignore[arg-type]
-        start_reconciler=False,
         dataset_roots=[tmp_path / "datasets"],
         recipes_dir=Path(__file__).resolve().parents[2] / "recipes",
         mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
         mlflow_artifact_root=str(tmp_path / "artifacts"),
-        **overrides,  # type: ignore[arg-type]
+        **fields,  # type: ignore[arg-type]
     )
 
 

@@ -50,8 +50,14 @@ class FakeServe:
 
     def __init__(self) -> None:
         self.configs: list[dict] = []
+        # Set ``gate`` to hold applies until it is set; ``entered`` says one is held.
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
 
     def apply(self, config: dict) -> None:
+        if self.gate is not None:
+            self.entered.set()
+            self.gate.wait(timeout=30)
         self.configs.append(config)
 
     def statuses(self) -> dict:

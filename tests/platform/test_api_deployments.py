@@ -18,6 +18,10 @@ def serve_of(api: Api):  # type: ignore[no-untyped-def]
     return api.app.state.ctx.serve  # type: ignore[attr-defined]
 
 
+# vLLM's CPU build serves on device 'cpu'; elsewhere the vllm engine needs num_gpus.
+VLLM = {"name": "x", "model": f"{NAME}/1", "engine": "vllm", "device": "cpu"}
+
+
 def model_app(config: dict, name: str) -> dict:
     (app,) = [a for a in config["applications"] if a["name"] == f"model-{name}"]
     return app
@@ -74,14 +78,74 @@ def test_create_follow_alias_roll_and_delete(api: Api, versions: list[str], tmp_
         ),
         ({"name": "x", "model": f"{NAME}/1", "default_thinking": {"max_tokens": -1}}, 400, None),
         ({"name": "x", "model": f"{NAME}/1", "autoscaling": {"bogus": 1}}, 400, None),
+        # engine_args: an allow-list, each value checked, the offending key named
+        (VLLM | {"engine_args": {"swap_space": 4}}, 400, "engine_args.swap_space"),
+        (
+            VLLM | {"engine_args": {"tensor_parallel_size": 0}},
+            400,
+            "engine_args.tensor_parallel_size",
+        ),
+        (
+            VLLM | {"engine_args": {"gpu_memory_utilization": 1.5}},
+            400,
+            "engine_args.gpu_memory_utilization",
+        ),
+        (VLLM | {"engine_args": {"max_model_len": 0}}, 400, "engine_args.max_model_len"),
+        (VLLM | {"engine_args": {"max_num_seqs": "many"}}, 400, "engine_args.max_num_seqs"),
+        (
+            VLLM | {"engine_args": {"enable_prefix_caching": "sometimes"}},
+            400,
+            "engine_args.enable_prefix_caching",
+        ),
+        (VLLM | {"engine_args": {"dtype": "float8"}}, 400, "engine_args.dtype"),
+        (VLLM | {"engine_args": {"kv_cache_dtype": "int3"}}, 400, "engine_args.kv_cache_dtype"),
+        (VLLM | {"engine_args": {"quantization": "magic"}}, 400, "engine_args.quantization"),
+        (VLLM | {"engine_args": []}, 400, "engine_args"),
+        ({"name": "x", "model": f"{NAME}/1", "engine_args": {"max_num_seqs": 4}}, 400, None),
+        ({**VLLM, "device": "auto"}, 400, None),  # the GPU build needs num_gpus
+        (VLLM | {"engine_args": {"tensor_parallel_size": 2}}, 400, None),  # on cpu
+        (
+            VLLM | {"device": "cuda", "num_gpus": 1, "engine_args": {"tensor_parallel_size": 2}},
+            400,
+            None,
+        ),
     ],
 )
 def test_bad_deployments_write_nothing(
     api: Api, versions: list[str], body: dict, status: int, param: str | None
 ) -> None:
-    assert_error(api.client.post("/v1/deployments", json=body), status, param)
+    error = assert_error(api.client.post("/v1/deployments", json=body), status, param)
+    if "engine_args" in body or body.get("engine") == "vllm":
+        named = param or ("engine_args" if "engine_args" in body else "num_gpus")
+        assert named in error["message"]
     assert api.client.get("/v1/deployments").json()["data"] == []
     assert serve_of(api).configs == []
+
+
+def test_vllm_engine_args_reach_serve_and_tensor_parallel_reserves_gpus(
+    api: Api, versions: list[str]
+) -> None:
+    from thinkforge.serve.app import ServedModel
+
+    args = {"tensor_parallel_size": 4, "max_model_len": 8192, "enable_prefix_caching": True}
+    body = {"name": "tp", "model": f"{NAME}/1", "engine": "vllm", "device": "cuda"}
+    made = api.client.post("/v1/deployments", json=body | {"engine_args": args})
+    assert made.status_code == 200, made.text
+    assert made.json()["engine"] == "vllm"
+    model = model_app(serve_of(api).configs[-1], "tp")["args"]["models"][0]
+    assert {k: v for k, v in model["engine_args"].items() if v is not None} == args
+    served = ServedModel.model_validate(model)
+    assert served.engine_args is not None
+    assert served.engine_args.vllm_kwargs() == args | {"distributed_executor_backend": "ray"}
+    options = served.deployment_options()
+    assert (
+        options["placement_group_bundles"]
+        == [{"CPU": model["num_cpus"]}] + [{"GPU": 1, "CPU": 1}] * 4
+    )
+    assert options["placement_group_strategy"] == "PACK"
+    assert options["ray_actor_options"]["num_gpus"] == 0  # the workers hold the GPUs
+    one = ServedModel.model_validate(model | {"num_gpus": 1, "engine_args": {"max_num_seqs": 2}})
+    assert "placement_group_bundles" not in one.deployment_options()
 
 
 def test_duplicate_name_conflicts(api: Api, versions: list[str]) -> None:

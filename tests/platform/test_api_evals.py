@@ -281,3 +281,15 @@ def test_a_registry_version_is_evaluated_without_a_deployment(
         assert len(api.client.get("/v1/evals").json()["data"]) == 1
     finally:
         api.settings.promotion_requires_eval = False
+
+
+def test_a_file_a_live_evaluation_reads_cannot_be_deleted(api: Api, versions: list[str]) -> None:
+    deploy(api, 1)
+    file_id = upload(api, jsonl(S1K, S1K)).json()["id"]
+    body = {"deployment": "sums", "dataset": file_id, "budgets": [{}]}
+    ev = api.client.post("/v1/evals", json=body).json()
+    err = assert_error(api.client.delete(f"/v1/files/{file_id}"), 409, "file_id")
+    assert ev["id"] in err["message"]
+    assert api.client.get(f"/v1/files/{file_id}").status_code == 200
+    finish(api, ev["id"], 0.5)
+    assert api.client.delete(f"/v1/files/{file_id}").status_code == 200

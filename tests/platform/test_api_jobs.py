@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from tests.platform.conftest import Api
 from tests.platform.data import S1K, jsonl
@@ -272,3 +273,83 @@ def test_fifty_concurrent_posts_with_one_key_make_one_job(api: Api, file_id: str
             assert r.json()["error"]["code"] == "idempotency_in_flight"
     listed = api.client.get("/v1/fine_tuning/jobs").json()["data"]
     assert [j["id"] for j in listed] == list(ids)
+
+
+def test_a_file_a_live_job_validates_on_cannot_be_deleted(api: Api, file_id: str) -> None:
+    held_out = upload(api, jsonl(S1K)).json()["id"]
+    job_id = create(api, file_id, validation_file=held_out).json()["id"]
+    reconcile(api)
+    err = assert_error(api.client.delete(f"/v1/files/{held_out}"), 409, "file_id")
+    assert job_id in err["message"]
+    assert api.client.get(f"/v1/files/{held_out}").status_code == 200
+    api.launcher.set(job_id, LaunchState.SUCCEEDED)
+    reconcile(api)
+    assert api.client.delete(f"/v1/files/{held_out}").status_code == 200
+
+
+def _bypasses(api: Api, other_file: str) -> list[tuple[dict, str]]:
+    """Job fields that would reach a path the member may not read; each must be a 400."""
+    settings = api.settings
+    cache = settings.models_dir / "0123456789abcdef"  # a registry download's cache folder
+    root = settings.dataset_roots[0]
+    return [
+        ({"config": {"validation_dataset": "/etc/passwd"}}, "config.validation_dataset"),
+        ({"config": {"validation_dataset": other_file}}, "config.validation_dataset"),
+        (
+            {"config": {"validation_dataset": str(root / "missing.jsonl")}},
+            "config.validation_dataset",
+        ),
+        ({"config": {"dataset": "/etc/passwd"}}, "config.dataset"),
+        ({"config": {"model": str(cache)}}, "config.model"),
+        ({"config": {"unknown_key": 1}}, "config.unknown_key"),
+        ({"model": str(cache)}, "model"),
+        ({"model": "/etc"}, "model"),
+        ({"model": f"file://{cache}"}, "model"),
+        ({"model": str(root / ".." / "models" / "0123456789abcdef")}, "model"),
+        ({"model": "Qwen/Qwen2.5-0.5B-Instruct"}, "model"),  # no hub access configured
+        ({"model": "relative/dir"}, "model"),
+        ({"validation_file": other_file}, "validation_file"),
+        ({"training_file": other_file}, "training_file"),
+    ]
+
+
+def test_path_fields_that_bypass_roots_or_tenancy_answer_400_and_write_nothing(
+    api: Api, file_id: str
+) -> None:
+    from thinkforge.platform.models import JobEvent, RegisteredModelOwner
+
+    # Another project's upload, by its path on disk (its id is refused elsewhere).
+    other = api.new_key("other")
+    with api.keyed(other) as client:
+        theirs = client.post(
+            "/v1/files", files={"file": ("t.jsonl", jsonl(S1K))}, data={"purpose": "fine-tune"}
+        ).json()["id"]
+    with api.app.state.ctx.sessions() as session:  # type: ignore[attr-defined]
+        other_path = session.scalar(select(File.path).where(File.id == theirs))
+        claims_before = session.scalar(select(func.count()).select_from(RegisteredModelOwner))
+    (api.settings.models_dir / "0123456789abcdef").mkdir(parents=True)
+    for fields, param in _bypasses(api, str(other_path)):
+        err = assert_error(create(api, file_id, **fields), 400, param)
+        if "/etc" in str(fields):  # outside the roots: not a word on whether it exists
+            assert "exist" not in err["message"], err
+    assert api.client.get("/v1/fine_tuning/jobs").json()["data"] == []
+    with api.app.state.ctx.sessions() as session:  # type: ignore[attr-defined]
+        assert session.scalar(select(func.count()).select_from(JobEvent)) == 0
+        claims = session.scalar(select(func.count()).select_from(RegisteredModelOwner))
+        assert claims == claims_before
+    assert api.launcher.submissions == []
+
+
+def test_hub_ids_only_when_hub_access_is_configured(tmp_path: Path) -> None:
+    from tests.platform.conftest import memory_database
+    from thinkforge.platform.errors import InvalidRequest
+    from thinkforge.platform.paths import resolve_model
+    from thinkforge.platform.settings import Settings
+
+    hub = "Qwen/Qwen2.5-0.5B-Instruct"
+    on, off = Settings(data_dir=tmp_path, allow_hub_models=True), Settings(data_dir=tmp_path)
+    with memory_database() as sessions, sessions() as session:
+        assert resolve_model(session, on, project_id="default", model=hub) == hub
+        for settings, model in [(off, hub), (on, "a/../b"), (on, "../a/b"), (on, "a/b/c")]:
+            with pytest.raises(InvalidRequest):
+                resolve_model(session, settings, project_id="default", model=model)

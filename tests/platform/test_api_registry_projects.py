@@ -134,7 +134,7 @@ def test_a_job_without_suffix_claims_the_name_derived_from_its_base_model(
     assert claims(api) == {"thinkforge-tiny-sft": "default"}
     with api.keyed(other) as b:
         assert_error(post_job(b, new_file(api, other)), 409, "suffix")
-    too_long = post_job(api.client, new_file(api), model="x" * 300)
+    too_long = post_job(api.client, new_file(api), model=f"models:/{'x' * 300}/1")
     assert_error(too_long, 400, "suffix")
 
 

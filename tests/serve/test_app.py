@@ -96,9 +96,14 @@ def test_chat_with_thinking_budget(client: openai.OpenAI) -> None:
     # The biased tiny model tries to stop within 40 tokens; each attempt became a wait.
     assert thinking["waits_inserted"] == 2
     assert message.model_extra["reasoning_content"].count("Wait") >= 2
+    assert message.model_extra["reasoning"] == message.model_extra["reasoning_content"]
     assert body.usage.completion_tokens_details.reasoning_tokens == thinking["tokens"]
     assert body.usage.completion_tokens > thinking["tokens"]
-    assert "x-thinkforge-model-version" not in raw.headers  # a local directory is no version
+
+
+def test_a_local_directory_has_no_version_header(client: openai.OpenAI) -> None:
+    raw = chat(client, max_completion_tokens=8)
+    assert raw.status_code == 200 and "x-thinkforge-model-version" not in raw.headers
 
 
 def test_stream_sends_reasoning_apart_from_content(client: openai.OpenAI) -> None:
@@ -118,6 +123,7 @@ def test_stream_sends_reasoning_apart_from_content(client: openai.OpenAI) -> Non
         for choice in chunk.choices:
             delta = choice.delta.model_extra or {}
             assert not (delta.get("reasoning_content") and choice.delta.content)
+            assert delta.get("reasoning") == delta.get("reasoning_content")  # both names
             reasoning.append(delta.get("reasoning_content") or "")
             content.append(choice.delta.content or "")
             if choice.finish_reason:
@@ -179,9 +185,9 @@ def test_unknown_model_answers_404(client: openai.OpenAI) -> None:
     assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
 
 
-def test_overload_answers_503_and_the_replica_survives(client: openai.OpenAI) -> None:
-    from ray import serve
-
+def overload(client: openai.OpenAI) -> None:
+    """Ten long requests at once against max_ongoing + max_queued of 4: every one is
+    answered, the overflow with 503 and Retry-After."""
     long = {"thinking": {"max_tokens": 300, "min_tokens": 300}}
 
     start = threading.Barrier(10)
@@ -202,8 +208,14 @@ def test_overload_answers_503_and_the_replica_survives(client: openai.OpenAI) ->
     # reject a few more under a burst (ray router.py), and on a loaded machine a request
     # can finish before the last ones arrive, freeing a slot. Overflow is refused, never
     # left hanging: every request answered, with 503s among them.
-    assert codes.count(200) >= 2 and codes.count(503) >= 3
+    assert codes.count(200) >= 2 and codes.count(503) >= 3, codes
     assert all(retry for code, retry in results if code == 503)
+
+
+def test_overload_answers_503_and_the_replica_survives(client: openai.OpenAI) -> None:
+    from ray import serve
+
+    overload(client)
     status = serve.status().applications[APP].deployments["model-tiny"]
     assert status.status == "HEALTHY" and status.replica_states == {"RUNNING": 1}
     assert chat(client).parse().choices[0].finish_reason in {"stop", "length"}
@@ -304,6 +316,7 @@ def test_a_registered_version_is_an_mlflow_pyfunc_chat_model(
             assert isinstance(message["content"], str) and isinstance(
                 message["reasoning_content"], str
             )
+            assert message["reasoning"] == message["reasoning_content"]
             usage = answer["usage"]
             assert (
                 usage["completion_tokens_details"]["reasoning_tokens"]

@@ -84,7 +84,12 @@ def test_bodies_from_a_final_event() -> None:
     assert chat["choices"] == [
         {
             "index": 0,
-            "message": {"role": "assistant", "content": "42", "reasoning_content": "hmm"},
+            "message": {
+                "role": "assistant",
+                "content": "42",
+                "reasoning_content": "hmm",
+                "reasoning": "hmm",  # vLLM's newer name: the same text under both
+            },
             "finish_reason": "stop",
         }
     ]
@@ -92,6 +97,7 @@ def test_bodies_from_a_final_event() -> None:
     text = text_completion("cmpl-1", "m", FINAL)
     assert text["object"] == "text_completion" and text["usage"] == USAGE
     assert text["choices"][0]["text"] == "42" and text["choices"][0]["reasoning_content"] == "hmm"
+    assert text["choices"][0]["reasoning"] == "hmm"
 
 
 async def _events(*, fail: bool) -> AsyncIterator[dict[str, Any]]:
@@ -119,7 +125,7 @@ def test_chat_chunks_send_reasoning_and_content_apart() -> None:
         chat_chunks("chatcmpl-1", "m", _events(fail=False), include_usage=True)
     )
     assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert reasoning["choices"][0]["delta"] == {"reasoning_content": "hm"}
+    assert reasoning["choices"][0]["delta"] == {"reasoning_content": "hm", "reasoning": "hm"}
     assert content["choices"][0]["delta"] == {"content": "4"}
     assert finish["choices"][0]["finish_reason"] == "stop" and finish["thinking"] == THINKING
     assert usage["choices"] == [] and usage["usage"] == USAGE and done == "[DONE]"

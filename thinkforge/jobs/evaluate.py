@@ -147,7 +147,7 @@ class QuestionResult(BaseModel):
     reference: str
     prediction: str | None = None  # the extracted final answer
     content: str = ""  # message.content
-    reasoning: str = ""  # message.reasoning_content
+    reasoning: str = ""  # message.reasoning_content (or .reasoning)
     correct: bool = False
     thinking_tokens: int = 0
     waits: int = 0
@@ -261,7 +261,8 @@ def _ask(ask: Asker, cfg: EvalConfig, point: BudgetPoint, q: Question) -> Questi
     out.latency_s = time.perf_counter() - started
     choice = body["choices"][0]
     out.content = choice["message"].get("content") or ""
-    out.reasoning = choice["message"].get("reasoning_content") or ""
+    message = choice["message"]  # vLLM renamed reasoning_content to reasoning: read either
+    out.reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
     out.finish_reason = choice.get("finish_reason")
     out.prediction = extract_answer(out.content)
     out.correct = is_correct(out.content, q.reference)

@@ -22,17 +22,26 @@ from thinkforge.platform.db import make_engine, make_sessionmaker
 from thinkforge.platform.deps import AppContext, CtxDep
 from thinkforge.platform.errors import PlatformError, error_body
 from thinkforge.platform.evals import reconcile_evals
+from thinkforge.platform.idempotency import purge_expired
 from thinkforge.platform.launcher import JobLauncher
+from thinkforge.platform.leader import (
+    LeaderCollector,
+    Leadership,
+    fenced,
+    leader_status,
+    leadership_for,
+)
 from thinkforge.platform.middleware import BodyLimitMiddleware
 from thinkforge.platform.migrations import upgrade
 from thinkforge.platform.models import DEFAULT_PROJECT
 from thinkforge.platform.ray_cluster import LocalRayCluster, free_port
-from thinkforge.platform.reconciler import Reconciler
+from thinkforge.platform.reconciler import Reconciler, every
 from thinkforge.platform.routes import deployments, evals, files, jobs, registry
 from thinkforge.platform.schemas import Health
 from thinkforge.platform.serving import RayServeClient, ServeClient
 from thinkforge.platform.settings import Settings
 from thinkforge.platform.tracker import MirrorRefresher, RunTracker
+from thinkforge.platform.trust import guard_registry
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +72,7 @@ def create_app(
     runs_jobs = launcher is None  # jobs on Ray will open the MLflow store too
     if launcher is None:
         launcher, serve, cluster = ray_launcher_for(settings)
+    leadership = leadership_for(settings, engine)
     ctx = AppContext(
         settings=settings,
         engine=engine,
@@ -78,20 +88,36 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if cluster is not None:
             cluster.start_in_background()  # Ray comes up while the database migrates
+        writes = fenced(ctx.sessions, leadership)  # the loops write only while leading
         reconciler = Reconciler(
-            ctx.sessions,
+            writes,
             ctx.launcher,
             tracker=ctx.tracker,
             interval_s=settings.reconcile_interval_s,
             tasks=[
-                lambda: reconcile_evals(ctx.sessions, ctx.launcher, settings),
-                MirrorRefresher(ctx.sessions, ctx.registry),
-                *([lambda: ctx.deployments().reconcile()] if serve is not None else []),
+                lambda: reconcile_evals(writes, ctx.launcher, settings),
+                MirrorRefresher(writes, ctx.registry),
+                every(
+                    settings.registry_guard_interval_s,
+                    lambda: guard_registry(writes, ctx.registry()),
+                ),
+                every(
+                    settings.idempotency_purge_interval_s,
+                    lambda: purge_expired(writes, ttl_s=settings.idempotency_ttl_s),
+                ),
+                *(
+                    [lambda: ctx.deployments().reconcile(sessions=writes)]
+                    if serve is not None
+                    else []
+                ),
             ],
+            leader=leadership,
         )
         try:  # a start that fails half-way (say, the database is down) leaves no Ray head
             if settings.migrate_on_start:
                 upgrade(settings.database_url)
+            if settings.start_reconciler:
+                leadership.start()  # a second replica on one SQLite file stops here
             if runs_jobs:
                 _init_local_mlflow(settings.mlflow_tracking_uri)
             with ctx.sessions.begin() as session:
@@ -103,6 +129,7 @@ def create_app(
         finally:
             app.state.ready = False
             reconciler.stop()
+            leadership.stop()
             if cluster is not None:
                 cluster.stop()
             engine.dispose()
@@ -127,7 +154,7 @@ def create_app(
         upload_paths=("/v1/files",),
     )
     _install_error_handlers(app)
-    app.include_router(_health_router())
+    app.include_router(_health_router(leadership))
     app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(registry.router)
@@ -177,10 +204,18 @@ def ray_launcher_for(
     return launcher, serve, cluster
 
 
-def _health_router():  # type: ignore[no-untyped-def]
+def _health_router(leadership: Leadership):  # type: ignore[no-untyped-def]
     from fastapi import APIRouter
+    from fastapi.responses import Response
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
     router = APIRouter(tags=["health"])
+    registry = CollectorRegistry()
+    registry.register(LeaderCollector(leadership))
+
+    @router.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/healthz", response_model=Health)
     def healthz() -> Health:
@@ -196,7 +231,11 @@ def _health_router():  # type: ignore[no-untyped-def]
         except Exception as exc:  # readiness reports any failure, it never raises
             checks["database"] = f"error: {exc.__class__.__name__}"
         ready = bool(request.app.state.ready) and all(v == "ok" for v in checks.values())
-        body = Health(status="ok" if ready else "unavailable", checks=checks)
+        body = Health(
+            status="ok" if ready else "unavailable",
+            checks=checks,
+            reconciler=leader_status(leadership),
+        )
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
     return router

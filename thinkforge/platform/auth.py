@@ -14,12 +14,23 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from thinkforge.platform.errors import AuthenticationFailed
+from thinkforge.platform.errors import AuthenticationFailed, PermissionDenied
 from thinkforge.platform.models import DEFAULT_PROJECT, ApiKey, Project, new_id
 from thinkforge.platform.settings import Settings
 
 KEY_PREFIX = "tf-"
 BOOTSTRAP_KEY_ID = "key-bootstrap"
+
+# The actions only an admin key may take, as (method, path template): the one list. Every
+# other /v1 action is open to any key of the project (tests/platform/test_api_access.py
+# walks /openapi.json against it).
+ADMIN_ONLY: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("PUT", "/v1/registry/models/{name}/aliases/{alias}"),
+        ("DELETE", "/v1/registry/models/{name}/aliases/{alias}"),
+        ("POST", "/v1/registry/models/{name}/aliases/{alias}/rollback"),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,15 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+
+def require_role(principal: Principal, method: str, path: str) -> None:
+    """403 unless ``principal`` may take the action ``method path`` (see ADMIN_ONLY)."""
+    if (method, path) in ADMIN_ONLY and not principal.is_admin:
+        raise PermissionDenied(
+            f"{method} {path} needs an admin key (thinkforge keys create --admin)",
+            code="admin_required",
+        )
 
 
 def hash_key(secret: str, key: str) -> str:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -30,6 +32,7 @@ from thinkforge.platform.registry import ModelRegistry, parse_ref
 from thinkforge.platform.serving import ServeClient
 from thinkforge.platform.settings import Settings
 from thinkforge.platform.status import DeploymentStatus, moves
+from thinkforge.platform.trust import intended_alias, stored_pin
 from thinkforge.serve.config import ModelServeConfig
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,7 @@ FRONT_DOOR = "thinkforge"
 SERVE_OPTIONS = (
     "engine", "template", "device", "dtype", "num_gpus", "autoscaling", "max_ongoing_requests",
     "max_queued_requests", "request_timeout_s", "max_batch_size", "max_completion_tokens",
-    "default_thinking", "reasoning_effort",
+    "default_thinking", "reasoning_effort", "engine_args",
 )  # fmt: skip
 
 
@@ -138,22 +141,22 @@ def set_status(row: Deployment, target: DeploymentStatus, *, message: str | None
     return moved
 
 
+Verify = Callable[[Session, str, int], list[str]]
+
+
 def desired_config(
-    session: Session, registry: ModelRegistry, settings: Settings
+    session: Session, registry: ModelRegistry, settings: Settings, verify: Verify | None = None
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """The whole Serve config, and for each deployment the ``name/version`` it should serve."""
+    """The whole Serve config, and for each deployment the ``name/version`` it should serve.
+    With ``verify``, a deployment rolls to a new version only if its files pass."""
     rows = list(session.scalars(select(Deployment).order_by(Deployment.seq)))
     apps: list[dict[str, Any]] = []
     versions: dict[str, str] = {}
     for row in rows:
-        try:
-            reg_name, version = registry.resolve(row.model)
-        except Exception as exc:  # an alias deleted under a deployment: keep what runs
-            log.warning("deployment %s: cannot resolve %s: %s", row.name, row.model, exc)
-            if not row.served_version:
-                continue
-            reg_name, _, raw = row.served_version.partition("/")
-            version = int(raw)
+        target = _target(session, registry, row, verify)
+        if target is None:
+            continue
+        reg_name, version = target
         versions[row.name] = f"{reg_name}/{version}"
         model = {
             "name": row.name, "model_uri": f"models:/{reg_name}/{version}",
@@ -179,6 +182,40 @@ def desired_config(
         "applications": apps,
     }
     return config, versions
+
+
+def _target(
+    session: Session, registry: ModelRegistry, row: Deployment, verify: Verify | None
+) -> tuple[str, int] | None:
+    """The version ``row`` should serve: its reference resolved (an alias where thinkforge
+    put it), else, when that fails or its files do not verify, the version it serves now."""
+    try:
+        reg_name, version = _resolve(session, registry, row.model)
+        problems = []
+        if verify is not None and f"{reg_name}/{version}" != row.served_version:
+            problems = verify(session, reg_name, version)
+        if problems:
+            raise ValueError(f"{reg_name}/{version} failed its integrity check: {problems[:3]}")
+        return reg_name, version
+    except Exception as exc:  # an alias deleted under a deployment, bad files: keep what runs
+        log.warning("deployment %s: not rolling to %s: %s", row.name, row.model, exc)
+    if not row.served_version:
+        return None
+    reg_name, _, raw = row.served_version.partition("/")
+    return reg_name, int(raw)
+
+
+def _resolve(session: Session, registry: ModelRegistry, ref: str) -> tuple[str, int]:
+    """An alias that thinkforge moved resolves to where the database says it put it:
+    MLflow's copy may have been moved around the API (``thinkforge.platform.trust``)."""
+    parsed = parse_ref(ref)
+    if parsed.alias is not None:
+        known, version = intended_alias(session, parsed.name, parsed.alias)
+        if known and version is None:
+            raise NotFound(f"{ref}: the alias was deleted", param="model")
+        if known and version is not None:
+            return parsed.name, version
+    return registry.resolve(ref)
 
 
 def _app(name: str, prefix: str | None, args: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -266,20 +303,38 @@ class DeploymentManager:
         self.settings = settings
         self._applied: str | None = None
         self._wanted: dict[str, str] = {}
+        self._checked: dict[tuple[str, int, str | None], tuple[float, list[str]]] = {}
         self._lock = threading.Lock()
 
-    def reconcile(self, *, force: bool = False) -> None:
+    def reconcile(
+        self, *, force: bool = False, sessions: sessionmaker[Session] | None = None
+    ) -> None:
+        """``sessions``: the reconciler leader's fenced ones (platform/leader.py)."""
+        sessions = sessions or self.sessions
         with self._lock:
             for _ in range(2):  # a finished deletion changes the config once more
-                with self.sessions() as session:
+                with sessions() as session:
                     if not force and self._applied is None and not _any(session):
                         return  # nothing was ever deployed: leave Serve unstarted
-                    config, wanted = desired_config(session, self.registry, self.settings)
+                    config, wanted = desired_config(
+                        session, self.registry, self.settings, self._verify
+                    )
                 digest = json.dumps(config, sort_keys=True)
                 if force or digest != self._applied:
                     self.serve.apply(config)
                     self._applied, self._wanted = digest, wanted
-                sync_statuses(self.sessions, self.serve, self._wanted)
+                sync_statuses(sessions, self.serve, self._wanted)
+
+    def _verify(self, session: Session, name: str, version: int) -> list[str]:
+        """The version's files against the database's pin; a pass is remembered, a failure
+        is looked at again after a minute (someone may repair the files)."""
+        pin = stored_pin(session, name, version)
+        key = (name, version, pin)
+        checked = self._checked.get(key)
+        if checked is None or (checked[1] and time.monotonic() - checked[0] > 60):
+            problems = self.registry.verify_version(name, version, manifest_sha256=pin)
+            checked = self._checked[key] = (time.monotonic(), problems)
+        return checked[1]
 
     def on_alias_moved(self, name: str, alias: str, version: int | None) -> None:
         """A promotion: deployments following ``name@alias`` roll now, not at the next pass."""

@@ -1,17 +1,20 @@
-"""Typed dependencies for routes: the app context, a principal, an idempotency key."""
+"""Typed dependencies for routes: the app context, a principal, an idempotency key; and
+``KeyFirstRoute``, the route class of every /v1 router (key and role before the body)."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Header, Query, Request
+from fastapi import Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from thinkforge.platform.auth import Principal, authenticate
+from thinkforge.platform.auth import Principal, authenticate, require_role
 from thinkforge.platform.deployments import DeploymentManager
 from thinkforge.platform.errors import Unavailable
 from thinkforge.platform.launcher import JobLauncher
@@ -90,9 +93,39 @@ def get_ctx(request: Request) -> AppContext:
 CtxDep = Annotated[AppContext, Depends(get_ctx)]
 
 
-def get_principal(ctx: CtxDep, authorization: Annotated[str | None, Header()] = None) -> Principal:
+def _authenticate(ctx: AppContext, authorization: str | None) -> Principal:
     with ctx.sessions() as session:
         return authenticate(session, ctx.settings, authorization)
+
+
+class KeyFirstRoute(APIRoute):
+    """Checks the API key, and the role for ADMIN_ONLY actions, from the headers alone,
+    before FastAPI reads the body: an upload without a key is refused at once, not after
+    up to max_upload_bytes were spooled to disk. The principal is kept for get_principal.
+
+        router = APIRouter(prefix="/v1/files", route_class=KeyFirstRoute)
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        path = self.path_format
+
+        async def key_first(request: Request) -> Response:
+            ctx = get_ctx(request)
+            authorization = request.headers.get("authorization")
+            principal = await run_in_threadpool(_authenticate, ctx, authorization)
+            require_role(principal, request.method, path)
+            request.state.principal = principal
+            return await handler(request)
+
+        return key_first
+
+
+def get_principal(
+    request: Request, ctx: CtxDep, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
+    principal: Principal | None = getattr(request.state, "principal", None)
+    return principal if principal is not None else _authenticate(ctx, authorization)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

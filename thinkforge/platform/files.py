@@ -1,7 +1,8 @@
 """Uploaded datasets: stored under the data dir, validated line by line before they count.
 
 info = validate_dataset(path)                 # raises InvalidFile naming line and field
-row = store_upload(session, settings, project_id=..., filename=..., purpose=..., stream=fh)
+staged = stage_upload(settings, project_id=..., filename=..., purpose=..., stream=fh)
+row = record_upload(session, staged)          # in a short transaction
 ref = resolve_dataset(session, settings, project_id=..., ref="file-…" or "/data/x.jsonl", param=...)
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from thinkforge.jobs.config import DatasetFormat, RecordError, detect_format, parse_record
@@ -26,10 +27,10 @@ from thinkforge.platform.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from thinkforge.platform.models import File, Job, new_id
+from thinkforge.platform.models import Evaluation, File, Job, new_id
 from thinkforge.platform.pagination import page
 from thinkforge.platform.settings import Settings
-from thinkforge.platform.status import JobStatus
+from thinkforge.platform.status import EvalStatus, JobStatus
 
 PURPOSES = ("fine-tune",)
 MAX_REPORTED_ERRORS = 10
@@ -101,15 +102,26 @@ def _detect(obj: object) -> DatasetFormat:
     return detect_format(obj)
 
 
-def store_upload(
-    session: Session,
-    settings: Settings,
-    *,
-    project_id: str,
-    filename: str,
-    purpose: str,
-    stream: BinaryIO,
-) -> File:
+@dataclass
+class StagedUpload:
+    """An upload copied to disk and validated, not yet a row (``record_upload``); ``discard``
+    removes the copy if it never becomes one."""
+
+    project_id: str
+    filename: str
+    purpose: str
+    path: Path
+    info: DatasetInfo
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def stage_upload(
+    settings: Settings, *, project_id: str, filename: str, purpose: str, stream: BinaryIO
+) -> StagedUpload:
+    """Copy and validate an upload, with no database transaction open: validating a large
+    file takes seconds, and on SQLite a write transaction holds every other request."""
     if purpose not in PURPOSES:
         raise InvalidRequest(f"purpose must be one of {', '.join(PURPOSES)}", param="purpose")
     if not filename.endswith(".jsonl"):
@@ -122,25 +134,31 @@ def store_upload(
         with os.fdopen(fd, "wb") as out:
             _copy_limited(stream, out, settings.max_upload_bytes)
         info = validate_dataset(tmp)
-        file_id = new_id("file")
-        dest = folder / f"{file_id}.jsonl"
-        row = File(
-            id=file_id,
-            project_id=project_id,
-            filename=Path(filename).name[:512],
-            purpose=purpose,
-            bytes=info.bytes,
-            sha256=info.sha256,
-            path=str(dest),
-            format=info.format.value,
-            num_records=info.num_records,
-        )
-        session.add(row)
-        session.flush()
-        tmp.rename(dest)
-        return row
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    return StagedUpload(project_id, Path(filename).name[:512], purpose, tmp, info)
+
+
+def record_upload(session: Session, staged: StagedUpload) -> File:
+    """The row for a staged upload, its file moved into place (a short transaction)."""
+    file_id = new_id("file")
+    dest = staged.path.parent / f"{file_id}.jsonl"
+    row = File(
+        id=file_id,
+        project_id=staged.project_id,
+        filename=staged.filename,
+        purpose=staged.purpose,
+        bytes=staged.info.bytes,
+        sha256=staged.info.sha256,
+        path=str(dest),
+        format=staged.info.format.value,
+        num_records=staged.info.num_records,
+    )
+    session.add(row)
+    session.flush()
+    staged.path.rename(dest)
+    return row
 
 
 def _copy_limited(src: BinaryIO, dst: BinaryIO, limit: int) -> None:
@@ -179,7 +197,7 @@ def resolve_dataset(
     session: Session, settings: Settings, *, project_id: str, ref: str, param: str
 ) -> DatasetRef:
     """Where a run reads a dataset given as a file id of the project, or as an absolute
-    path (``file://`` allowed) to a file under one of the dataset roots."""
+    path (``file://`` allowed) to a file under one of the dataset roots (``allowed_path``)."""
     if ref.startswith("file-"):
         try:
             row = get_file(session, project_id=project_id, file_id=ref)
@@ -190,30 +208,69 @@ def resolve_dataset(
                 code="file_not_found",
             ) from None
         return DatasetRef(row.path, row.sha256, row.format)
-    path = Path(ref.removeprefix("file://"))
-    if not path.is_absolute():
-        raise InvalidRequest(f"{param} must be a file id or an absolute dataset path", param=param)
-    resolved = path.resolve()
-    if not any(resolved.is_relative_to(root.resolve()) for root in settings.dataset_roots):
-        roots = ", ".join(str(r) for r in settings.dataset_roots)
-        raise InvalidRequest(
-            f"{param} {ref!r} is outside the allowed dataset roots ({roots})", param=param
-        )
+    resolved = allowed_path(settings, ref, param=param)
     if not resolved.is_file():
         raise InvalidRequest(f"{param} {ref!r} does not exist", param=param, code="file_not_found")
     return DatasetRef(str(resolved), "", "auto")
 
 
+def allowed_path(settings: Settings, ref: str, *, param: str) -> Path:
+    """``ref`` resolved (symlinks too), if it lies under a dataset root and outside
+    thinkforge's own folders; else 400 naming the roots, never saying if it exists. Every
+    path a job or an evaluation names goes through here (see ``platform/paths.py``)."""
+    path = Path(ref.removeprefix("file://"))
+    if not path.is_absolute():
+        raise InvalidRequest(f"{param} must be a file id or an absolute path", param=param)
+    resolved = path.resolve()
+    inside = any(resolved.is_relative_to(root.resolve()) for root in settings.dataset_roots)
+    private = any(resolved.is_relative_to(p) for p in _private_dirs(settings))
+    if not inside or private:
+        roots = ", ".join(str(r) for r in settings.dataset_roots)
+        raise InvalidRequest(
+            f"{param} {ref!r} is outside the allowed dataset roots ({roots})", param=param
+        )
+    return resolved
+
+
+def _private_dirs(settings: Settings) -> list[Path]:
+    """Folders of thinkforge's own that no run may name by path, whatever the roots: other
+    projects' uploads, registry downloads, checkpoints, evaluations, artifacts."""
+    data = settings.data_dir
+    dirs = [settings.files_dir, settings.models_dir, data / "evals", data / "serve-cache"]
+    dirs += [
+        Path(settings.storage_path),
+        Path(settings.mlflow_artifact_root.removeprefix("file://")),
+    ]
+    return [d.resolve() for d in dirs if d.is_absolute()]
+
+
 def delete_file(session: Session, *, project_id: str, file_id: str) -> None:
+    """Delete a file; 409 while a live job trains or validates on it or a live
+    evaluation reads it."""
     row = get_file(session, project_id=project_id, file_id=file_id)
     active = [s.value for s in JobStatus if not s.is_terminal()]
-    user = session.scalar(
-        select(Job.id).where(Job.training_file == file_id, Job.status.in_(active)).limit(1)
-    )
-    if user is not None:
-        raise Conflict(
-            f"file {file_id!r} is in use by job {user}; cancel it or wait", param="file_id"
+    job = session.scalar(
+        select(Job.id)
+        .where(
+            or_(Job.training_file == file_id, Job.validation_file == file_id),
+            Job.status.in_(active),
         )
+        .limit(1)
+    )
+    evaluation = session.scalar(
+        select(Evaluation.id)
+        .where(
+            Evaluation.project_id == project_id,
+            Evaluation.config["dataset"].as_string() == row.path,
+            Evaluation.status.in_([s.value for s in EvalStatus if not s.is_terminal()]),
+        )
+        .limit(1)
+    )
+    for kind, user in (("job", job), ("evaluation", evaluation)):
+        if user is not None:
+            raise Conflict(
+                f"file {file_id!r} is in use by {kind} {user}; cancel it or wait", param="file_id"
+            )
     path = Path(row.path)
     session.delete(row)
     session.flush()

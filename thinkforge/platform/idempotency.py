@@ -3,6 +3,8 @@
 Same key and same request: the first response again. Same key, other request: 422.
 Same key while the first is still running: 409. The response is stored in the same
 transaction as the work, so a crash leaves neither; a request that fails leaves no key.
+Keys past their time (``ttl_s`` once answered, ``IN_FLIGHT_LEASE`` while in flight) are
+deleted by ``purge_expired``, which the reconciler runs on a schedule.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -137,6 +139,27 @@ def _release(sessions: sessionmaker[Session], claim: int) -> None:
     """A request that failed keeps no key: the same key may be used again."""
     with sessions.begin() as session:
         session.execute(delete(IdempotencyKey).where(IdempotencyKey.seq == claim))
+
+
+def purge_expired(sessions: sessionmaker[Session], *, ttl_s: int) -> int:
+    """Delete every key that ``_claim`` would treat as expired; returns how many."""
+    now = utcnow()
+    with sessions.begin() as session:
+        result = session.execute(
+            delete(IdempotencyKey).where(
+                or_(
+                    and_(
+                        IdempotencyKey.state == "in_flight",
+                        IdempotencyKey.created_at < now - IN_FLIGHT_LEASE,
+                    ),
+                    and_(
+                        IdempotencyKey.state != "in_flight",
+                        IdempotencyKey.created_at < now - timedelta(seconds=ttl_s),
+                    ),
+                )
+            )
+        )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def _expired(row: IdempotencyKey, ttl_s: int) -> bool:

@@ -25,10 +25,11 @@ from thinkforge.platform.errors import (
     NotFound,
     first_error_location,
 )
-from thinkforge.platform.files import resolve_dataset, validate_dataset
+from thinkforge.platform.files import DatasetInfo, resolve_dataset, validate_dataset
 from thinkforge.platform.launcher import JobLauncher, TrainingLaunch
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, new_id, utcnow
 from thinkforge.platform.pagination import page
+from thinkforge.platform.paths import CONFIG_PATHS, resolve_model
 from thinkforge.platform.recipes import load_recipe
 from thinkforge.platform.registry import ModelRegistry
 from thinkforge.platform.runs import cancel_target, is_cancelled, launch_run
@@ -50,26 +51,16 @@ def create_job(
     dataset = resolve_dataset(
         session, settings, project_id=project_id, ref=spec.training_file, param="training_file"
     )
-    validation_path = None
-    if spec.validation_file is not None:
-        validation_path = resolve_dataset(
-            session,
-            settings,
-            project_id=project_id,
-            ref=spec.validation_file,
-            param="validation_file",
-        ).path
-    config = _resolve_config(settings, spec, dataset.path)
-    if validation_path is not None:
-        config = config.model_copy(update={"validation_dataset": validation_path})
+    validation = _validation_dataset(session, settings, project_id, spec)
+    model = resolve_model(session, settings, project_id=project_id, model=spec.model)
+    config = _resolve_config(settings, spec, dataset.path, model)
+    if validation is not None:
+        config = config.model_copy(update={"validation_dataset": validation})
     if config.format.value not in ("auto", dataset.format):
         raise InvalidRequest(
             f"config.format is {config.format.value!r} but the training file is {dataset.format!r}",
             param="config.format",
         )
-    base = ownership.registry_name(config.model)
-    if base is not None:
-        ownership.require_visible(session, project_id=project_id, name=base)
     registered = config.registered_model_name or default_registered_name(config.model)
     ownership.claim(session, project_id=project_id, name=registered, registry=registry)
     job = Job(
@@ -93,17 +84,48 @@ def create_job(
     return job
 
 
-def _resolve_config(settings: Settings, spec: JobCreate, dataset_path: str) -> SFTConfig:
+def _validation_dataset(
+    session: Session, settings: Settings, project_id: str, spec: JobCreate
+) -> str | None:
+    """The held-out set's path: ``validation_file``, or ``config.validation_dataset``
+    (resolved by the same rules), never both."""
+    given = (spec.config or {}).get("validation_dataset")
+    if given is not None and spec.validation_file is not None:
+        raise InvalidRequest(
+            "give the validation set as validation_file or config.validation_dataset, not both",
+            param="config.validation_dataset",
+        )
+    if given is not None and not isinstance(given, str):
+        raise InvalidRequest(
+            "config.validation_dataset must be a file id or a path",
+            param="config.validation_dataset",
+        )
+    ref, param = (
+        (given, "config.validation_dataset") if given is not None
+        else (spec.validation_file, "validation_file")
+    )  # fmt: skip
+    if ref is None:
+        return None
+    return resolve_dataset(session, settings, project_id=project_id, ref=ref, param=param).path
+
+
+def _resolve_config(
+    settings: Settings, spec: JobCreate, dataset_path: str, model: str
+) -> SFTConfig:
     if spec.method is not None and spec.hyperparameters is not None:
         raise InvalidRequest(
             "give hyperparameters in method.supervised.hyperparameters or at the top level, "
             "not both",
             param="hyperparameters",
         )
+    for key, field in CONFIG_PATHS.items():
+        if field is not None and key in (spec.config or {}):
+            raise InvalidRequest(f"config.{key}: give it as {field}", param=f"config.{key}")
     data: dict[str, Any] = load_recipe(settings, spec.recipe) if spec.recipe else {}
     data.update(spec.config or {})
-    data["model"] = spec.model
+    data["model"] = model
     data["dataset"] = dataset_path
+    data.pop("validation_dataset", None)  # resolved apart, by the same rules
     if spec.recipe is not None:
         data["recipe"] = spec.recipe
     hyper = spec.hyperparameters or (
@@ -262,10 +284,16 @@ def fail(
 
 def advance_job(sessions: sessionmaker[Session], launcher: JobLauncher, job_id: str) -> None:
     """Validate and launch a new job. Safe to call any number of times, from anywhere."""
-    with sessions.begin() as session:
-        job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
-        if job is not None and job.status == JobStatus.VALIDATING_FILES.value:
-            _validate_job_dataset(session, job)
+    with sessions() as session:
+        job = session.scalar(select(Job).where(Job.id == job_id))
+    if job is not None and job.status == JobStatus.VALIDATING_FILES.value:
+        # Read the whole dataset with no transaction open (on SQLite a write transaction
+        # holds every other request); then record the outcome in a short one.
+        outcome = _check_job_dataset(job)
+        with sessions.begin() as session:
+            row = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+            if row is not None and row.status == JobStatus.VALIDATING_FILES.value:
+                _record_validation(session, row, outcome)
     with sessions.begin() as session:
         claimed = session.execute(  # type: ignore[attr-defined]
             update(Job)
@@ -279,7 +307,8 @@ def advance_job(sessions: sessionmaker[Session], launcher: JobLauncher, job_id: 
         submit(sessions, launcher, job)
 
 
-def _validate_job_dataset(session: Session, job: Job) -> None:
+def _check_job_dataset(job: Job) -> DatasetInfo | InvalidFile:
+    """The job's training data validated, or why it is not valid."""
     path = Path(job.dataset_path)
     try:
         if not path.is_file():
@@ -288,18 +317,23 @@ def _validate_job_dataset(session: Session, job: Job) -> None:
         if job.dataset_sha256 and info.sha256 != job.dataset_sha256:
             raise InvalidFile("the training file changed after upload", param="training_file")
     except InvalidFile as exc:
-        fail(session, job, FailureKind.INVALID_FILE, exc.message, exc.param)
-        return
+        return exc
     except OSError as exc:
-        fail(session, job, FailureKind.INVALID_FILE, f"cannot read the training data: {exc}")
+        return InvalidFile(f"cannot read the training data: {exc}")
+    return info
+
+
+def _record_validation(session: Session, job: Job, outcome: DatasetInfo | InvalidFile) -> None:
+    if isinstance(outcome, InvalidFile):
+        fail(session, job, FailureKind.INVALID_FILE, outcome.message, outcome.param)
         return
-    job.dataset_sha256 = info.sha256
+    job.dataset_sha256 = outcome.sha256
     set_status(
         session,
         job,
         JobStatus.QUEUED,
-        message=f"Training file validated ({info.num_records} {info.format.value} records); "
-        "job queued",
+        message=f"Training file validated ({outcome.num_records} {outcome.format.value} "
+        "records); job queued",
     )
 
 

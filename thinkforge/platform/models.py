@@ -161,6 +161,8 @@ class ModelVersion(Base):
     recipe: Mapped[str | None] = mapped_column(String(128), default=None)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # The version's manifest_sha256 tag as first seen: the pin MLflow cannot move.
+    manifest_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     status: Mapped[str] = mapped_column(String(32), default="READY")
     source: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -168,7 +170,8 @@ class ModelVersion(Base):
 
 
 class ModelAlias(Base):
-    """The row an alias move locks, so that concurrent moves of one alias take turns."""
+    """The row an alias move locks, so that concurrent moves of one alias take turns; its
+    ``version`` is where thinkforge put the alias (MLflow's copy is checked against it)."""
 
     __tablename__ = "model_aliases"
     __table_args__ = (UniqueConstraint("name", "alias"),)
@@ -263,3 +266,18 @@ class AuditEntry(Base):
     to_value: Mapped[str | None] = mapped_column(Text, default=None)
     reason: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LeaderLease(Base):
+    """Which replica runs the reconciler loops (``platform/leader.py``): one row per lease.
+    ``token`` grows by one at every change of holder; a write fenced by an older token fails."""
+
+    __tablename__ = "leader_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    token: Mapped[int] = mapped_column(BigInteger)
+    acquired_at: Mapped[datetime] = mapped_column()
+    renewed_at: Mapped[datetime] = mapped_column()
+    expires_at: Mapped[datetime] = mapped_column()
+    reconciled_at: Mapped[datetime | None] = mapped_column(default=None)

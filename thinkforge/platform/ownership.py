@@ -184,6 +184,12 @@ class ScopedRegistry:
         self.check(parse_ref(ref).name)
         return self.inner.resolve(ref)
 
-    def verify_version(self, name: str, version: int) -> list[str]:
+    def verify_version(
+        self, name: str, version: int, *, manifest_sha256: str | None = None
+    ) -> list[str]:
         self.check(name)
-        return self.inner.verify_version(name, version)
+        return self.inner.verify_version(name, version, manifest_sha256=manifest_sha256)
+
+    def set_version_tag(self, name: str, version: int, key: str, value: str) -> None:
+        self.check(name)
+        self.inner.set_version_tag(name, version, key, value)

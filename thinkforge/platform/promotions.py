@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.platform.auth import Principal
@@ -23,6 +22,7 @@ from thinkforge.platform.errors import Conflict
 from thinkforge.platform.models import AuditEntry, ModelAlias, new_id
 from thinkforge.platform.pagination import page
 from thinkforge.platform.registry import ModelRegistry, VersionStatus
+from thinkforge.platform.trust import lock_alias, pinned_sha
 
 OnMoved = Callable[[str, str, int | None], None]
 log = logging.getLogger(__name__)
@@ -38,8 +38,13 @@ class AliasMove:
 
 
 def check_promotable(
-    registry: ModelRegistry, name: str, version: int, policy: EvalPolicy | None = None
+    sessions: sessionmaker[Session],
+    registry: ModelRegistry,
+    name: str,
+    version: int,
+    policy: EvalPolicy | None = None,
 ) -> None:
+    """READY, and its files match the manifest sha256 thinkforge pinned (not MLflow's tag)."""
     detail = registry.get_version(name, version)
     if detail.status is not VersionStatus.READY:
         raise Conflict(
@@ -47,7 +52,8 @@ def check_promotable(
             param="version",
             code="version_not_ready",
         )
-    problems = registry.verify_version(name, version)
+    pin = pinned_sha(sessions, registry, name, version)
+    problems = registry.verify_version(name, version, manifest_sha256=pin)
     if problems:
         shown = "; ".join(problems[:5])
         raise Conflict(
@@ -92,9 +98,9 @@ def promote(
     policy: EvalPolicy | None = None,
 ) -> AliasMove:
     registry.resolve(f"{name}/{version}")  # 404 for a model or version that does not exist
-    check_promotable(registry, name, version, policy)
+    check_promotable(sessions, registry, name, version, policy)
     with sessions.begin() as session:
-        _lock(session, name, alias)
+        lock_alias(session, name, alias)
         if registry.get_alias(name, alias) == version:  # already there: nothing moves
             return AliasMove(name, alias, version, version, audit_id="")
         previous = registry.set_alias(name, alias, version)
@@ -114,9 +120,9 @@ def rollback(
     on_moved: OnMoved | None = None,
 ) -> AliasMove:
     current, target = _rollback_target(sessions, registry, name, alias)
-    check_promotable(registry, name, target)
+    check_promotable(sessions, registry, name, target)
     with sessions.begin() as session:
-        _lock(session, name, alias)
+        lock_alias(session, name, alias)
         if registry.get_alias(name, alias) != current:
             raise Conflict(f"{name}@{alias} moved meanwhile; look again and retry", param="alias")
         previous = registry.set_alias(name, alias, target)
@@ -142,6 +148,8 @@ def _rollback_target(
         ).all()
     earlier: list[str | None] = []
     for row in rows:
+        if row.action == "external_change":  # put back by the guard: no move to undo
+            continue
         if row.action == "rollback":
             if earlier:
                 earlier.pop()
@@ -165,7 +173,7 @@ def delete_alias(
     on_moved: OnMoved | None = None,
 ) -> AliasMove:
     with sessions.begin() as session:
-        _lock(session, name, alias)
+        lock_alias(session, name, alias)
         previous = registry.delete_alias(name, alias)
         move = _record(session, actor, "delete", name, alias, previous, None, reason)
     _notify(on_moved, name, alias, None)
@@ -190,22 +198,6 @@ def _notify(on_moved: OnMoved | None, name: str, alias: str, version: int | None
         on_moved(name, alias, version)
     except Exception:  # the alias has moved and is audited: the answer is still a success
         log.exception("rolling deployments after %s@%s moved failed", name, alias)
-
-
-def _lock(session: Session, name: str, alias: str) -> ModelAlias:
-    """Take the alias's row lock (creating the row the first time); held until commit."""
-    stmt = select(ModelAlias).where(ModelAlias.name == name, ModelAlias.alias == alias)
-    row = session.scalar(stmt.with_for_update())
-    if row is not None:
-        return row
-    try:
-        with session.begin_nested():
-            session.add(ModelAlias(name=name, alias=alias))
-    except IntegrityError:
-        pass  # another request created it first; its lock is what we wait on below
-    row = session.scalar(stmt.with_for_update())
-    assert row is not None
-    return row
 
 
 def _record(

@@ -3,9 +3,10 @@
 The database is the record; the launcher (Ray) and the tracker (MLflow, checkpoints) are
 asked again on every pass and never trusted to remember. After a control-plane restart
 the first pass picks every non-terminal job up again; submissions are idempotent on the
-job id, so none is started twice.
+job id, so none is started twice. With several control-plane replicas only the leader's
+loop runs passes, writing through sessions fenced by its lease (``platform/leader.py``).
 
-    reconciler = Reconciler(sessions, launcher, tracker=tracker, interval_s=2.0)
+    reconciler = Reconciler(sessions, launcher, tracker=tracker, interval_s=2.0, leader=leadership)
     reconciler.start(); ...; reconciler.stop()
     reconcile_once(sessions, launcher)          # one pass, for tests and the CLI
 """
@@ -14,14 +15,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.platform.jobs import advance_job, fail, set_status, submit
 from thinkforge.platform.launcher import JobLauncher, LaunchState, LaunchStatus
+from thinkforge.platform.leader import Leadership, NotLeader
 from thinkforge.platform.models import Job
 from thinkforge.platform.status import FailureKind, JobStatus
 
@@ -29,9 +32,12 @@ log = logging.getLogger(__name__)
 
 
 class ProgressTracker(Protocol):
-    """Turns a run's metrics, checkpoints and registered model into rows for one job."""
+    """Turns a run's metrics, checkpoints and registered model into rows for one job:
+    ``fetch`` asks the outside systems (slow; no transaction open), ``apply`` writes."""
 
-    def sync(self, session: Session, job: Job, *, final: bool) -> None: ...
+    def fetch(self, job: Job, *, final: bool) -> Any: ...
+
+    def apply(self, session: Session, job: Job, progress: Any) -> None: ...
 
 
 def reconcile_once(
@@ -45,6 +51,8 @@ def reconcile_once(
     for job_id in pending:
         try:
             _reconcile_job(sessions, launcher, tracker, job_id)
+        except NotLeader:
+            raise
         except Exception:  # one bad job must not stop the others
             log.exception("reconciling job %s failed", job_id)
 
@@ -74,24 +82,34 @@ def _reconcile_job(
         LaunchState.RUNNING,
     ):
         launcher.cancel(job_id)
+    progress = None
+    if tracker is not None and status.state is not LaunchState.PENDING:
+        final = status.state in (LaunchState.SUCCEEDED, LaunchState.FAILED, LaunchState.STOPPED)
+        try:  # before the row lock: on SQLite a write transaction holds every request
+            progress = tracker.fetch(job, final=final)
+        except Exception:  # MLflow down must not hold back what Ray says about the run
+            log.exception("job %s: reading progress failed; status still applied", job.id)
     with sessions.begin() as session:
         row = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
         if row is None or JobStatus(row.status).is_terminal():
             return
-        _apply(session, row, status, tracker)
+        _apply(session, row, status, tracker, progress)
 
 
 def _apply(
-    session: Session, job: Job, status: LaunchStatus, tracker: ProgressTracker | None
+    session: Session,
+    job: Job,
+    status: LaunchStatus,
+    tracker: ProgressTracker | None,
+    progress: Any,
 ) -> None:
     state = status.state
-    final = state in (LaunchState.SUCCEEDED, LaunchState.FAILED, LaunchState.STOPPED)
-    if tracker is not None and state is not LaunchState.PENDING:
+    if tracker is not None and progress is not None:
         try:
             with session.begin_nested():
-                tracker.sync(session, job, final=final)
-        except Exception:  # MLflow down must not hold back what Ray says about the run
-            log.exception("job %s: reading progress failed; status still applied", job.id)
+                tracker.apply(session, job, progress)
+        except Exception:
+            log.exception("job %s: recording progress failed; status still applied", job.id)
     if state is LaunchState.RUNNING:
         set_status(session, job, JobStatus.RUNNING, message="Training started")
     elif state is LaunchState.SUCCEEDED:
@@ -110,6 +128,20 @@ def _apply(
             fail(session, job, FailureKind.LOST, "the cluster has no record of this run")
 
 
+def every(interval_s: float, task: Callable[[], object]) -> Callable[[], None]:
+    """A reconciler task that runs ``task`` on the first pass, then at most every ``interval_s``."""
+    last = float("-inf")
+
+    def throttled() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= interval_s:
+            last = now
+            task()
+
+    return throttled
+
+
 class Reconciler:
     """Runs ``reconcile_once`` every ``interval_s`` seconds in a daemon thread."""
 
@@ -121,12 +153,14 @@ class Reconciler:
         tracker: ProgressTracker | None = None,
         interval_s: float = 2.0,
         tasks: list[Callable[[], None]] | None = None,
+        leader: Leadership | None = None,
     ) -> None:
         self._sessions = sessions
         self._launcher = launcher
         self._tracker = tracker
         self._interval = interval_s
         self._tasks = tasks or []
+        self._leader = leader
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -142,14 +176,31 @@ class Reconciler:
     def _jobs_pass(self) -> None:
         reconcile_once(self._sessions, self._launcher, self._tracker)
 
+    def _leads(self) -> bool:
+        return self._leader is None or self._leader.is_leader()
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            for task in [self._jobs_pass, *self._tasks]:
-                try:
-                    task()
-                except Exception:  # the loop outlives any single failure
-                    log.exception("reconcile pass failed")
+            if self._leads():
+                self._pass()
             self._stop.wait(self._interval)
+
+    def _pass(self) -> None:
+        for task in [self._jobs_pass, *self._tasks]:
+            if not self._leads():  # lost the lease mid-pass: a fenced commit would fail anyway
+                return
+            try:
+                task()
+            except NotLeader as exc:
+                log.info("reconcile pass stopped: %s", exc)
+                return
+            except Exception:  # the loop outlives any single failure
+                log.exception("reconcile pass failed")
+        if self._leader is not None:
+            try:
+                self._leader.reconciled()
+            except Exception:
+                log.exception("recording the reconcile pass failed")
 
 
 def _failure_kind(detail: str) -> FailureKind:

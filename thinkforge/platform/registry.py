@@ -177,7 +177,11 @@ class ModelRegistry(Protocol):
 
     def resolve(self, ref: str) -> tuple[str, int]: ...
 
-    def verify_version(self, name: str, version: int) -> list[str]: ...
+    def verify_version(
+        self, name: str, version: int, *, manifest_sha256: str | None = None
+    ) -> list[str]: ...
+
+    def set_version_tag(self, name: str, version: int, key: str, value: str) -> None: ...
 
 
 def all_models(registry: ModelRegistry) -> Iterator[RegisteredModelInfo]:
@@ -380,6 +384,11 @@ class MlflowRegistry:
             self._client.delete_registered_model_alias(name, alias)
         return previous
 
+    def set_version_tag(self, name: str, version: int, key: str, value: str) -> None:
+        self._raw_version(name, version)
+        with self._errors(f"tagging {name}/{version}", missing=_no_version(name, version)):
+            self._client.set_model_version_tag(name, str(version), key, value)
+
     def resolve(self, ref: str) -> tuple[str, int]:
         """``(name, version)`` of an existing version for any accepted reference form."""
         parsed = parse_ref(ref)
@@ -398,13 +407,16 @@ class MlflowRegistry:
 
     # -- verification ---------------------------------------------------------------------
 
-    def verify_version(self, name: str, version: int) -> list[str]:
+    def verify_version(
+        self, name: str, version: int, *, manifest_sha256: str | None = None
+    ) -> list[str]:
         """Problems that make the version unsafe to promote or serve ([] = verified).
 
-        The version must be READY, have a manifest whose sha256 matches its
-        ``manifest_sha256`` tag, and every manifest file must be in the artifact store with
-        the recorded size and sha256; stray files the manifest does not list are problems
-        too. Files are downloaded one at a time and hashed, so disk use is one file.
+        The version must be READY, have a manifest whose sha256 matches ``manifest_sha256``
+        (the pin thinkforge's database keeps; without one, the version's tag), and every
+        manifest file must be in the artifact store with the recorded size and sha256;
+        stray files the manifest does not list are problems too. Files are downloaded one
+        at a time and hashed, so disk use is one file.
         """
         mv = self._raw_version(name, version)
         problems = []
@@ -418,9 +430,10 @@ class MlflowRegistry:
             if manifest is None:
                 state = "missing" if manifest_sha is None else "not a valid manifest"
                 return [*problems, f"{MANIFEST_FILE}: {state}; register the version again"]
-            expected_sha = (mv.tags or {}).get(MANIFEST_SHA_TAG)
+            expected_sha = manifest_sha256 or (mv.tags or {}).get(MANIFEST_SHA_TAG)
             if expected_sha and expected_sha != manifest_sha:
-                problems.append(f"{MANIFEST_FILE}: sha256 differs from the version's tag")
+                pin = "thinkforge's record" if manifest_sha256 else "the version's tag"
+                problems.append(f"{MANIFEST_FILE}: sha256 differs from {pin}")
             stored = self._list_files(repo)
             problems += check_files(
                 manifest, stored, lambda rel: self._fetch_sha256(repo, rel, Path(tmp)),

@@ -169,9 +169,19 @@ class CheckpointObject(BaseModel):
     metrics: dict[str, Any]
 
 
+class LeaderStatus(BaseModel):
+    """Which replica runs the reconciler loops; readiness never depends on it."""
+
+    replica: str
+    leader: str | None
+    is_leader: bool
+    last_reconciled_at: int | None  # unix seconds, by the database clock
+
+
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+    reconciler: LeaderStatus | None = None
 
 
 # ---------------------------------------------------------------- registry
@@ -273,6 +283,12 @@ class ServeOptions(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     default_thinking: dict[str, Any] | None = Field(
         default=None, description="max_tokens, min_tokens, num_waits, wait_string, ..."
+    )
+    engine_args: dict[str, Any] | None = Field(
+        default=None,
+        description="engine 'vllm' only: tensor_parallel_size (GPU only: a placement group "
+        "of that many GPUs per replica), max_model_len, gpu_memory_utilization, max_num_seqs, "
+        "enable_prefix_caching, dtype, kv_cache_dtype, quantization",
     )
 
     def given(self) -> dict[str, Any]:

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     storage_path: str = ""
     # Dataset URIs given to jobs must lie under one of these. Empty: data_dir/datasets.
     dataset_roots: list[Path] = Field(default_factory=list)
+    # Jobs may name a Hugging Face id as their model (the cluster reaches the hub, or has
+    # its cache). Off: a job's model is thinkforge/tiny, a registry ref or a path under a root.
+    allow_hub_models: bool = False
     # Recipes a job may name (``recipe: tiny-cpu`` reads recipes_dir/tiny-cpu.yaml).
     recipes_dir: Path = Path("recipes")
 
@@ -63,11 +66,18 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     max_request_bytes: int = Field(default=1024 * 1024, ge=1)
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
+    idempotency_purge_interval_s: float = Field(default=300.0, gt=0)
+    registry_guard_interval_s: float = Field(default=30.0, gt=0)
 
     # Background loops.
     reconcile_interval_s: float = Field(default=2.0, gt=0)
     migrate_on_start: bool = True
     start_reconciler: bool = True
+    # Several replicas (PostgreSQL only): the reconciler leader renews a lease of this many
+    # seconds every third of it; a dead leader is replaced within 4/3 of it (13.3 s).
+    leader_lease_s: float = Field(default=10.0, ge=1)
+    # This replica's name in the lease and in /readyz. Empty: hostname-pid-random.
+    replica_id: str = Field(default="", max_length=255)
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> Settings:

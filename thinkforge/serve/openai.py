@@ -192,13 +192,15 @@ def _usage(final: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _reasoning(text: str) -> dict[str, str]:
+    """The thinking text under both names clients read: ``reasoning_content`` (DeepSeek,
+    vLLM before its rename) and ``reasoning`` (vLLM since)."""
+    return {"reasoning_content": text, "reasoning": text}
+
+
 def chat_completion(rid: str, model: str, final: dict[str, Any]) -> dict[str, Any]:
     """A ``chat.completion`` from a replica's final event."""
-    message = {
-        "role": "assistant",
-        "content": final["content"],
-        "reasoning_content": final["reasoning"],
-    }
+    message = {"role": "assistant", "content": final["content"], **_reasoning(final["reasoning"])}
     return {
         "id": rid,
         "object": "chat.completion",
@@ -215,7 +217,7 @@ def text_completion(rid: str, model: str, final: dict[str, Any]) -> dict[str, An
     choice = {
         "index": 0,
         "text": final["content"],
-        "reasoning_content": final["reasoning"],
+        **_reasoning(final["reasoning"]),
         "logprobs": None,
         "finish_reason": final["finish_reason"],
     }
@@ -257,7 +259,7 @@ async def chat_chunks(
     async for event in _errors_as_events(events):
         if event["type"] == "delta":
             if event["reasoning"]:
-                yield chunk({"reasoning_content": event["reasoning"]})
+                yield chunk(_reasoning(event["reasoning"]))
             if event["content"]:
                 yield chunk({"content": event["content"]})
         elif event["type"] == "final":
@@ -285,7 +287,7 @@ async def completion_chunks(
     async for event in _errors_as_events(events):
         if event["type"] == "delta":
             if event["reasoning"]:
-                yield chunk({"text": "", "reasoning_content": event["reasoning"]})
+                yield chunk({"text": ""} | _reasoning(event["reasoning"]))
             if event["content"]:
                 yield chunk({"text": event["content"], "finish_reason": None})
         elif event["type"] == "final":

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse
 
 from thinkforge.platform import deployments
-from thinkforge.platform.deps import CtxDep, IdempotencyKeyDep, PrincipalDep
+from thinkforge.platform.deps import CtxDep, IdempotencyKeyDep, KeyFirstRoute, PrincipalDep
 from thinkforge.platform.errors import PlatformError
 from thinkforge.platform.idempotency import fingerprint, run_idempotent_action
 from thinkforge.platform.registry import all_models, all_versions
@@ -27,7 +27,7 @@ from thinkforge.platform.views import (
     served_model_view,
 )
 
-router = APIRouter(prefix="/v1", tags=["deployments"])
+router = APIRouter(prefix="/v1", tags=["deployments"], route_class=KeyFirstRoute)
 log = logging.getLogger(__name__)
 NamePath = Annotated[str, Path(max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 

@@ -12,6 +12,7 @@ from thinkforge.platform.deps import (
     AfterQuery,
     CtxDep,
     IdempotencyKeyDep,
+    KeyFirstRoute,
     LimitQuery,
     PrincipalDep,
 )
@@ -20,7 +21,7 @@ from thinkforge.platform.routes.common import cancel_run
 from thinkforge.platform.schemas import EvalCreate, EvalObject, ListResponse
 from thinkforge.platform.views import eval_view
 
-router = APIRouter(prefix="/v1/evals", tags=["evaluations"])
+router = APIRouter(prefix="/v1/evals", tags=["evaluations"], route_class=KeyFirstRoute)
 EvalId = Annotated[str, Path(max_length=40, pattern=r"^eval-[0-9a-f]+$")]
 
 

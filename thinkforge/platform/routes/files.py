@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Form, UploadFile
 from fastapi.responses import JSONResponse
 
 from thinkforge.platform import files
-from thinkforge.platform.deps import AfterQuery, CtxDep, IdempotencyKeyDep, LimitQuery, PrincipalDep
+from thinkforge.platform.deps import (
+    AfterQuery,
+    CtxDep,
+    IdempotencyKeyDep,
+    KeyFirstRoute,
+    LimitQuery,
+    PrincipalDep,
+)
 from thinkforge.platform.errors import InvalidRequest
 from thinkforge.platform.idempotency import fingerprint, run_idempotent
 from thinkforge.platform.schemas import FileDeleted, FileObject, ListResponse
 from thinkforge.platform.views import file_view
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], route_class=KeyFirstRoute)
 
 
 @router.post("", response_model=FileObject)
@@ -29,32 +35,28 @@ def upload_file(
     filename = file.filename or ""
     if not filename:
         raise InvalidRequest("the upload has no file name", param="file")
-    digest = hashlib.sha256()
-    while chunk := file.file.read(1 << 20):
-        digest.update(chunk)
-    file.file.seek(0)
+
+    staged = files.stage_upload(
+        ctx.settings, project_id=principal.project_id, filename=filename, purpose=purpose,
+        stream=file.file,
+    )  # fmt: skip
 
     def handler(session):  # type: ignore[no-untyped-def]
-        row = files.store_upload(
-            session,
-            ctx.settings,
-            project_id=principal.project_id,
-            filename=filename,
-            purpose=purpose,
-            stream=file.file,
-        )
-        return 200, file_view(row).model_dump(mode="json")
+        return 200, file_view(files.record_upload(session, staged)).model_dump(mode="json")
 
-    status, body = run_idempotent(
-        ctx.sessions,
-        project_id=principal.project_id,
-        key=idempotency_key,
-        method="POST",
-        path="/v1/files",
-        request_fingerprint=fingerprint(digest.hexdigest(), purpose, filename),
-        ttl_s=ctx.settings.idempotency_ttl_s,
-        handler=handler,
-    )
+    try:
+        status, body = run_idempotent(
+            ctx.sessions,
+            project_id=principal.project_id,
+            key=idempotency_key,
+            method="POST",
+            path="/v1/files",
+            request_fingerprint=fingerprint(staged.info.sha256, purpose, filename),
+            ttl_s=ctx.settings.idempotency_ttl_s,
+            handler=handler,
+        )
+    finally:
+        staged.discard()  # moved into place unless the request failed or was a replay
     return JSONResponse(body, status_code=status)
 
 

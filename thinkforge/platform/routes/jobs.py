@@ -10,7 +10,14 @@ from fastapi import APIRouter, BackgroundTasks, Request
 from fastapi.responses import JSONResponse
 
 from thinkforge.platform import jobs
-from thinkforge.platform.deps import AfterQuery, CtxDep, IdempotencyKeyDep, LimitQuery, PrincipalDep
+from thinkforge.platform.deps import (
+    AfterQuery,
+    CtxDep,
+    IdempotencyKeyDep,
+    KeyFirstRoute,
+    LimitQuery,
+    PrincipalDep,
+)
 from thinkforge.platform.errors import InvalidRequest
 from thinkforge.platform.idempotency import fingerprint, run_idempotent
 from thinkforge.platform.models import Checkpoint, JobEvent
@@ -24,7 +31,7 @@ from thinkforge.platform.schemas import (
 )
 from thinkforge.platform.views import checkpoint_view, event_view, job_view
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], route_class=KeyFirstRoute)
 _METADATA_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 

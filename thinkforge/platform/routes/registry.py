@@ -10,8 +10,14 @@ from fastapi.responses import JSONResponse
 
 from thinkforge.platform import promotions
 from thinkforge.platform.auth import Principal
-from thinkforge.platform.deps import AfterQuery, CtxDep, IdempotencyKeyDep, LimitQuery, PrincipalDep
-from thinkforge.platform.errors import PermissionDenied
+from thinkforge.platform.deps import (
+    AfterQuery,
+    CtxDep,
+    IdempotencyKeyDep,
+    KeyFirstRoute,
+    LimitQuery,
+    PrincipalDep,
+)
 from thinkforge.platform.idempotency import fingerprint, run_idempotent_action
 from thinkforge.platform.ownership import ScopedRegistry
 from thinkforge.platform.registry import ModelVersionInfo, all_versions
@@ -31,7 +37,7 @@ from thinkforge.platform.views import (
     version_view,
 )
 
-router = APIRouter(prefix="/v1", tags=["registry"])
+router = APIRouter(prefix="/v1", tags=["registry"], route_class=KeyFirstRoute)
 NamePath = Annotated[str, Path(max_length=256, pattern=r"^[^\x00/]+$")]
 AliasPath = Annotated[str, Path(max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
 
@@ -151,19 +157,11 @@ def list_audit(
 
 
 def _alias_registry(ctx: CtxDep, principal: Principal, name: str) -> ScopedRegistry:
-    """An admin's registry, with ``name`` checked now: before the alias lock is taken."""
-    _require_admin(principal)
+    """The project's registry, with ``name`` checked now: before the alias lock is taken.
+    (Only admins get here: alias moves are ADMIN_ONLY, checked by KeyFirstRoute.)"""
     registry = ctx.registry_for(principal.project_id)
     registry.check(name)
     return registry
-
-
-def _require_admin(principal: Principal) -> None:
-    if not principal.is_admin:
-        raise PermissionDenied(
-            "moving an alias needs an admin key (thinkforge keys create --admin)",
-            code="admin_required",
-        )
 
 
 def _version_view(ctx: CtxDep, v: ModelVersionInfo) -> ModelVersionObject:

