@@ -118,7 +118,7 @@ def _apply(
         detail = status.message or "the run failed"
         if status.log_tail:
             detail = f"{detail}\n{status.log_tail}"
-        fail(session, job, FailureKind.TRAINING_FAILED, detail)
+        fail(session, job, _failure_kind(detail), detail)
     elif state is LaunchState.STOPPED:
         set_status(session, job, JobStatus.CANCELLED, message="Job cancelled; the run was stopped")
     elif state is LaunchState.UNKNOWN:
@@ -201,3 +201,10 @@ class Reconciler:
                 self._leader.reconciled()
             except Exception:
                 log.exception("recording the reconcile pass failed")
+
+
+def _failure_kind(detail: str) -> FailureKind:
+    """training_failed, unless the job's error line names a more precise code."""
+    if f"[{FailureKind.CHECKPOINT_INCOMPATIBLE.value}]" in detail:
+        return FailureKind.CHECKPOINT_INCOMPATIBLE
+    return FailureKind.TRAINING_FAILED
