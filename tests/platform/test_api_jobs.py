@@ -83,14 +83,25 @@ def test_lifecycle_to_succeeded_and_terminal_is_final(api: Api, file_id: str) ->
     assert_error(api.client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel"), 409)
 
 
-def test_failed_run_records_error(api: Api, file_id: str) -> None:
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ("worker OOM", "training_failed"),
+        (  # what the entrypoint says when DCP state cannot be resumed (jobs.checkpointing)
+            "training failed: [checkpoint_incompatible] checkpoint_00000004 was written with "
+            "global_batch 16, this job has 32",
+            "checkpoint_incompatible",
+        ),
+    ],
+)
+def test_failed_run_records_error(api: Api, file_id: str, message: str, code: str) -> None:
     job_id = create(api, file_id).json()["id"]
     reconcile(api)
-    api.launcher.set(job_id, LaunchState.FAILED, "worker OOM")
+    api.launcher.set(job_id, LaunchState.FAILED, message)
     reconcile(api)
     job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["finished_at"] is not None
-    assert job["error"]["code"] == "training_failed" and "worker OOM" in job["error"]["message"]
+    assert job["error"]["code"] == code and message in job["error"]["message"]
 
 
 def test_failed_run_keeps_the_error_short_and_its_log_in_an_error_event(
@@ -235,7 +246,7 @@ def test_pagination_and_metadata_filter(api: Api, file_id: str) -> None:
         ),
         ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
         ({"hyperparameters": {"bogus": 1}}, "hyperparameters.bogus"),
-        ({"resources": {"num_workers": 2, "strategy": "fsdp"}}, "resources"),
+        ({"resources": {"num_workers": 2, "strategy": "zero3"}}, "resources.strategy"),
         ({"seed": -3}, "seed"),
         ({"suffix": "has space"}, "suffix"),
         ({"config": {"block_size": 1}}, "config.block_size"),
@@ -268,12 +279,21 @@ def test_bad_job_requests_write_nothing(api: Api, file_id: str, fields: dict, pa
 def test_moe_section_checked_against_a_local_base(
     api: Api, file_id: str, tmp_path: Path, model_config: dict, code: str | None, param: str
 ) -> None:
-    (tmp_path / "config.json").write_text(json.dumps(model_config))
-    resp = create(api, file_id, model=str(tmp_path), config={"moe": {"balance": "global"}})
+    base = api.settings.dataset_roots[0] / "base"  # local models must lie under a root
+    base.mkdir(parents=True)
+    (base / "config.json").write_text(json.dumps(model_config))
+    resp = create(api, file_id, model=str(base), config={"moe": {"balance": "global"}})
     assert_error(resp, 400, param)
     if code is not None:
         assert resp.json()["error"]["code"] == code
     assert api.client.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "auto"])
+def test_fsdp_and_auto_are_accepted_on_cpu_workers(api: Api, file_id: str, strategy: str) -> None:
+    """FSDP2 runs on CPU over gloo, so a CPU job may ask for it (or for auto)."""
+    resp = create(api, file_id, resources={"num_workers": 2, "strategy": strategy})
+    assert resp.status_code == 200, resp.text
 
 
 def test_dataset_uri_under_allowed_root(api: Api) -> None:

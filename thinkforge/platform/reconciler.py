@@ -129,6 +129,7 @@ def _apply(
     elif state is LaunchState.SUCCEEDED:
         set_status(session, job, JobStatus.SUCCEEDED, message="Job succeeded")
     elif state is LaunchState.FAILED:
+        kind = _failure_kind(f"{status.message or ''}\n{status.log_tail or ''}")
         detail = failure_summary(status.message)
         if status.log_tail:  # the log stays with the job, for those who may read its events
             add_event(
@@ -136,7 +137,7 @@ def _apply(
                 type="log", data={"log": status.log_tail}, dedupe_key="log",
             )  # fmt: skip
             detail += "; the end of its log is in the job's events"
-        fail(session, job, FailureKind.TRAINING_FAILED, detail)
+        fail(session, job, kind, detail)
     elif state is LaunchState.STOPPED:
         set_status(session, job, JobStatus.CANCELLED, message="Job cancelled; the run was stopped")
     elif state is LaunchState.UNKNOWN:
@@ -247,3 +248,10 @@ class Reconciler:
                 self._leader.reconciled()
             except Exception:
                 log.exception("recording the reconcile pass failed")
+
+
+def _failure_kind(detail: str) -> FailureKind:
+    """training_failed, unless the job's error line names a more precise code."""
+    if f"[{FailureKind.CHECKPOINT_INCOMPATIBLE.value}]" in detail:
+        return FailureKind.CHECKPOINT_INCOMPATIBLE
+    return FailureKind.TRAINING_FAILED
