@@ -99,12 +99,12 @@ def control_plane(data_dir: Path, key: str) -> Iterator[tuple[str, dict[str, str
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], data_dir: Path) -> None:
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # ready means its local Ray head answers too
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the control plane exited; see {data_dir / 'control-plane.log'}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
                 return
         except httpx.TransportError:
             pass

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import sys
 import tempfile
@@ -491,7 +492,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m thinkforge.jobs.evaluate")
     parser.add_argument("--eval-id", required=True)
     parser.add_argument("--config-json", required=True, help="an EvalConfig as JSON")
-    parser.add_argument("--mlflow-uri", default=None, help="log a run here when given")
+    parser.add_argument(
+        "--mlflow-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="log a run here when given (default: MLFLOW_TRACKING_URI)",
+    )
     parser.add_argument("--mlflow-artifact-root", default=None, help="for a new experiment")
     parser.add_argument("--output", required=True, help="folder for results.json and plot.png")
     return parser.parse_args(argv)
