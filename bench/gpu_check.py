@@ -1,13 +1,19 @@
-"""GPU check of both engines: a bigger random Qwen2, ratios (1)-(3) of serve_bench.
+"""GPU check of both engines: a bigger random Qwen2, ratios (1)-(3) of serve_bench; then (4),
+training: FSDP2 in bf16 on every visible GPU.
 
-Needs only torch + transformers + thinkforge.serve (no tokenizer training, no network);
-with vLLM installed (the `vllm` extra) and a GPU, the vLLM engine runs as well (v1)-(v3):
+Needs only torch + transformers + thinkforge (no tokenizer training, no network); with
+vLLM installed (the `vllm` extra) and a GPU, the vLLM engine runs as well (v1)-(v3):
     python bench/gpu_check.py                 # cuda when available, else a small cpu run
     python bench/gpu_check.py --hidden 2048 --layers 16
     python bench/gpu_check.py --no-vllm       # the transformers engine only
+    python bench/gpu_check.py --train-only    # only (4)
 
-Finishes within 5 minutes on one GPU (vLLM: eager mode, no CUDA graph capture). Prints
-one line per measurement.
+Finishes within 5 minutes on one GPU (vLLM: eager mode, no CUDA graph capture). Prints one
+line per measurement; (4) prints one table: a Qwen2-0.5B-shaped random model, block 4096,
+activation checkpointing, FSDP2 with MixedPrecisionPolicy(bf16, fp32 reduce) over all
+visible GPUs (one process each, NCCL): tokens/s, an MFU estimate, peak GPU memory, and a
+DCP save and resume (the resumed model's loss on the next batch must equal the
+uninterrupted one's).
 """
 
 from __future__ import annotations
@@ -124,8 +130,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--prompt", type=int, default=2048, help="prompt tokens for (2)")
     parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM engine")
+    parser.add_argument("--train-only", action="store_true", help="only the training check (4)")
+    parser.add_argument("--no-train", action="store_true", help="skip the training check (4)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
+    if not args.train_only:
+        serve_checks(args, cuda)
+    if cuda and not args.no_train:
+        train_check()
+
+
+def serve_checks(args: argparse.Namespace, cuda: bool) -> None:
     if not cuda:
         args.hidden, args.layers, args.vocab, args.tokens, args.prompt = 128, 2, 512, 32, 256
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,6 +214,124 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         vllm_check(tmp, n, expected, checks)
+
+
+# ---------------------------------------------------------------- (4) training, FSDP2
+
+QWEN2_05B = {  # Qwen2-0.5B's shape (random weights)
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+}
+H200_BF16_FLOPS = 989e12  # dense bf16 peak per GPU; MFU is against this
+TRAIN_BLOCK, TRAIN_STEPS, TRAIN_WARMUP = 4096, 10, 3
+
+
+def train_check() -> None:
+    import torch.multiprocessing as mp
+
+    world = torch.cuda.device_count()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Qwen2Config(**QWEN2_05B, max_position_embeddings=TRAIN_BLOCK)
+        torch.manual_seed(0)
+        Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(Path(tmp) / "model")
+        mp.spawn(_train_rank, args=(world, tmp), nprocs=world, join=True)
+
+
+def _train_rank(rank: int, world: int, tmp: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from thinkforge.jobs.checkpointing import CheckpointManager
+    from thinkforge.jobs.memory import ModelShape
+    from thinkforge.jobs.parallel import build_model, clip_grad_norm
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29555")
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    device = torch.device("cuda", rank)
+    model_dir = str(Path(tmp) / "model")
+
+    def fresh(load: bool) -> tuple[Any, Any, Any]:
+        model = build_model(
+            model_dir, strategy="fsdp", device=device, world=world,
+            param_dtype=torch.bfloat16, activation_checkpointing=True, load_weights=load,
+        )  # fmt: skip
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        return (
+            model,
+            opt,
+            CheckpointManager(
+                model, opt, sched, global_batch=world, strategy="fsdp", rank=rank, world=world
+            ),
+        )
+
+    def batch(i: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(i * world + rank)
+        return torch.randint(0, QWEN2_05B["vocab_size"], (1, TRAIN_BLOCK), generator=g).to(device)
+
+    def step(model: Any, opt: Any, i: int) -> float:
+        ids = batch(i)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        clip_grad_norm(model, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    try:
+        model, opt, manager = fresh(load=True)
+        for i in range(TRAIN_WARMUP):
+            step(model, opt, i)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for i in range(TRAIN_WARMUP, TRAIN_WARMUP + TRAIN_STEPS):
+            step(model, opt, i)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        done = TRAIN_WARMUP + TRAIN_STEPS
+        start = time.perf_counter()
+        manager.save(Path(tmp) / "ckpt", step=done)
+        dist.barrier()
+        saved = time.perf_counter() - start
+        with torch.no_grad():
+            ids = batch(done)
+            expected = float(model(input_ids=ids, labels=ids).loss)
+        del model, opt, manager
+        torch.cuda.empty_cache()
+        start = time.perf_counter()
+        model, _opt, manager = fresh(load=False)
+        resumed_at = manager.load(Path(tmp) / "ckpt")
+        dist.barrier()
+        resumed = time.perf_counter() - start
+        with torch.no_grad():
+            ids = batch(done)
+            got = float(model(input_ids=ids, labels=ids).loss)
+        if rank == 0:
+            shape = ModelShape.from_config(Qwen2Config(**QWEN2_05B))
+            tokens_per_s = TRAIN_BLOCK * world * TRAIN_STEPS / elapsed
+            # 6 N per token (forward + backward) + attention, + one more forward (recompute).
+            flops = 8 * shape.n_params + 16 * shape.n_layers * shape.hidden_size * TRAIN_BLOCK
+            mfu = tokens_per_s * flops / (H200_BF16_FLOPS * world)
+            print(
+                "(4) training, FSDP2 bf16, activation checkpointing, Qwen2-0.5B shape, "
+                f"block {TRAIN_BLOCK}, {world} GPU(s)\n"
+                f"    {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'save s':>7} "
+                f"{'resume s':>9} {'resumed step':>12} {'loss match':>10}\n"
+                f"    {tokens_per_s:10.0f} {mfu:6.1%} {peak:9.2f} {saved:7.2f} {resumed:9.2f} "
+                f"{resumed_at:12d} {abs(got - expected) < 1e-3!s:>10}"
+            )
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

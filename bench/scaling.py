@@ -1,17 +1,19 @@
 """Test-time scaling of the tiny CPU model: train with the tiny-cpu recipe, sweep budgets.
 
-Trains ``thinkforge/tiny`` on the synthetic running-sum task through the real job path
+Trains ``thinkforge/tiny`` on issue 17's running-sum task through the real job path
 (``thinkforge.jobs.sft.run_training``: Ray Train, 2 DDP workers on a local 2-CPU Ray
 cluster, the recipe ``recipes/tiny-cpu.yaml``), then answers held-out questions
-(``synthetic.train_test_split``) with ``TransformersEngine`` at a sweep of thinking budgets
-(greedy) and prints budget -> accuracy and average thinking tokens. The training data are
-2000 problems (the demo's default), a quarter of whose traces "Wait" and redo their sums.
+(``synthetic.recheck_split``) with ``TransformersEngine`` at a sweep of thinking budgets
+and forced waits (greedy, one evaluation) and prints budget -> accuracy and average
+thinking tokens. The training data are 2000 problems (the demo's default) whose first pass
+adds two digits a step, followed by 0-2 "Wait" rechecks one digit a step
+(``--slip-rate``: first passes with a wrong running sum, corrected by a recheck).
 Answers are graded with ``thinkforge.jobs.answers.is_correct``; ``--output`` also writes
 results.json and the scaling plot in ``thinkforge.jobs.evaluate``'s format.
 
     .venv/bin/python bench/scaling.py                        # train (~3-4 min) + evaluate
     .venv/bin/python bench/scaling.py --model DIR            # evaluate a trained model only
-    .venv/bin/python bench/scaling.py --recheck-rate 0       # no "Wait" in the traces
+    .venv/bin/python bench/scaling.py --slip-rate 0.1        # slipped first passes
     .venv/bin/python bench/scaling.py hyperparameters.n_epochs=2 --n-train 8000
 """
 
@@ -33,11 +35,10 @@ DEFAULT_SWEEP = [
     {"max_tokens": 4},
     {"max_tokens": 8},
     {"max_tokens": 12},
-    {"max_tokens": 16},
-    {"max_tokens": 24},
     {},
     {"num_waits": 1},
     {"num_waits": 2},
+    {"num_waits": 4},
 ]
 
 
@@ -48,9 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0, help="data split seed")
-    p.add_argument(
-        "--recheck-rate", type=float, default=0.25, help="training traces that 'Wait' and recheck"
-    )
+    p.add_argument("--slip-rate", type=float, default=0.0, help="training first passes with a slip")
     p.add_argument("--model", help="evaluate this trained model directory; skip training")
     p.add_argument("--workdir", help="data, Ray storage and the final model (default: a temp dir)")
     p.add_argument("--budgets", help="JSON list of thinking budgets (default: a 10-point sweep)")
@@ -185,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from thinkforge.jobs.evaluate import plot
-    from thinkforge.jobs.synthetic import train_test_split
+    from thinkforge.jobs.synthetic import recheck_split
 
-    train_rows, test_rows = train_test_split(
-        args.n_train, args.n_test, seed=args.seed, recheck_rate=args.recheck_rate
+    train_rows, test_rows = recheck_split(
+        args.n_train, args.n_test, seed=args.seed, slip_rate=args.slip_rate
     )
     work = Path(args.workdir or tempfile.mkdtemp(prefix="thinkforge-scaling-")).absolute()
     work.mkdir(parents=True, exist_ok=True)

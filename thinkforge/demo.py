@@ -3,8 +3,8 @@
 Starts the embedded stack (``thinkforge up``: local Ray, SQLite, file-backed MLflow),
 then, as a user would: makes the synthetic running-sum dataset and uploads it, trains
 the tiny model with the ``tiny-cpu`` recipe (a progress bar follows the job), promotes
-the version to ``production``, deploys it, asks budget-forced questions, runs a
-thinking-budget sweep and saves the scaling plot. Everything it started is stopped at
+the version to ``production``, deploys it, asks budget-forced questions, runs one
+evaluation that sweeps thinking budgets and forced waits and saves the scaling plot. Everything it started is stopped at
 the end; a second run starts afresh.
 
     python -m thinkforge.demo [--train 2000] [--eval 200] [--epochs N]
@@ -33,14 +33,16 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from thinkforge.client import Client
-from thinkforge.jobs.synthetic import train_test_split, write_records
+from thinkforge.jobs.synthetic import recheck_split, write_records
 from thinkforge.platform.ray_cluster import free_port
 
 console = Console()
 REPO = Path(__file__).resolve().parents[1]
 MARKER = ".thinkforge-demo"
-SWEEP = [{"max_tokens": 0}, {"max_tokens": 4}, {"max_tokens": 8}, {"max_tokens": 16}, {}]
-WAITS = {"num_waits": 1}
+# Both of s1's families in one evaluation: budgets cut thinking short, forced waits
+# extend it past where the model would stop (the full budget is 0 waits).
+SWEEP = [{"max_tokens": 0}, {"max_tokens": 4}, {"max_tokens": 8}, {}]
+WAITS = [{"num_waits": 1}, {"num_waits": 2}, {"num_waits": 4}]
 
 
 @dataclass
@@ -97,12 +99,12 @@ def control_plane(data_dir: Path, key: str) -> Iterator[tuple[str, dict[str, str
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], data_dir: Path) -> None:
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # ready means its local Ray head answers too
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the control plane exited; see {data_dir / 'control-plane.log'}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -111,9 +113,9 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], data_dir: Path) -> None
 
 
 def make_data(data_dir: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
-    # A quarter of the traces end with "Wait" and a second pass, so forced waits are
-    # something the model has seen (bench/scaling.py measures both ways).
-    train, held_out = train_test_split(n_train, n_eval, seed=0, recheck_rate=0.25)
+    # Issue 17's task: a fallible two-digits-a-step first pass, then 0-2 "Wait" rechecks
+    # one digit a step, so a forced wait can fix a mistake (bench/scaling.py measures it).
+    train, held_out = recheck_split(n_train, n_eval, seed=0)
     return (
         write_records(data_dir / "datasets" / "sums-train.jsonl", train),
         write_records(data_dir / "datasets" / "sums-heldout.jsonl", held_out),
@@ -191,10 +193,10 @@ def show_answer(a: dict[str, Any]) -> None:
 
 
 def evaluate(tf: Client, deployment: str, file_id: str, n_eval: int) -> dict[str, Any]:
-    budgets = [*SWEEP, WAITS]
+    budgets = [*SWEEP, *WAITS]
     ev = tf.create_eval(
         {"deployment": deployment, "dataset": file_id, "budgets": budgets, "limit": n_eval,
-         "max_completion_tokens": 96, "concurrency": 16},
+         "max_completion_tokens": 160, "concurrency": 16},
     )  # fmt: skip
     console.print(
         f"  evaluation [bold]{ev['id']}[/bold]: {n_eval} questions x {len(budgets)} budgets"
@@ -241,7 +243,7 @@ def run(args: argparse.Namespace) -> DemoResult:
         probes = [
             (held_out[0], {"max_tokens": 64}),
             (held_out[0], {"max_tokens": 2}),
-            (held_out[1], {"max_tokens": 64, "num_waits": 1}),
+            (held_out[1], {"max_tokens": 128, "num_waits": 2}),
         ]
         for question, thinking in probes:
             answer = ask(addresses["serve"], key, name, question, thinking)

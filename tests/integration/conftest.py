@@ -32,14 +32,22 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRayCl
 class ControlPlane:
     """``thinkforge up`` in a subprocess, so a test can kill it like a crash would."""
 
-    def __init__(self, data_dir: Path, cluster: LocalRayCluster, **env: str) -> None:
+    def __init__(self, data_dir: Path, cluster: LocalRayCluster | None, **env: str) -> None:
+        """``cluster=None``: embedded mode, the control plane starts its own Ray head."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        ray = (
+            {
+                "THINKFORGE_RAY_ADDRESS": cluster.dashboard_url,
+                "THINKFORGE_RAY_AUTH_TOKEN": cluster.token,
+            }
+            if cluster is not None
+            else {}
+        )
         self.env = {
             **os.environ,
             "THINKFORGE_DATA_DIR": str(data_dir),
-            "THINKFORGE_RAY_ADDRESS": cluster.dashboard_url,
-            "THINKFORGE_RAY_AUTH_TOKEN": cluster.token,
+            **ray,
             "THINKFORGE_BOOTSTRAP_API_KEY": API_KEY,
             "THINKFORGE_RECONCILE_INTERVAL_S": "1",
             "THINKFORGE_RECIPES_DIR": str(Path(__file__).resolve().parents[2] / "recipes"),
@@ -48,22 +56,25 @@ class ControlPlane:
         self.log = data_dir / f"api-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> ControlPlane:
+    def start(self, timeout_s: float = 180) -> ControlPlane:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "thinkforge.cli", "up", "--port", str(self.port)],
             env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
         )  # fmt: skip
-        deadline = time.monotonic() + 90
+        deadline, last = time.monotonic() + timeout_s, ""
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                resp = httpx.get(f"{self.url}/readyz", timeout=10)
+                if resp.status_code == 200:
                     return self
+                last = resp.text
             except httpx.TransportError:
                 pass
             time.sleep(0.3)
-        raise AssertionError(f"control plane not ready:\n{self.log.read_text()}")
+        self.kill()
+        raise AssertionError(f"control plane not ready ({last}):\n{self.log.read_text()}")
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -99,6 +99,7 @@ def test_deploy_roll_refuse_and_delete(ray_cluster: LocalRayCluster, tmp_path: P
             assert first.status_code == 200, first.text
             assert first.headers["x-thinkforge-model-version"] == "1"
             assert first.json()["usage"]["completion_tokens_details"]["reasoning_tokens"] <= 8
+            check_jobs_that_cannot_get_their_workers(client, tmp_path)
 
             failures: list[str] = []
             versions: list[str] = []
@@ -173,3 +174,40 @@ def test_deploy_roll_refuse_and_delete(ray_cluster: LocalRayCluster, tmp_path: P
                 time.sleep(1)
     finally:
         plane.stop()
+
+
+def check_jobs_that_cannot_get_their_workers(client: httpx.Client, tmp_path: Path) -> None:
+    """The deployment holds part of the cluster's 2 CPUs: a 2-worker job stays queued and
+    says what it waits for; a job larger than the whole cluster fails at once."""
+    from tests.integration.test_training_e2e import TERMINAL, events, upload_sums, wait_job
+
+    file_id = upload_sums(client, tmp_path, n=16)
+
+    def job(workers: int) -> dict[str, Any]:
+        body = {"model": "thinkforge/tiny", "training_file": file_id, "recipe": "tiny-cpu",
+                "resources": {"num_workers": workers, "cpus_per_worker": 1}}  # fmt: skip
+        resp = client.post("/v1/fine_tuning/jobs", json=body)
+        assert resp.status_code == 200, resp.text
+        return dict(resp.json())
+
+    never = job(3)
+    failed = wait_job(client, never["id"], lambda j: j["status"] in TERMINAL, timeout=60)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "insufficient_resources"
+    assert "3" in failed["error"]["message"] and "CPU" in failed["error"]["message"]
+
+    waiting = job(2)
+    deadline = time.monotonic() + 240
+    while not (found := [e for e in events(client, waiting["id"]) if e["type"] == "waiting"]):
+        assert time.monotonic() < deadline, events(client, waiting["id"])
+        time.sleep(1)
+    data = found[0]["data"]
+    assert data["asked"] == {"workers": 2, "per_worker": {"CPU": 1.0}}
+    assert data["total"]["CPU"] == 2 and data["free"]["CPU"] < 2
+    held = {h["holder"]: h["resources"] for h in data["held_by"]}
+    assert any(NAME in holder and "Serve" in holder for holder in held), held
+    assert "Serve" in found[0]["message"] and "free" in found[0]["message"]
+    time.sleep(5)
+    assert client.get(f"/v1/fine_tuning/jobs/{waiting['id']}").json()["status"] == "queued"
+    assert client.post(f"/v1/fine_tuning/jobs/{waiting['id']}/cancel").status_code == 200
+    done = wait_job(client, waiting["id"], lambda j: j["status"] in TERMINAL, timeout=120)
+    assert done["status"] == "cancelled"

@@ -173,3 +173,19 @@ def test_list_checkpoints_skips_incomplete(tmp_path: Path, where: str) -> None:
         found = list_checkpoints(storage, "j")
     assert [(c.step, c.epoch, c.metrics) for c in found] == [(2, 0.5, {"loss": 1.5})]
     assert found[0].path == f"{shown}/j/checkpoint_00000002"
+
+
+def test_a_worker_failure_is_reported_by_what_the_worker_said() -> None:
+    from ray.train import WorkerGroupError
+
+    from thinkforge.jobs.__main__ import training_failure
+    from thinkforge.jobs.checkpointing import CheckpointError
+
+    refused = CheckpointError("checkpoint_00000004 was written with global_batch 16")
+    error = WorkerGroupError("rank 0 and 1 failed", {1: ValueError("later"), 0: refused})
+    assert training_failure(error) == (
+        "[checkpoint_incompatible] checkpoint_00000004 was written with global_batch 16"
+    )
+    traced = RuntimeError("Traceback (most recent call last):\n  ...\nValueError: bad shape")
+    assert training_failure(WorkerGroupError("x", {0: traced})) == "ValueError: bad shape"
+    assert training_failure(RuntimeError("the controller died\nmore")) == "the controller died"

@@ -22,12 +22,15 @@ from pydantic import ValidationError
 from tests.conftest import free_port
 from tests.serve.conftest import save_tiny_model
 from thinkforge.jobs.evaluate import (
+    BudgetPoint,
     EvalConfig,
     EvalResult,
+    families,
     load_questions,
     log_to_mlflow,
     plot,
     run_eval,
+    summarize,
 )
 
 PREFIX = "Answer: 7\n"
@@ -103,6 +106,22 @@ def test_entrypoint_rejects_a_bad_config_in_one_line(tmp_path: Path) -> None:
         EvalConfig(dataset="d", model="m")
     with pytest.raises(ValidationError, match="exactly one of base_url"):
         EvalConfig(dataset="d", model="m", base_url="u", model_uri="models:/m/1")
+
+
+def test_plot_families_split_budget_caps_from_forced_waits() -> None:
+    def point(thinking: dict[str, Any], tokens: float) -> Any:
+        return summarize(BudgetPoint.model_validate(thinking), []).model_copy(
+            update={"avg_thinking_tokens": tokens}
+        )
+
+    full, cap, waits = point({}, 14), point({"max_tokens": 4}, 4), point({"num_waits": 1}, 35)
+    both = point({"max_tokens": 64, "num_waits": 2}, 50)
+    got = families([waits, full, both, cap])
+    assert {k: [b.budget for b in v] for k, v in got.items()} == {
+        "thinking budget": ["max_tokens=4", "full"],
+        "forced waits": ["full", "num_waits=1", "max_tokens=64,num_waits=2"],
+    }
+    assert list(families([cap, full])) == ["thinking budget"]  # no waits: one curve
 
 
 def test_evaluate_never_imports_the_control_plane() -> None:

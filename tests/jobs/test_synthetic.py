@@ -1,15 +1,21 @@
-"""The synthetic running-sum task: s1K-format records whose traces are correct."""
+"""The synthetic running-sum tasks: s1K-format records whose attempts are correct, and
+issue 17's variant whose first pass may slip and whose "Wait" rechecks correct it."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
+
+import pytest
 
 from thinkforge.jobs.config import DatasetFormat, iter_jsonl, parse_record
 from thinkforge.jobs.synthetic import (
     extract_answer,
     generate,
+    make_recheck_record,
     make_record,
+    recheck_split,
     train_test_split,
     write_jsonl,
 )
@@ -68,3 +74,54 @@ def test_recheck_traces_repeat_the_sums_after_a_wait() -> None:
     waits = sum("\nWait\n" in r["thinking_trajectories"][0] for r in checked)
     assert 50 < waits < 150
     assert all(r["attempt"] == p["attempt"] for r, p in zip(checked, plain, strict=True))
+
+
+def test_recheck_record_pairs_first_then_single_steps() -> None:
+    assert make_recheck_record([3, 5, 2, 7]) == {
+        "question": "Sum: 3 5 2 7",
+        "thinking_trajectories": ["3+5+2=10\n10+7=17"],
+        "attempt": "17",
+    }
+    two = make_recheck_record([3, 5, 2, 7, 4], rechecks=2)["thinking_trajectories"][0]
+    recheck = "3+5=8\n8+2=10\n10+7=17\n17+4=21"
+    assert two == f"3+5+2=10\n10+7+4=21\nWait\n{recheck}\nWait\n{recheck}"
+
+
+def test_a_slip_is_carried_on_and_the_recheck_corrects_it() -> None:
+    rec = make_recheck_record([3, 5, 2, 7, 4], rechecks=1, slip=-1, slip_at=0)
+    first, recheck = rec["thinking_trajectories"][0].split("\nWait\n")
+    assert first == "3+5+2=9\n9+7+4=20"
+    assert recheck.endswith("=21") and rec["attempt"] == "21"
+    # never a negative running sum: the slip flips sign instead
+    low = make_recheck_record([0, 0, 1], rechecks=1, slip=-10)
+    assert low["thinking_trajectories"][0].startswith("0+0+1=11\n")
+    with pytest.raises(ValueError, match="recheck"):
+        make_recheck_record([3, 5, 2], slip=1)
+
+
+def test_recheck_split_mixes_waits_and_holds_questions_out() -> None:
+    train, test = recheck_split(n_train=2000, n_test=200, seed=0, slip_rate=0.1)
+    assert (len(train), len(test)) == (2000, 200)
+    assert not {r["question"] for r in test} & {r["question"] for r in train}
+    assert recheck_split(n_train=2000, n_test=200, seed=0, slip_rate=0.1) == (train, test)
+    waits = Counter(r["thinking_trajectories"][0].count("\nWait\n") for r in train)
+    assert set(waits) == {0, 1, 2}
+    assert waits[0] > 1000 and waits[1] > 400 and waits[2] > 250  # 0 waits is the mode
+    slipped = 0
+    for rec in train:
+        example = parse_record(rec, DatasetFormat.AUTO)
+        passes = example.thinking.split("\nWait\n")
+        assert passes[-1].endswith(f"={rec['attempt']}")  # the last pass is right
+        slipped += not passes[0].endswith(f"={rec['attempt']}")
+    assert 120 < slipped < 280  # slip_rate 0.1
+    for rec in test:  # drawn like the training questions, graded on the attempt only
+        terms = [int(t) for t in rec["question"].removeprefix("Sum: ").split()]
+        assert 3 <= len(terms) <= 5 and rec["attempt"] == str(sum(terms))
+        assert "Wait" not in rec["thinking_trajectories"][0]
+    plain, _ = recheck_split(n_train=500, n_test=50, seed=0)  # the default: no slips
+    assert all(r["thinking_trajectories"][0].split("\n")[0].count("+") == 2 for r in plain)
+    assert all(p.endswith(f"={r['attempt']}") for r in plain for p in _passes(r))
+
+
+def _passes(rec: dict[str, str | list[str]]) -> list[str]:
+    return str(rec["thinking_trajectories"][0]).split("\nWait\n")

@@ -13,8 +13,8 @@ from sqlalchemy import func, select
 from tests.platform.conftest import Api
 from tests.platform.data import S1K, jsonl
 from tests.platform.test_api_files import assert_error, upload
-from thinkforge.platform.launcher import LaunchState
-from thinkforge.platform.models import File
+from thinkforge.platform.launcher import CannotFit, LaunchState, LaunchStatus
+from thinkforge.platform.models import Checkpoint, File
 from thinkforge.platform.reconciler import reconcile_once
 
 
@@ -83,14 +83,111 @@ def test_lifecycle_to_succeeded_and_terminal_is_final(api: Api, file_id: str) ->
     assert_error(api.client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel"), 409)
 
 
-def test_failed_run_records_error(api: Api, file_id: str) -> None:
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ("worker OOM", "training_failed"),
+        (  # what the entrypoint says when DCP state cannot be resumed (jobs.checkpointing)
+            "training failed: [checkpoint_incompatible] checkpoint_00000004 was written with "
+            "global_batch 16, this job has 32",
+            "checkpoint_incompatible",
+        ),
+    ],
+)
+def test_failed_run_records_error(api: Api, file_id: str, message: str, code: str) -> None:
     job_id = create(api, file_id).json()["id"]
     reconcile(api)
-    api.launcher.set(job_id, LaunchState.FAILED, "worker OOM")
+    api.launcher.set(job_id, LaunchState.FAILED, message)
     reconcile(api)
     job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["finished_at"] is not None
-    assert job["error"]["code"] == "training_failed" and "worker OOM" in job["error"]["message"]
+    assert job["error"]["code"] == code and message in job["error"]["message"]
+
+
+def test_failed_run_keeps_the_error_short_and_its_log_in_an_error_event(
+    api: Api, file_id: str
+) -> None:
+    job_id = create(api, file_id).json()["id"]
+    reconcile(api)
+    log = "".join(f"  File /srv/app/{i}.py, line {i}\n" for i in range(400))
+    log = f"Traceback (most recent call last):\n{log}RuntimeError: worker 1 died\n"
+    api.launcher.states[job_id] = LaunchStatus(
+        LaunchState.FAILED,
+        message="Job entrypoint command failed with exit code 1, last available logs "
+        f"(truncated to 20,000 chars):\n{log}",
+        log_tail=log[-4000:],
+    )
+    reconcile(api)
+    job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    message = job["error"]["message"]
+    assert job["error"]["code"] == "training_failed"
+    assert "\n" not in message and len(message) <= 300 and "/srv/app" not in message
+    assert "exit code 1" in message and "events" in message  # where the log is
+    events = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100})
+    (logged,) = [e for e in events.json()["data"] if e["type"] == "log"]
+    assert logged["level"] == "error" and logged["data"]["log"] == log[-4000:]
+    assert all("/srv/app" not in e["message"] for e in events.json()["data"])
+    other = api.new_key("other-project")
+    with api.keyed(other) as client:
+        assert client.get(f"/v1/fine_tuning/jobs/{job_id}/events").status_code == 404
+
+
+def test_a_lost_run_is_resubmitted_within_the_jobs_retry_budget(api: Api, file_id: str) -> None:
+    assert api.settings.job_max_retries == 2  # the default; this job asks for one
+    job_id = create(api, file_id, max_retries=1).json()["id"]
+    assert api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["max_retries"] == 1
+    reconcile(api)
+    api.launcher.set(job_id, LaunchState.RUNNING)
+    reconcile(api)
+    with api.app.state.ctx.sessions.begin() as session:  # type: ignore[attr-defined]
+        session.add(Checkpoint(id="ftckpt-1", job_id=job_id, step=4, path="/ckpt/4"))
+    del api.launcher.states[job_id]  # the cluster forgets the run (its head restarted)
+    reconcile(api)
+    job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "running" and job["retries"] == 1
+    assert [s.job_id for s in api.launcher.submissions] == [job_id, job_id]
+    events = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+    (retry,) = [e for e in events if e["type"] == "retry"]
+    assert retry["level"] == "warning" and retry["data"] == {
+        "retry": 1,
+        "max_retries": 1,
+        "checkpoint_step": 4,
+    }
+    assert "step 4" in retry["message"]
+    del api.launcher.states[job_id]  # lost again: the budget is spent
+    reconcile(api)
+    job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "job_lost"
+    assert "1 retry" in job["error"]["message"] and len(api.launcher.submissions) == 2
+    assert_error(create(api, file_id, max_retries=-1), 400, "max_retries")
+
+
+def test_a_job_waiting_for_workers_stays_queued_and_says_why(api: Api, file_id: str) -> None:
+    job_id = create(api, file_id).json()["id"]
+    reconcile(api)
+    waiting = {"asked": {"workers": 2, "per_worker": {"CPU": 1.0}}, "free": {"CPU": 1.0},
+               "total": {"CPU": 2.0}, "held_by": [{"holder": "Serve deployment d", "resources": {"CPU": 1.0}}]}  # fmt: skip
+    api.launcher.states[job_id] = LaunchStatus(
+        LaunchState.PENDING, message="Waiting for workers: ...", waiting=waiting
+    )
+    reconcile(api)
+    reconcile(api)
+    assert api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "queued"
+    events = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+    (event,) = [e for e in events if e["type"] == "waiting"]  # once, however often asked
+    assert event["data"] == waiting and event["level"] == "warning"
+
+
+def test_a_job_larger_than_the_cluster_fails_at_once(api: Api, file_id: str) -> None:
+    api.launcher.fail_submit = CannotFit("the job asks for 3 workers with 1 CPU each")
+    job_id = create(api, file_id).json()["id"]
+    reconcile(api)
+    job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"] == {
+        "code": "insufficient_resources",
+        "message": "the job asks for 3 workers with 1 CPU each",
+        "param": "resources",
+    }
 
 
 def test_launch_failure_fails_the_job(api: Api, file_id: str) -> None:
@@ -149,7 +246,7 @@ def test_pagination_and_metadata_filter(api: Api, file_id: str) -> None:
         ),
         ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
         ({"hyperparameters": {"bogus": 1}}, "hyperparameters.bogus"),
-        ({"resources": {"num_workers": 2, "strategy": "fsdp"}}, "resources"),
+        ({"resources": {"num_workers": 2, "strategy": "zero3"}}, "resources.strategy"),
         ({"seed": -3}, "seed"),
         ({"suffix": "has space"}, "suffix"),
         ({"config": {"block_size": 1}}, "config.block_size"),
@@ -182,12 +279,21 @@ def test_bad_job_requests_write_nothing(api: Api, file_id: str, fields: dict, pa
 def test_moe_section_checked_against_a_local_base(
     api: Api, file_id: str, tmp_path: Path, model_config: dict, code: str | None, param: str
 ) -> None:
-    (tmp_path / "config.json").write_text(json.dumps(model_config))
-    resp = create(api, file_id, model=str(tmp_path), config={"moe": {"balance": "global"}})
+    base = api.settings.dataset_roots[0] / "base"  # local models must lie under a root
+    base.mkdir(parents=True)
+    (base / "config.json").write_text(json.dumps(model_config))
+    resp = create(api, file_id, model=str(base), config={"moe": {"balance": "global"}})
     assert_error(resp, 400, param)
     if code is not None:
         assert resp.json()["error"]["code"] == code
     assert api.client.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "auto"])
+def test_fsdp_and_auto_are_accepted_on_cpu_workers(api: Api, file_id: str, strategy: str) -> None:
+    """FSDP2 runs on CPU over gloo, so a CPU job may ask for it (or for auto)."""
+    resp = create(api, file_id, resources={"num_workers": 2, "strategy": strategy})
+    assert resp.status_code == 200, resp.text
 
 
 def test_dataset_uri_under_allowed_root(api: Api) -> None:

@@ -26,6 +26,9 @@ class RecordingCluster:
     def stop(self) -> None:
         self.calls.append("stop")
 
+    def check(self) -> None:
+        pass
+
 
 def test_a_failed_start_stops_the_ray_head_it_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -36,7 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="path of the resolved SFTConfig as JSON (or YAML)")
     source.add_argument("--config-json", help="the resolved SFTConfig itself, as JSON")
-    parser.add_argument("--mlflow-uri", default=None, help="tracking + registry URI")
+    parser.add_argument(
+        "--mlflow-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="tracking + registry URI (default: MLFLOW_TRACKING_URI)",
+    )
     parser.add_argument("--mlflow-artifact-root", default=None)
     parser.add_argument("--experiment", default="thinkforge")
     parser.add_argument("--storage-path", default=".thinkforge/checkpoints")
@@ -115,6 +119,21 @@ def resolve_model(config: SFTConfig, data_dir: str, mlflow_uri: str | None) -> s
     return path
 
 
+def training_failure(error: BaseException) -> str:
+    """What a worker said when training failed (Ray Train's own message is only "Training
+    failed due to worker errors"): the lowest failing rank's exception, with its code when
+    it has one (``checkpoint_incompatible``)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if not failures:
+        return _first_line(error)
+    exc = failures[min(failures)]
+    code = getattr(exc, "code", None)
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    # A worker's exception may arrive as text with its traceback: its last line says it.
+    text = lines[-1].strip() if lines else type(exc).__name__
+    return f"[{code}] {text}" if code else text
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -158,20 +177,23 @@ def _train_and_register(
 ) -> str | None:
     import ray
 
-    from thinkforge.jobs.sft import run_training
+    from thinkforge.jobs.sft import ClusterTooSmall, run_training
 
     if not ray.is_initialized():
         ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS"))
-    result = run_training(
-        config,
-        args.job_id,
-        args.storage_path,
-        model_path=model_path,
-        tracking_uri=args.mlflow_uri,
-        run_id=run_id,
-    )
+    try:
+        result = run_training(
+            config,
+            args.job_id,
+            args.storage_path,
+            model_path=model_path,
+            tracking_uri=args.mlflow_uri,
+            run_id=run_id,
+        )
+    except ClusterTooSmall as exc:
+        raise JobError(str(exc)) from None
     if result.error is not None:
-        raise JobError(f"training failed: {_first_line(result.error)}")
+        raise JobError(f"training failed: {training_failure(result.error)}")
     if result.checkpoint is None:
         raise JobError("training finished without a checkpoint")
     emit_event("trained", checkpoint=str(result.checkpoint.path), metrics=result.metrics)

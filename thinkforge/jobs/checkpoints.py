@@ -1,10 +1,12 @@
 """Checkpoint layout under the Ray Train storage path, readable without torch or Ray.
 
 A job's checkpoints live at ``{storage_path}/{job_id}/checkpoint_{step:08d}/``; each is
-a Hugging Face model directory (config, safetensors, tokenizer) plus the trainer state
-(``trainer_state.pt``: optimizer, scheduler, step, RNG) and ``thinkforge_checkpoint.json``
-(step, epoch, metrics, and the size of every other file, so a reader can tell a fully
-copied checkpoint from one Ray Train is still uploading).
+a Hugging Face model directory (config, safetensors, sharded with an index for large models,
+tokenizer) plus the sharded training state under ``dcp/`` (``torch.distributed.checkpoint``:
+model, optimizer, scheduler, step, RNG; one ``__{rank}_0.distcp`` per rank, see
+``thinkforge.jobs.checkpointing``) and ``thinkforge_checkpoint.json`` (step, epoch, metrics,
+layout, and the size of every other file of every rank, so a reader can tell a fully copied
+checkpoint from one Ray Train is still uploading).
 The control plane lists them to turn checkpoints into rows. The storage path is a local
 directory or any URI pyarrow opens (``s3://``, ``gs://``, ``abfs://``: what Ray Train
 writes to), listed through ``pyarrow.fs``:
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DCP_DIR",
     "STATE_FILE",
     "TRAINER_STATE_FILE",
     "CheckpointInfo",
@@ -31,7 +34,8 @@ __all__ = [
 ]
 
 STATE_FILE = "thinkforge_checkpoint.json"
-TRAINER_STATE_FILE = "trainer_state.pt"
+TRAINER_STATE_FILE = "trainer_state.pt"  # the full-state layout before DCP; never written now
+DCP_DIR = "dcp"
 _PREFIX = "checkpoint_"
 
 
@@ -110,7 +114,11 @@ def latest_checkpoint(storage_path: str | Path, job_id: str) -> CheckpointInfo |
 
 
 def model_files(directory: str | Path) -> list[Path]:
-    """The files of the Hugging Face model in a checkpoint (no trainer state), sorted."""
+    """The files of the Hugging Face model in a checkpoint (no training state), sorted."""
     root = Path(directory)
     skip = {STATE_FILE, TRAINER_STATE_FILE}
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name not in skip)
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.name not in skip and p.relative_to(root).parts[0] != DCP_DIR
+    )

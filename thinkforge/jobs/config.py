@@ -22,7 +22,6 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from thinkforge.contract import TINY_MODEL, TINY_MOE_MODEL
@@ -73,13 +72,15 @@ class Resources(BaseModel):
     num_workers: int = Field(default=1, ge=1, le=1024)
     gpus_per_worker: float = Field(default=0, ge=0, le=16)
     cpus_per_worker: float = Field(default=1, gt=0, le=256)
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-
-    @model_validator(mode="after")
-    def _fsdp_needs_gpus(self) -> Resources:
-        if self.strategy == "fsdp" and self.gpus_per_worker == 0:
-            raise ValueError("strategy 'fsdp' needs gpus_per_worker > 0; use 'ddp' on CPU")
-        return self
+    strategy: Literal["ddp", "fsdp", "auto"] = Field(
+        default="ddp",
+        description="ddp: a whole replica per worker; fsdp: FSDP2, sharded weights, gradients "
+        "and optimizer state; auto: fsdp when a replica would not fit one worker "
+        "(thinkforge.jobs.memory.choose_strategy)",
+    )
+    cpu_offload: bool = Field(
+        default=False, description="fsdp: keep sharded weights and optimizer state in host memory"
+    )
 
 
 # MoE architectures whose router thinkforge knows: model_type -> (experts, top-k) fields.
@@ -136,9 +137,14 @@ class SFTConfig(BaseModel):
     block_size: int = Field(default=32768, ge=16, le=1_048_576)
     overlong: Literal["truncate", "drop"] = "drop"
     packing: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute each decoder layer's activations in backward"
+    )
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
     checkpoint_every_steps: int = Field(default=0, ge=0, description="0: only at the end")
+    export_shard_mb: int = Field(
+        default=5000, ge=1, description="the exported model's safetensors files, at most (MB)"
+    )
     checkpoints_to_keep: int | None = Field(default=None, ge=1, description="None: keep all")
     max_failures: int = Field(default=0, ge=-1)
     seed: int = Field(default=42, ge=0)

@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-_FALLBACK_PAD = "<|endoftext|>"
+# Tokens that never occur in training text, so padding with one masks nothing real.
+_FALLBACK_PADS = ("<|endoftext|>", "<|fim_pad|>", "<|vision_pad|>")
 
 
 @dataclass
@@ -76,15 +77,20 @@ class DataStats:
 
 
 def ensure_pad_token(tokenizer: Any) -> None:
-    """Give the tokenizer a pad token that is not end of turn (s1: pad != eos)."""
+    """Give the tokenizer a pad token that is not end of turn (s1: pad != eos).
+
+    R1-distill tokenizers pad with their end of sentence and have no ``<|endoftext|>``;
+    like s1 on Qwen, a reserved token of the vocabulary (``<|fim_pad|>``) pads instead."""
     if tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token:
         return
-    if _FALLBACK_PAD in tokenizer.get_vocab() and tokenizer.eos_token != _FALLBACK_PAD:
-        tokenizer.pad_token = _FALLBACK_PAD
-        return
+    vocab = tokenizer.get_vocab()
+    for candidate in _FALLBACK_PADS:
+        if candidate in vocab and candidate != tokenizer.eos_token:
+            tokenizer.pad_token = candidate
+            return
     raise ValueError(
         f"the tokenizer's pad token must differ from its end-of-turn token "
-        f"{tokenizer.eos_token!r}, and it has no {_FALLBACK_PAD!r} to use instead"
+        f"{tokenizer.eos_token!r}, and it has none of {', '.join(_FALLBACK_PADS)} to use instead"
     )
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "EvalResult",
     "Question",
     "QuestionResult",
+    "families",
     "load_questions",
     "log_to_mlflow",
     "main",
@@ -380,24 +381,38 @@ def _index(result: QuestionResult) -> int:
 # ---------------------------------------------------------------- reporting
 
 
+def families(budgets: Sequence[BudgetSummary]) -> dict[str, list[BudgetSummary]]:
+    """s1's two scaling families, each sorted by thinking tokens: forced waits (points
+    with ``num_waits``) and the rest (budget caps); the uncapped ``full`` point is the
+    top of the budget curve and the 0-wait start of the waits curve."""
+    waits = [b for b in budgets if b.thinking.get("num_waits")]
+    capped = [b for b in budgets if not b.thinking.get("num_waits")]
+    out = {"thinking budget": capped}
+    if waits:
+        out["forced waits"] = [b for b in capped if not b.thinking] + waits
+    return {k: sorted(v, key=lambda b: (b.avg_thinking_tokens, b.accuracy)) for k, v in out.items()}
+
+
 def plot(result: EvalResult, path: str | Path) -> Path:
-    """Accuracy against average thinking tokens, one labelled point per budget (PNG)."""
+    """Accuracy against average thinking tokens, one labelled point per budget and one
+    line per family (budget caps, forced waits), as in s1's Figure 1 (PNG)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.4), dpi=100)
     FigureCanvasAgg(fig)  # no pyplot: no global backend, safe in threads and workers
     ax = fig.add_subplot()
-    points = sorted(result.budgets, key=lambda b: (b.avg_thinking_tokens, b.accuracy))
-    xs = [b.avg_thinking_tokens for b in points]
-    ys = [100 * b.accuracy for b in points]
-    ax.plot(xs, ys, "-o", color="tab:blue")
-    for b, x, y in zip(points, xs, ys, strict=True):
-        ax.annotate(b.budget, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for (name, points), style in zip(families(result.budgets).items(), ("-o", "--s"), strict=False):
+        xs = [b.avg_thinking_tokens for b in points]
+        ys = [100 * b.accuracy for b in points]
+        ax.plot(xs, ys, style, label=name)
+        for b, x, y in zip(points, xs, ys, strict=True):
+            ax.annotate(b.budget, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("average thinking tokens")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-2, 102)
     ax.set_title(f"Test-time scaling: {result.model} ({result.questions} questions)")
+    ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
@@ -478,7 +493,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m thinkforge.jobs.evaluate")
     parser.add_argument("--eval-id", required=True)
     parser.add_argument("--config-json", required=True, help="an EvalConfig as JSON")
-    parser.add_argument("--mlflow-uri", default=None, help="log a run here when given")
+    parser.add_argument(
+        "--mlflow-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="log a run here when given (default: MLFLOW_TRACKING_URI)",
+    )
     parser.add_argument("--mlflow-artifact-root", default=None, help="for a new experiment")
     parser.add_argument("--output", required=True, help="folder for results.json and plot.png")
     return parser.parse_args(argv)

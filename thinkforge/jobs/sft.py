@@ -1,16 +1,18 @@
 """The SFT training loop (one copy per Ray Train worker) and the driver that launches it.
 
 ``run_training`` builds a ``TorchTrainer`` (Ray Train V2, the default in Ray 2.60) whose
-workers run ``train_loop_per_worker``: load model and tokenizer with ``from_pretrained``,
-wrap with ``prepare_model`` (DDP on gloo/NCCL, FSDP on GPUs), accumulate gradients up to
-the global batch, AdamW with linear warmup then cosine (or linear/constant) decay, bf16
-autocast on GPUs, gradient clipping, per-step metrics to MLflow from rank 0, and
-checkpoints reported with ``ray.train.report`` (layout: ``thinkforge.jobs.checkpoints``).
+workers run ``train_loop_per_worker``: the tokenizer, then the model built and parallelised
+by ``thinkforge.jobs.parallel`` (DDP, or FSDP2 over gloo on CPU and NCCL on GPU; ``auto``
+picks), gradients accumulated up to the global batch, AdamW with linear warmup then cosine
+(or linear/constant) decay, bf16 on GPUs (autocast under DDP, FSDP's mixed precision
+policy), gradient clipping, per-step metrics to MLflow from rank 0, and checkpoints
+(``thinkforge.jobs.checkpointing``: sharded DCP state plus a Hugging Face export) reported
+by every rank with ``ray.train.report`` (layout: ``thinkforge.jobs.checkpoints``).
 
 Resume is exact: the data order is a pure function of (seed, epoch), so a worker that
 restarts from the checkpoint of step ``s`` skips the batches of steps before ``s`` in
-that epoch and restores optimizer, scheduler and RNG state. This holds both for worker
-failures (``FailureConfig.max_failures``) and for a resubmitted job: the same
+that epoch and restores model, optimizer, scheduler and RNG state, each rank its own
+shards. This holds both for worker failures (``FailureConfig.max_failures``) and for a resubmitted job: the same
 ``RunConfig(name=job_id, storage_path=...)`` makes Ray Train hand back the latest checkpoint.
 
     result = run_training(cfg, job_id, storage_path, model_path=path,
@@ -34,7 +36,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from thinkforge.contract import DATA_METRIC_PREFIX, EXPERTS_PLOT, TRAINED_TOKENS, emit_event
-from thinkforge.jobs.checkpoints import STATE_FILE, TRAINER_STATE_FILE, checkpoint_dir_name
+from thinkforge.jobs.checkpointing import CheckpointManager, export_hf
+from thinkforge.jobs.checkpoints import STATE_FILE, checkpoint_dir_name
 from thinkforge.jobs.config import MoE, SFTConfig
 from thinkforge.jobs.data import (
     IGNORE_INDEX,
@@ -54,8 +57,10 @@ from thinkforge.jobs.moe import (
     router_stats,
     step_router_loss,
 )
+from thinkforge.jobs.parallel import build_model, clip_grad_norm, gradient_sync, resolve_strategy
 
 __all__ = [
+    "ClusterTooSmall",
     "EpochSampler",
     "StepCallback",
     "TrainPlan",
@@ -172,6 +177,8 @@ class _Worker:
     sampler: EpochSampler
     plan: TrainPlan
     autocast: Callable[[], contextlib.AbstractContextManager[Any]]
+    checkpoints: CheckpointManager
+    export_dtype: torch.dtype  # the training dtype: bf16 under mixed precision
     step: int = 0
     validation: list[TokenizedExample] | None = None  # this rank's share, in file order
     validation_size: int = 0  # 0 when the set has fewer sequences than ranks: a filler share
@@ -216,7 +223,7 @@ def _build_worker(
     cfg: SFTConfig, model_path: str, ckpt_dir: str | None, rank: int, world: int
 ) -> _Worker:
     import ray.train.torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     source = ckpt_dir or model_path
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -235,23 +242,17 @@ def _build_worker(
         warmup_ratio=hp.warmup_ratio,
     )
     device = ray.train.torch.get_device()
-    model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    model.config.use_cache = False
-    router = _router(cfg, model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model = ray.train.torch.prepare_model(
-        model,
-        parallel_strategy=cfg.resources.strategy,
-        parallel_strategy_kwargs=_fsdp_kwargs(model) if cfg.resources.strategy == "fsdp" else {},
-    )
+    dtype = _autocast_dtype(cfg.mixed_precision, device)
+    strategy, model = _parallel_model(cfg, source, device, world, dtype, resume=bool(ckpt_dir))
+    sharded = strategy == "fsdp"
+    router = _router(cfg, _unwrap(model))
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(hp.lr_scheduler, plan.warmup_steps, plan.total_steps)
     )
-    dtype = _autocast_dtype(cfg.mixed_precision, device)
     sampler = EpochSampler(len(examples), rank=rank, world_size=world, seed=cfg.seed)
     loader = _loader(examples, sampler, hp.micro_batch_size, tokenizer.pad_token_id, cfg.packing)
+    autocast_dtype = None if sharded else dtype
     worker = _Worker(
         data_stats=stats.as_dict(),
         cfg=cfg,
@@ -264,7 +265,19 @@ def _build_worker(
         loader=loader,
         sampler=sampler,
         plan=plan,
-        autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+        autocast=lambda: torch.autocast(
+            device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+        ),
+        checkpoints=CheckpointManager(
+            model,
+            optimizer,
+            scheduler,
+            global_batch=hp.batch_size,
+            strategy=strategy,
+            rank=rank,
+            world=world,
+        ),
+        export_dtype=dtype or torch.float32,
         router=router,
     )
     if cfg.validation_dataset:
@@ -272,8 +285,45 @@ def _build_worker(
         worker.validation = examples[rank::world] or examples[:1]
         worker.validation_size = len(examples[rank::world])
     if ckpt_dir:
-        _restore_state(worker, Path(ckpt_dir))
+        worker.step = worker.checkpoints.load(ckpt_dir)
+    if rank == 0:
+        emit_event("parallel", strategy=strategy, world_size=world)
     return worker
+
+
+def _parallel_model(
+    cfg: SFTConfig,
+    source: str,
+    device: torch.device,
+    world: int,
+    dtype: torch.dtype | None,
+    *,
+    resume: bool,
+) -> tuple[str, Any]:
+    """The strategy (``auto`` resolved) and the model built for it."""
+    from transformers import AutoConfig
+
+    strategy = resolve_strategy(
+        cfg.resources.strategy,
+        AutoConfig.from_pretrained(source),
+        world=world,
+        device=device,
+        block_size=cfg.block_size,
+        micro_batch_size=cfg.hyperparameters.micro_batch_size,
+        mixed_precision=dtype is not None,
+        activation_checkpointing=cfg.gradient_checkpointing,
+    )
+    model = build_model(
+        source,
+        strategy=strategy,
+        device=device,
+        world=world,
+        param_dtype=dtype if strategy == "fsdp" else None,  # FSDP computes in it; DDP autocasts
+        activation_checkpointing=cfg.gradient_checkpointing,
+        cpu_offload=cfg.resources.cpu_offload,
+        load_weights=not resume,  # a checkpoint's DCP state fills them
+    )
+    return strategy, model
 
 
 def _tokenize(
@@ -316,7 +366,7 @@ def _validation_loss(worker: _Worker) -> float:
     rounds = torch.tensor([batches], device=device)
     if plan.world_size > 1:
         dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
-    forward = model if _is_fsdp(model) else _unwrap(model)  # DDP's forward syncs buffers
+    forward = _unwrap(model)  # DDP's forward would sync buffers; FSDP2's model is itself
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss x tokens, tokens
     model.eval()
     try:
@@ -357,17 +407,6 @@ def _autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda" or setting == "no":
         return None
     return torch.float16 if setting == "fp16" else torch.bfloat16
-
-
-def _fsdp_kwargs(model: Any) -> dict[str, Any]:
-    """Shard each decoder layer as one FSDP unit (what s1's FSDP config does)."""
-    import functools
-
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-    layer_cls = {type(layer) for layer in model.model.layers}
-    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_cls)
-    return {"auto_wrap_policy": policy, "use_orig_params": True}
 
 
 def _optimizer(model: Any, cfg: SFTConfig) -> torch.optim.Optimizer:
@@ -440,9 +479,8 @@ def _train_step(worker: _Worker, micro: list[dict[str, Any]]) -> dict[str, float
     routed: list[RouterStats] = []
     pending = []  # MoE: every forward first, one backward (moe.py: exact global balance)
     for i, batch in enumerate(micro):
-        # Only the last micro-batch all-reduces gradients (DDP/FSDP no_sync).
-        syncing = i == len(micro) - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if syncing else model.no_sync(), worker.autocast():
+        # Under DDP only the last micro-batch all-reduces gradients.
+        with gradient_sync(model, i == len(micro) - 1), worker.autocast():
             if worker.router is None:
                 loss = model(**batch).loss
             else:
@@ -476,11 +514,7 @@ def _train_step(worker: _Worker, micro: list[dict[str, Any]]) -> dict[str, float
         terms = terms.cpu() / plan.world_size
         moe_metrics = load_metrics(router.counts.cpu(), float(terms[0]), float(terms[1]))
     worker.scaler.unscale_(worker.optimizer)
-    max_norm = worker.cfg.hyperparameters.max_grad_norm
-    if hasattr(model, "clip_grad_norm_"):  # FSDP shards gradients: clip across ranks
-        grad_norm = model.clip_grad_norm_(max_norm)
-    else:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = clip_grad_norm(model, worker.cfg.hyperparameters.max_grad_norm)
     lr = float(worker.scheduler.get_last_lr()[0])
     worker.scaler.step(worker.optimizer)
     worker.scaler.update()
@@ -512,79 +546,94 @@ def _unwrap(model: Any) -> Any:
     return model.module if hasattr(model, "module") else model
 
 
-def _gather_states(worker: _Worker) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """Full model and optimizer state dicts; under FSDP every rank must take part."""
-    model = worker.model
-    if not _is_fsdp(model):
-        return None, worker.optimizer.state_dict()
-    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    with FSDP.state_dict_type(
-        model,
-        StateDictType.FULL_STATE_DICT,
-        FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
-        FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True),
-    ):
-        return model.state_dict(), FSDP.optim_state_dict(model, worker.optimizer)
-
-
-def _is_fsdp(model: Any) -> bool:
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    return isinstance(model, FSDP)
-
-
 def _save_checkpoint(worker: _Worker, metrics: dict[str, float]) -> None:
-    """Rank 0 writes a HF directory + trainer state; every rank calls report (a barrier)."""
+    """Every rank writes its DCP shards and takes part in the export, which rank 0 writes
+    with the tokenizer and the state file; every rank reports its files (a barrier)."""
     import ray.train
+    import torch.distributed as dist
 
-    model_state, optim_state = _gather_states(worker)
     name = checkpoint_dir_name(worker.step)
-    if worker.rank != 0:
-        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
-        return
     with tempfile.TemporaryDirectory(prefix="thinkforge-ckpt-") as tmp:
         out = Path(tmp)
-        _unwrap(worker.model).save_pretrained(out, state_dict=model_state)
-        worker.tokenizer.save_pretrained(out)
-        trainer_state = {
-            "optimizer": optim_state,
-            "scheduler": worker.scheduler.state_dict(),
-            "step": worker.step,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        }
-        torch.save(trainer_state, out / TRAINER_STATE_FILE)
-        _write_state_file(out, worker.step, metrics)
-        checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-    emit_event("checkpoint", step=worker.step, name=name, loss=metrics["loss"])
+        layout = worker.checkpoints.save(out, step=worker.step)
+        export_hf(
+            worker.model,
+            out,
+            dtype=worker.export_dtype,
+            rank=worker.rank,
+            max_shard_bytes=worker.cfg.export_shard_mb * 1_000_000,
+        )
+        files = _file_sizes(out)
+        if worker.plan.world_size > 1:  # the state file lists every rank's shards
+            every: list[Any] = [None] * worker.plan.world_size
+            dist.all_gather_object(every, files)
+            files = {k: v for rank_files in every for k, v in rank_files.items()}
+        if worker.rank == 0:
+            worker.tokenizer.save_pretrained(out)
+            _write_state_file(out, worker.step, metrics, layout, files | _file_sizes(out))
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name
+        )
+    if worker.rank == 0:
+        emit_event("checkpoint", step=worker.step, name=name, loss=metrics["loss"])
 
 
-def _write_state_file(directory: Path, step: int, metrics: dict[str, float]) -> None:
-    # The file list lets readers tell a fully copied checkpoint from one being uploaded.
-    files = {
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {
         p.relative_to(directory).as_posix(): p.stat().st_size
         for p in sorted(directory.rglob("*"))
         if p.is_file()
     }
-    state = {"step": step, "epoch": metrics["epoch"], "metrics": metrics, "files": files}
+
+
+def _write_state_file(
+    directory: Path,
+    step: int,
+    metrics: dict[str, float],
+    layout: dict[str, Any],
+    files: dict[str, int],
+) -> None:
+    # The file list lets readers tell a fully copied checkpoint from one being uploaded.
+    state = {"step": step, "epoch": metrics["epoch"], "metrics": metrics, "layout": layout}
+    state["files"] = files
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
-def _restore_state(worker: _Worker, directory: Path) -> None:
-    """Optimizer, scheduler, step and RNG from a checkpoint (weights came via from_pretrained)."""
-    state = torch.load(directory / TRAINER_STATE_FILE, weights_only=False, map_location="cpu")
-    optim_state = state["optimizer"]
-    if _is_fsdp(worker.model):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+class ClusterTooSmall(RuntimeError):
+    """The Ray cluster lacks the CPUs or GPUs the job's workers ask for."""
 
-        optim_state = FSDP.optim_state_dict_to_load(worker.model, worker.optimizer, optim_state)
-    worker.optimizer.load_state_dict(optim_state)
-    worker.scheduler.load_state_dict(state["scheduler"])
-    worker.step = int(state["step"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
+
+def missing_resources(
+    per_worker: dict[str, float], workers: int, cluster: dict[str, float]
+) -> dict[str, tuple[float, float]]:
+    """resource -> (needed, in the cluster) for each one the cluster has too little of."""
+    return {
+        name: (amount * workers, cluster.get(name, 0.0))
+        for name, amount in per_worker.items()
+        if cluster.get(name, 0.0) < amount * workers
+    }
+
+
+def wait_for_resources(per_worker: dict[str, float], workers: int, *, timeout_s: float) -> None:
+    """Return once the cluster holds the workers' resources; say so while waiting. Ray
+    Train would otherwise wait for them without a word."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    while missing := missing_resources(per_worker, workers, ray.cluster_resources()):
+        what = ", ".join(
+            f"{need:g} {name} (the cluster has {have:g})" for name, (need, have) in missing.items()
+        )
+        if time.monotonic() >= deadline:
+            raise ClusterTooSmall(
+                f"the job's {workers} workers need {what}: lower resources.num_workers, "
+                "resources.gpus_per_worker or resources.cpus_per_worker, or add nodes"
+            )
+        if not announced:
+            emit_event("waiting_for_resources", needed=what, timeout_s=timeout_s)
+            announced = True
+        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
 
 def run_training(
@@ -596,12 +645,15 @@ def run_training(
     tracking_uri: str | None = None,
     run_id: str | None = None,
     callbacks: Sequence[StepCallback] = (),
+    resource_timeout_s: float = 600.0,
 ) -> Any:
     """Run the job's TorchTrainer to completion and return its ``ray.train.Result``.
 
     ``model_path`` is the resolved base model (see ``tiny.resolve_base_model``). Calling
     this again with the same ``job_id`` and ``storage_path`` resumes from the latest
     checkpoint. ``callbacks`` run on every worker after each step (see ``StepCallback``).
+    Raises ``ClusterTooSmall`` when the cluster has not had the workers' CPUs and GPUs for
+    ``resource_timeout_s`` (an autoscaler may add nodes meanwhile).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -614,6 +666,7 @@ def run_training(
     res = config.resources
     use_gpu = res.gpus_per_worker > 0
     resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
+    wait_for_resources(resources, res.num_workers, timeout_s=resource_timeout_s)
     loop_config = {
         "config": config.model_dump(mode="json"),
         "model_path": model_path,
@@ -628,6 +681,10 @@ def run_training(
         "TRANSFORMERS_VERBOSITY": "error",
         # Ray's print patch would echo every THINKFORGE_EVENT line twice.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        # glibc raises its mmap threshold as large blocks are freed, then keeps the
+        # per-layer buffers FSDP gathers and frees in its heaps: host RSS grew to DDP's.
+        # A fixed threshold hands them back (bench/train_memory.py: 4.1 -> 2.2 GB).
+        "MALLOC_MMAP_THRESHOLD_": "65536",
     }
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -17,6 +17,18 @@ when budget forcing cuts thinking short: the effect the demo and issue 6 measure
     write_jsonl("train.jsonl", n=2000, seed=0)
     extract_answer("Answer: 17")  # -> "17"
 
+Issue 17, a task where a forced "Wait" fixes mistakes (s1's sequential scaling): the
+first pass adds two digits per step ("3+5+2=10"), a larger table than one digit per step
+that a tiny model learns less reliably, so its first pass sometimes errs; a recheck
+("Wait") redoes the sum one digit per step, meant to be the easier form (measured, the
+tiny model's rechecks still err more than its first pass: bench/README.md). Training
+traces carry 0, 1 or 2 rechecks, and with ``slip_rate`` some first passes hold a slip (a
+wrong running sum) that the recheck corrects; the attempt is always the true total:
+
+    train, test = recheck_split(n_train=2000, n_test=200, seed=0)
+    make_recheck_record([3, 5, 2, 7], rechecks=1)["thinking_trajectories"][0]
+    # -> "3+5+2=10\n10+7=17\nWait\n3+5=8\n8+2=10\n10+7=17"
+
 A second domain with another token distribution (words, no digits), for the MoE demo and
 bench/moe_balance.py: reverse a list of words, one word per thinking line. Records carry
 ``"domain": "sums" | "words"`` (ignored by training, read by the benchmark):
@@ -37,7 +49,9 @@ __all__ = [
     "extract_answer",
     "generate",
     "generate_mixed",
+    "make_recheck_record",
     "make_record",
+    "recheck_split",
     "train_test_split",
     "write_jsonl",
     "write_mixed_jsonl",
@@ -126,6 +140,81 @@ def train_test_split(
         terms = _draw_terms(rng, min_terms, max_terms, max_digit)
         if make_record(terms)["question"] not in test:
             train.append(make_record(terms, recheck=recheck()))
+    return train, list(test.values())
+
+
+def _pair_steps(terms: list[int], slip: int = 0, slip_at: int = 0) -> list[str]:
+    """The first pass: two terms per step; ``slip`` is added to step ``slip_at``'s sum,
+    and the later steps carry the wrong total on, as a person who slipped would."""
+    total, steps, rest = terms[0], [], terms[1:]
+    for i in range(0, len(rest), 2):
+        chunk = rest[i : i + 2]
+        off = slip if i // 2 == slip_at else 0
+        new = total + sum(chunk) + (off if total + sum(chunk) + off >= 0 else -off)
+        steps.append("+".join(str(t) for t in [total, *chunk]) + f"={new}")
+        total = new
+    return steps
+
+
+def make_recheck_record(
+    terms: list[int], *, rechecks: int = 0, slip: int = 0, slip_at: int = 0
+) -> Record:
+    """Issue 17's row: a two-terms-per-step first pass (off by ``slip`` at step ``slip_at``
+    when ``slip`` is not 0), then ``rechecks`` times "Wait" and the one-term-per-step sums."""
+    if len(terms) < 3:
+        raise ValueError("a sum needs at least three terms")
+    if slip and not rechecks:
+        raise ValueError("a slipped first pass needs a recheck to correct it")
+    single = make_record(terms)
+    passes = ["\n".join(_pair_steps(terms, slip, slip_at))]
+    passes += single["thinking_trajectories"] * rechecks
+    return {**single, "thinking_trajectories": ["\nWait\n".join(passes)]}
+
+
+# Rechecks per training row: mostly none, so that unforced the model ends thinking after
+# its first pass; one and two often enough that a first and a second forced "Wait" are in
+# distribution. Slipped rows always recheck (their first pass is wrong).
+RECHECK_MIX = (0.6, 0.25, 0.15)
+SLIPS = (-10, -2, -1, 1, 2, 10)
+
+
+def recheck_split(
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    *,
+    min_terms: int = 3,
+    max_terms: int = 5,
+    max_digit: int = 9,
+    slip_rate: float = 0.0,
+) -> tuple[list[Record], list[Record]]:
+    """Training rows in issue 17's format and held-out questions, disjoint.
+
+    Held-out questions are drawn exactly as training ones (the same RNG and ranges) and
+    never trained on; their traces are the plain first pass (only the attempt is graded).
+    ``slip_rate`` defaults to 0: measured (bench/README.md), slipped first passes teach
+    the tiny model that a recheck changes the total, and its rechecks then err more.
+    """
+    if not 0 <= slip_rate <= 1:
+        raise ValueError("slip_rate must be in [0, 1]")
+    if min_terms < 3:
+        raise ValueError("the recheck task needs at least three terms")
+    rng = random.Random(f"recheck-task-{seed}")
+    test: dict[str, Record] = {}
+    while len(test) < n_test:
+        rec = make_recheck_record(_draw_terms(rng, min_terms, max_terms, max_digit))
+        test.setdefault(rec["question"], rec)
+    train: list[Record] = []
+    while len(train) < n_train:
+        terms = _draw_terms(rng, min_terms, max_terms, max_digit)
+        if make_record(terms)["question"] in test:
+            continue
+        if rng.random() < slip_rate:
+            rechecks, slip = rng.choice((1, 1, 2)), rng.choice(SLIPS)
+        else:
+            rechecks, slip = rng.choices((0, 1, 2), weights=RECHECK_MIX)[0], 0
+        slip_at = rng.randrange(len(terms) // 2)  # the first pass has len(terms) // 2 steps
+        train.append(make_recheck_record(terms, rechecks=rechecks, slip=slip, slip_at=slip_at))
     return train, list(test.values())
 
 

@@ -14,14 +14,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from thinkforge.platform.auth import ensure_project
 from thinkforge.platform.db import make_engine, make_sessionmaker
-from thinkforge.platform.deps import AppContext, CtxDep
+from thinkforge.platform.deps import AppContext
 from thinkforge.platform.errors import PlatformError, error_body
 from thinkforge.platform.evals import reconcile_evals
+from thinkforge.platform.health import Check, database_check, http_check, mlflow_check, run_checks
 from thinkforge.platform.idempotency import purge_expired
 from thinkforge.platform.launcher import JobLauncher
 from thinkforge.platform.leader import (
@@ -35,7 +35,12 @@ from thinkforge.platform.metrics import ApiMetrics, MetricsMiddleware
 from thinkforge.platform.middleware import BodyLimitMiddleware
 from thinkforge.platform.migrations import upgrade
 from thinkforge.platform.models import DEFAULT_PROJECT
-from thinkforge.platform.ray_cluster import LocalRayCluster, free_port
+from thinkforge.platform.ray_cluster import (
+    RAY_HEAD_FILE,
+    LocalRayCluster,
+    auth_headers,
+    free_port,
+)
 from thinkforge.platform.reconciler import Reconciler, every
 from thinkforge.platform.routes import deployments, evals, files, jobs, keys, registry, usage
 from thinkforge.platform.schemas import Health
@@ -84,6 +89,10 @@ def create_app(
         ),
         serve=serve,
     )
+    checks: dict[str, Check] = {"database": database_check(engine)}
+    if runs_jobs:
+        checks["ray"] = cluster.check if cluster is not None else ray_check(settings)
+    checks["mlflow"] = mlflow_check(settings.mlflow_tracking_uri)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -157,7 +166,7 @@ def create_app(
     metrics = ApiMetrics()
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees 413s too
     _install_error_handlers(app)
-    app.include_router(_health_router(leadership, metrics))
+    app.include_router(_health_router(checks, leadership, metrics))
     app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(registry.router)
@@ -190,11 +199,13 @@ def ray_launcher_for(
         "mlflow_artifact_root": settings.mlflow_artifact_root,
         "storage_path": settings.storage_path,
         "data_dir": str(settings.data_dir),
+        "autoscaling": settings.ray_autoscaling,
     }
     if settings.ray_address:
         serve = RayServeClient(settings.ray_address, token=token)
         return RayJobLauncher(settings.ray_address, token=token, **common), serve, None
-    cluster = LocalRayCluster(
+    cluster = LocalRayCluster.in_data_dir(
+        settings.data_dir / RAY_HEAD_FILE,
         num_cpus=settings.ray_num_cpus,
         dashboard_port=settings.ray_dashboard_port,
         gcs_port=free_port(),
@@ -210,7 +221,14 @@ def ray_launcher_for(
     return launcher, serve, cluster
 
 
-def _health_router(leadership: Leadership, metrics: ApiMetrics):  # type: ignore[no-untyped-def]
+def ray_check(settings: Settings) -> Check:
+    token = settings.ray_auth_token.get_secret_value() if settings.ray_auth_token else None
+    return http_check(f"{settings.ray_address.rstrip('/')}/api/version", auth_headers(token))
+
+
+def _health_router(  # type: ignore[no-untyped-def]
+    checks: dict[str, Check], leadership: Leadership, metrics: ApiMetrics
+):
     from fastapi import APIRouter
     from fastapi.responses import Response
     from prometheus_client import CONTENT_TYPE_LATEST
@@ -227,21 +245,16 @@ def _health_router(leadership: Leadership, metrics: ApiMetrics):  # type: ignore
         return Health(status="ok")
 
     @router.get("/readyz", response_model=Health)
-    def readyz(request: Request, ctx: CtxDep) -> JSONResponse:
-        checks = {}
-        try:
-            with ctx.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            checks["database"] = "ok"
-        except Exception as exc:  # readiness reports any failure, it never raises
-            checks["database"] = f"error: {exc.__class__.__name__}"
-        ready = bool(request.app.state.ready) and all(v == "ok" for v in checks.values())
-        body = Health(
-            status="ok" if ready else "unavailable",
-            checks=checks,
-            reconciler=leader_status(leadership),
-        )
-        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+    def readyz(request: Request) -> JSONResponse:
+        """200 when every part answers; 503 naming the parts that do not."""
+        results = run_checks(checks)
+        down = [name for name, result in results.items() if result != "ok"]
+        if not request.app.state.ready:
+            status = "starting"
+        else:
+            status = f"unavailable: {', '.join(down)}" if down else "ok"
+        body = Health(status=status, checks=results, reconciler=leader_status(leadership))
+        return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
 
     return router
 

@@ -113,11 +113,8 @@ def _target(
     if version is None:
         raise InvalidRequest("give a deployment or a registry version", param="model")
     name, number = version
-    config = {
-        "model_uri": f"models:/{name}/{number}",
-        "tracking_uri": settings.mlflow_tracking_uri,
-        "model": name,
-    }
+    # No tracking_uri: the job reads MLFLOW_TRACKING_URI, which the launcher sets.
+    config = {"model_uri": f"models:/{name}/{number}", "model": name}
     return _Target(None, f"{name}/{number}", config)
 
 
@@ -170,7 +167,7 @@ def plot_path(row: Evaluation) -> Path:
 def launch_spec(row: Evaluation, settings: Settings) -> ModuleLaunch:
     args = [
         "--eval-id", row.id, "--config-json", json.dumps(row.config, separators=(",", ":")),
-        "--output", row.output_dir, "--mlflow-uri", settings.mlflow_tracking_uri,
+        "--output", row.output_dir,
     ]  # fmt: skip
     if settings.mlflow_artifact_root:
         args += ["--mlflow-artifact-root", settings.mlflow_artifact_root]

@@ -78,6 +78,7 @@ def create_job(
         user_metadata=spec.metadata,
         recipe=spec.recipe,
         config=config.model_dump(mode="json"),
+        max_retries=settings.job_max_retries if spec.max_retries is None else spec.max_retries,
     )
     session.add(job)
     session.flush()
@@ -366,11 +367,15 @@ def _record_validation(session: Session, job: Job, outcome: DatasetInfo | Invali
 
 
 def submit(sessions: sessionmaker[Session], launcher: JobLauncher, job: Job) -> None:
-    def failed(message: str) -> None:
+    def failed(message: str, kind: FailureKind = FailureKind.LAUNCH_FAILED) -> None:
+        param = "resources" if kind is FailureKind.INSUFFICIENT_RESOURCES else None
         with sessions.begin() as session:
             row = session.scalar(select(Job).where(Job.id == job.id).with_for_update())
             if row is not None:
-                fail(session, row, FailureKind.LAUNCH_FAILED, message)
+                fail(session, row, kind, message, param)
+
+    def too_large(message: str) -> None:
+        failed(message, FailureKind.INSUFFICIENT_RESOURCES)
 
     def launched() -> bool:
         with sessions.begin() as session:
@@ -378,6 +383,5 @@ def submit(sessions: sessionmaker[Session], launcher: JobLauncher, job: Job) -> 
             status = session.scalar(select(Job.status).where(Job.id == job.id))
         return status is not None and is_cancelled(status)
 
-    launch_run(
-        launcher, TrainingLaunch(job_id=job.id, config=job.config), failed=failed, launched=launched
-    )
+    spec = TrainingLaunch(job_id=job.id, config=job.config)
+    launch_run(launcher, spec, failed=failed, launched=launched, too_large=too_large)

@@ -3,6 +3,11 @@
 The API and the reconciler only speak to this Protocol. ``RayJobLauncher`` (in
 ``thinkforge.platform.ray_launcher``) submits Ray Jobs; unit tests use an in-memory fake.
 Submissions are idempotent on the job id, so asking twice never starts two runs.
+
+A run whose workers are not placed yet is ``PENDING``, with ``waiting`` saying what it
+asked for, what is free and who holds the rest. Errors:
+
+    CannotFit     submit: the run asks for more than the whole cluster has
 """
 
 from __future__ import annotations
@@ -50,6 +55,14 @@ class LaunchStatus:
     state: LaunchState
     message: str | None = None
     log_tail: str | None = None
+    # PENDING for want of resources: {"asked", "free", "total", "held_by"}; the message
+    # says the same in words.
+    waiting: dict[str, Any] | None = None
+
+
+class CannotFit(Exception):
+    """The run can never be placed on this cluster; ``str(exc)`` says what it asked for
+    and what the cluster has."""
 
 
 class JobLauncher(Protocol):

@@ -114,6 +114,9 @@ class Job(Base):
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger, default=None)
     submitted_at: Mapped[datetime | None] = mapped_column(default=None)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    # Resubmissions after the cluster lost the run: allowed, and done so far.
+    max_retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)

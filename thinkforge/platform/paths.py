@@ -5,7 +5,7 @@ key naming a path (``CONFIG_PATHS``); paths on disk through ``files.allowed_path
 Allowed: the project's uploaded files (by id), files and folders under the allowed
 dataset roots (never thinkforge's own folders: uploads, registry downloads, checkpoints,
 artifacts), the project's registry references (``models:/NAME/N``, ``models:/NAME@ALIAS``),
-``thinkforge/tiny``, and Hugging Face ids when ``allow_hub_models`` is set. A path outside
+``thinkforge/tiny`` and ``thinkforge/tiny-moe``, and Hugging Face ids when ``allow_hub_models`` is set. A path outside
 the roots is refused without a word on whether it exists.
 
     ref = files.resolve_dataset(session, settings, project_id="p", ref="file-…", param="x")
@@ -18,7 +18,7 @@ import re
 
 from sqlalchemy.orm import Session
 
-from thinkforge.jobs.config import TINY_MODEL
+from thinkforge.contract import TINY_MODEL, TINY_MOE_MODEL
 from thinkforge.platform import ownership
 from thinkforge.platform.errors import InvalidRequest
 from thinkforge.platform.files import allowed_path
@@ -32,7 +32,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 def resolve_model(session: Session, settings: Settings, *, project_id: str, model: str) -> str:
     """The job's base model, as the job will be given it."""
-    if model == TINY_MODEL:
+    if model in (TINY_MODEL, TINY_MOE_MODEL):
         return model
     if model.startswith("models:/"):
         try:
@@ -47,7 +47,7 @@ def resolve_model(session: Session, settings: Settings, *, project_id: str, mode
         return model
     hub = ", or a Hugging Face id" if settings.allow_hub_models else ""
     raise InvalidRequest(
-        f"model must be {TINY_MODEL}, a registry version of this project (models:/NAME/N or "
+        f"model must be {TINY_MODEL}, {TINY_MOE_MODEL}, a registry version of this project (models:/NAME/N or "
         f"models:/NAME@ALIAS), an absolute path under a dataset root{hub}",
         param="model",
     )

@@ -13,19 +13,21 @@ loop runs passes, writing through sessions fenced by its lease (``platform/leade
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from thinkforge.platform.jobs import advance_job, fail, set_status, submit
+from thinkforge.platform.jobs import add_event, advance_job, fail, set_status, submit
 from thinkforge.platform.launcher import JobLauncher, LaunchState, LaunchStatus
 from thinkforge.platform.leader import Leadership, NotLeader
-from thinkforge.platform.models import Job
+from thinkforge.platform.models import Checkpoint, Job
 from thinkforge.platform.status import FailureKind, JobStatus
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,12 @@ def _reconcile_job(
         row = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
         if row is None or JobStatus(row.status).is_terminal():
             return
-        _apply(session, row, status, tracker, progress)
+        resubmit = _apply(session, row, status, tracker, progress)
+    if resubmit:  # outside the row lock: the launcher may be slow
+        with sessions() as session:
+            row = session.scalar(select(Job).where(Job.id == job_id))
+        if row is not None:
+            submit(sessions, launcher, row)
 
 
 def _apply(
@@ -102,7 +109,8 @@ def _apply(
     status: LaunchStatus,
     tracker: ProgressTracker | None,
     progress: Any,
-) -> None:
+) -> bool:
+    """Bring the row in line with ``status``; True when the run must be submitted again."""
     state = status.state
     if tracker is not None and progress is not None:
         try:
@@ -110,22 +118,61 @@ def _apply(
                 tracker.apply(session, job, progress)
         except Exception:
             log.exception("job %s: recording progress failed; status still applied", job.id)
-    if state is LaunchState.RUNNING:
+    if state is LaunchState.PENDING and status.waiting and job.status == JobStatus.QUEUED.value:
+        digest = hashlib.sha256(json.dumps(status.waiting, sort_keys=True).encode()).hexdigest()
+        add_event(
+            session, job.id, status.message or "Waiting for resources", level="warning",
+            type="waiting", data=status.waiting, dedupe_key=f"waiting:{digest[:16]}",
+        )  # fmt: skip
+    elif state is LaunchState.RUNNING:
         set_status(session, job, JobStatus.RUNNING, message="Training started")
     elif state is LaunchState.SUCCEEDED:
         set_status(session, job, JobStatus.SUCCEEDED, message="Job succeeded")
     elif state is LaunchState.FAILED:
-        detail = status.message or "the run failed"
-        if status.log_tail:
-            detail = f"{detail}\n{status.log_tail}"
-        fail(session, job, FailureKind.TRAINING_FAILED, detail)
+        kind = _failure_kind(f"{status.message or ''}\n{status.log_tail or ''}")
+        detail = failure_summary(status.message)
+        if status.log_tail:  # the log stays with the job, for those who may read its events
+            add_event(
+                session, job.id, "The run's log, last part (in data.log)", level="error",
+                type="log", data={"log": status.log_tail}, dedupe_key="log",
+            )  # fmt: skip
+            detail += "; the end of its log is in the job's events"
+        fail(session, job, kind, detail)
     elif state is LaunchState.STOPPED:
         set_status(session, job, JobStatus.CANCELLED, message="Job cancelled; the run was stopped")
     elif state is LaunchState.UNKNOWN:
         if job.status == JobStatus.CANCELLING.value:
             set_status(session, job, JobStatus.CANCELLED, message="Job cancelled")
+        elif job.retries < job.max_retries:
+            _record_retry(session, job)
+            return True
         else:
-            fail(session, job, FailureKind.LOST, "the cluster has no record of this run")
+            spent = f"{job.max_retries} {'retry' if job.max_retries == 1 else 'retries'}"
+            fail(session, job, FailureKind.LOST, f"the cluster lost this run; its {spent} spent")
+    return False
+
+
+def _record_retry(session: Session, job: Job) -> None:
+    """The run is gone (a head restart, say): one retry, which resumes where the job's
+    checkpoints end (the training code finds them by the job id)."""
+    job.retries += 1
+    step = session.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job.id))
+    where = f"its checkpoint at step {step}" if step is not None else "the start (no checkpoint)"
+    add_event(
+        session, job.id,
+        f"The cluster lost the run; resubmitted from {where} (retry {job.retries} of "
+        f"{job.max_retries})",
+        level="warning", type="retry",
+        data={"retry": job.retries, "max_retries": job.max_retries, "checkpoint_step": step},
+        dedupe_key=f"retry:{job.retries}",
+    )  # fmt: skip
+
+
+def failure_summary(message: str | None, limit: int = 200) -> str:
+    """One short line for ``error.message``: Ray's own message carries the whole log."""
+    line = (message or "").strip().splitlines()[0] if (message or "").strip() else ""
+    line = line.split(", last available logs", 1)[0].rstrip(" :") or "the run failed"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def every(interval_s: float, task: Callable[[], object]) -> Callable[[], None]:
@@ -201,3 +248,10 @@ class Reconciler:
                 self._leader.reconciled()
             except Exception:
                 log.exception("recording the reconcile pass failed")
+
+
+def _failure_kind(detail: str) -> FailureKind:
+    """training_failed, unless the job's error line names a more precise code."""
+    if f"[{FailureKind.CHECKPOINT_INCOMPATIBLE.value}]" in detail:
+        return FailureKind.CHECKPOINT_INCOMPATIBLE
+    return FailureKind.TRAINING_FAILED

@@ -27,6 +27,7 @@ Versions are ints here (MLflow's are strings). Imports MLflow only: no torch, no
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,6 +49,8 @@ from thinkforge.contract import (
     sha256_file,
 )
 from thinkforge.platform.errors import InvalidRequest, NotFound, PlatformError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AliasNotFound",
@@ -251,8 +254,10 @@ class MlflowRegistry:
             raise InvalidReference(f"{what}: {exc}", param=param) from exc
 
     def _unavailable(self, what: str, exc: BaseException) -> RegistryError:
+        # MLflow's message names the URI, which may hold credentials: the log keeps it.
+        log.warning("%s: the MLflow registry failed: %s", what, exc)
         return RegistryError(
-            f"{what}: the MLflow registry at {self.registry_uri} failed ({exc}); check that "
+            f"{what}: the MLflow registry failed ({type(exc).__name__}); check that "
             "the tracking server is running and reachable, then retry"
         )
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from thinkforge.platform.errors import Conflict
-from thinkforge.platform.launcher import JobLauncher, LaunchSpec
+from thinkforge.platform.launcher import CannotFit, JobLauncher, LaunchSpec
 from thinkforge.platform.status import EvalStatus, JobStatus
 
 log = logging.getLogger(__name__)
@@ -25,13 +25,18 @@ def launch_run(
     *,
     failed: Callable[[str], None],
     launched: Callable[[], bool],
+    too_large: Callable[[str], None] | None = None,
 ) -> None:
     """Submit the run. A launcher error goes to ``failed`` (with the reason, for the row's
-    error); after a submission ``launched`` records it and says whether the row was
-    cancelled meanwhile, in which case the run is stopped at once. A second submission
-    of one id is a no-op in the launcher, so a crash between the two steps is safe."""
+    error), a run larger than the whole cluster to ``too_large`` when given; after a
+    submission ``launched`` records it and says whether the row was cancelled meanwhile,
+    in which case the run is stopped at once. A second submission of one id is a no-op
+    in the launcher, so a crash between the two steps is safe."""
     try:
         launcher.submit(spec)
+    except CannotFit as exc:  # not a fault: the cluster is too small for what it asks
+        (too_large or failed)(str(exc))
+        return
     except Exception as exc:  # any launcher failure ends the run, with the reason kept
         log.exception("%s: launch failed", spec.job_id)
         failed(f"could not start the run: {exc}")

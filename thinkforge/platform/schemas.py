@@ -112,6 +112,13 @@ class JobCreate(BaseModel):
     )
     recipe: Name | None = Field(default=None, description="name of a recipe known to the server")
     resources: Resources | None = None
+    max_retries: int | None = Field(
+        default=None,
+        ge=0,
+        le=10,
+        description="times the job is resubmitted from its last checkpoint when the cluster "
+        "loses its run (default: the server's job_max_retries)",
+    )
     config: dict[str, Any] | None = Field(
         default=None, description="further SFTConfig fields: template, format, block_size, ..."
     )
@@ -147,6 +154,8 @@ class FineTuningJob(BaseModel):
     resources: Resources
     config: dict[str, Any]
     mlflow_run_id: str | None
+    max_retries: int
+    retries: int
 
 
 class JobEventObject(BaseModel):

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     ray_num_cpus: int | None = Field(default=None, ge=1)
     ray_dashboard_port: int = 8265
     ray_auth_token: SecretStr | None = None
+    # An autoscaling cluster (KubeRay) may grow: a job larger than it waits instead of failing.
+    ray_autoscaling: bool = False
     # Where Ray Train keeps checkpoints (local folder or s3:// URI). Empty: data_dir/checkpoints.
     storage_path: str = ""
     # Dataset URIs given to jobs must lie under one of these. Empty: data_dir/datasets.
@@ -79,6 +81,10 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
     idempotency_purge_interval_s: float = Field(default=300.0, gt=0)
     registry_guard_interval_s: float = Field(default=30.0, gt=0)
+
+    # Times a job is resubmitted (resuming from its last checkpoint) when the cluster loses
+    # its run, e.g. after a Ray head restart; a job may ask for its own (max_retries).
+    job_max_retries: int = Field(default=2, ge=0, le=10)
 
     # Background loops.
     reconcile_interval_s: float = Field(default=2.0, gt=0)

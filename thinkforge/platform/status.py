@@ -73,7 +73,11 @@ class FailureKind(StrEnum):
     INVALID_MODEL = "invalid_model"
     LAUNCH_FAILED = "launch_failed"
     TRAINING_FAILED = "training_failed"
+    # The job would resume from a checkpoint of another model or global batch, or of an
+    # older layout; the entrypoint tags its error line "[checkpoint_incompatible]".
+    CHECKPOINT_INCOMPATIBLE = "checkpoint_incompatible"
     LOST = "job_lost"
+    INSUFFICIENT_RESOURCES = "insufficient_resources"
     INTERNAL = "internal_error"
 
 

@@ -79,6 +79,8 @@ def job_view(row: Job) -> FineTuningJob:
         resources=Resources.model_validate(row.config.get("resources", {})),
         config=row.config,
         mlflow_run_id=row.mlflow_run_id,
+        max_retries=row.max_retries,
+        retries=row.retries,
     )
 
 

@@ -1,7 +1,7 @@
 """front door: project quotas, public deployments, usage records
 
-Revision ID: 0004_frontdoor
-Revises: 0003_manifest_pin
+Revision ID: 0005_frontdoor
+Revises: 0004_job_retries
 Create Date: 2026-12-01 11:55:00
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004_frontdoor"
-down_revision = "0003_manifest_pin"
+revision = "0005_frontdoor"
+down_revision = "0004_job_retries"
 branch_labels = None
 depends_on = None
 

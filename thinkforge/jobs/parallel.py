@@ -1,0 +1,260 @@
+"""Data parallelism applied to a built model: DDP for small models, FSDP2 for large ones.
+
+The training loop never asks which strategy runs. ``build_model`` returns a model ready to
+train; the pieces it composes each do one thing:
+
+    strategy = resolve_strategy(cfg.resources.strategy, hf_config, cfg, world, device)
+    model = build_model(model_dir, strategy=strategy, device=device, world=world,
+                        param_dtype=torch.bfloat16, activation_checkpointing=True,
+                        load_weights=True)
+    clip_grad_norm(model, 1.0)              # a plain float, whatever the strategy
+
+FSDP2 (``fully_shard``): the model is built on the meta device (no memory), each decoder
+layer and then the root are sharded over a 1-D ``DeviceMesh`` (nccl on GPU, gloo on CPU),
+storage is allocated for this rank's shards only, and each rank reads only its rows of
+every weight from the safetensors files. No rank ever holds the whole model. With
+``param_dtype`` set, ``MixedPrecisionPolicy(param_dtype, reduce_dtype=float32)`` computes in
+16 bits over fp32 sharded master weights.
+
+DDP: every rank loads the whole model (``from_pretrained``) and Ray Train wraps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from thinkforge.jobs.memory import ModelShape, choose_strategy
+
+__all__ = [
+    "apply_activation_checkpointing",
+    "apply_fsdp",
+    "build_model",
+    "clip_grad_norm",
+    "gradient_sync",
+    "is_sharded",
+    "load_sharded_weights",
+    "reshard",
+    "resolve_strategy",
+]
+
+Strategy = Literal["ddp", "fsdp"]
+
+
+def resolve_strategy(
+    requested: str,
+    hf_config: Any,
+    *,
+    world: int,
+    device: torch.device,
+    block_size: int,
+    micro_batch_size: int,
+    mixed_precision: bool,
+    activation_checkpointing: bool,
+) -> Strategy:
+    """``ddp``/``fsdp`` as asked; ``auto`` through ``memory.choose_strategy`` with this
+    worker's memory (rank 0's answer, broadcast, so every rank takes the same path)."""
+    if requested != "auto":
+        return "fsdp" if requested == "fsdp" else "ddp"
+    choice: Strategy = choose_strategy(
+        ModelShape.from_config(hf_config),
+        world_size=world,
+        capacity_bytes=_worker_memory(device),
+        block_size=block_size,
+        micro_batch_size=micro_batch_size,
+        mixed_precision=mixed_precision,
+        activation_checkpointing=activation_checkpointing,
+    )
+    if world > 1:
+        import torch.distributed as dist
+
+        box: list[Any] = [choice]
+        dist.broadcast_object_list(box, src=0)
+        choice = box[0]
+    return choice
+
+
+def _worker_memory(device: torch.device) -> float:
+    """The accelerator's memory, or on CPU this host's memory split between its workers."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def build_model(
+    model_dir: str,
+    *,
+    strategy: Strategy,
+    device: torch.device,
+    world: int,
+    param_dtype: torch.dtype | None = None,
+    activation_checkpointing: bool = False,
+    cpu_offload: bool = False,
+    load_weights: bool = True,
+) -> Any:
+    """The model ready to train. ``load_weights=False`` leaves the (sharded) weights for a
+    checkpoint to fill; DDP then still loads them, as it needs the structure anyway."""
+    if strategy == "ddp":
+        import ray.train.torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model.config.use_cache = False
+        if activation_checkpointing:
+            apply_activation_checkpointing(model)
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+    model = _meta_model(model_dir)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(model, device=device, world=world, param_dtype=param_dtype, cpu_offload=cpu_offload)
+    model.to_empty(device="cpu" if cpu_offload else device)
+    _init_buffers(model)
+    if load_weights:
+        load_sharded_weights(model, model_dir)
+    return model
+
+
+def _meta_model(model_dir: str) -> Any:
+    """The architecture with no storage: parameters and buffers on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config.use_cache = False
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def apply_activation_checkpointing(model: Any) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant, FSDP-safe)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_fsdp(
+    model: Any,
+    *,
+    device: torch.device,
+    world: int,
+    param_dtype: torch.dtype | None = None,
+    cpu_offload: bool = False,
+) -> None:
+    """``fully_shard`` each decoder layer, then the root (embeddings, norm, head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if param_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=torch.float32
+        )
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    # Every unit reshards after forward (the default): a forward without backward, as in
+    # validation, then leaves no unsharded parameters behind for the optimizer to miss.
+    for layer in model.model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def _init_buffers(model: Any) -> None:
+    """Buffers computed at construction (rotary frequencies) are garbage after
+    ``to_empty``; the model's own initializer recomputes them. Only parameter-free
+    modules are touched, so no weight is re-initialised."""
+    for module in model.modules():
+        if next(module.parameters(recurse=False), None) is None and any(
+            True for _ in module.buffers(recurse=False)
+        ):
+            model._init_weights(module)
+
+
+def _weight_files(model_dir: str) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a Hugging Face directory (or hub id, offline)."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(model_dir, local_files_only=True))
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: root / file for name, file in weight_map.items()}
+    from safetensors import safe_open
+
+    single = root / "model.safetensors"
+    with safe_open(single, framework="pt") as fh:
+        return dict.fromkeys(fh.keys(), single)
+
+
+def load_sharded_weights(model: Any, model_dir: str) -> None:
+    """Copy each rank's rows of every parameter straight from the safetensors files."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    files = _weight_files(model_dir)
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(files))
+    if missing:
+        raise ValueError(f"{model_dir} has no weights for {', '.join(missing[:5])}")
+    by_file: dict[Path, list[str]] = {}
+    for name in params:
+        by_file.setdefault(files[name], []).append(name)
+    with torch.no_grad():
+        for path, names in by_file.items():
+            with safe_open(path, framework="pt") as fh:
+                for name in names:
+                    param = params[name]
+                    local = param.to_local() if isinstance(param, DTensor) else param
+                    if isinstance(param, DTensor):
+                        shape, offset = compute_local_shape_and_global_offset(
+                            param.shape, param.device_mesh, param.placements
+                        )
+                        index = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+                    else:
+                        index = ()
+                    if local.numel():
+                        local.copy_(fh.get_slice(name)[index])
+
+
+def reshard(model: Any) -> None:
+    """Put FSDP parameters back into their shards. The root keeps its parameters gathered
+    after a forward for the backward to come; after a forward with no backward
+    (validation, a probe) its parameters would otherwise not be the optimizer's."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def is_sharded(model: Any) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def gradient_sync(model: Any, syncing: bool) -> contextlib.AbstractContextManager[Any]:
+    """Skip DDP's all-reduce on all but the last micro-batch of a step. FSDP2 reduces
+    every micro-batch into sharded gradients instead: holding unsharded ones would cost
+    the memory it exists to save."""
+    if syncing or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()  # type: ignore[no-any-return]
+
+
+def clip_grad_norm(model: Any, max_norm: float) -> float:
+    """Clip by the global gradient norm; sharded gradients are reduced across ranks."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
