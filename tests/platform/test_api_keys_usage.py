@@ -184,3 +184,24 @@ def test_front_door_parts_against_the_control_plane(api: Api) -> None:
         await source.http.aclose()
 
     asyncio.run(run())
+
+
+def test_front_door_pulls_again_for_a_key_made_since_its_last_pull(api: Api) -> None:
+    """A key used the moment it is made: the door's directory is asked again at once
+    (rate-limited), not only at the next refresh, so a new evaluation's key works."""
+    import asyncio
+
+    from thinkforge.serve.access import AccessOptions, DirectorySource
+
+    secret = api.settings.secret_key.get_secret_value()
+
+    async def run() -> None:
+        source = DirectorySource(AccessOptions(url=api.url, secret=secret, refresh_s=30))
+        await source.current()
+        key = api.new_key("team", "inference")
+        assert (await source.current()).caller(secret, key) is None  # the 30 s refresh
+        await asyncio.sleep(0.3)
+        assert (await source.current(max_age_s=0.25)).caller(secret, key) is not None
+        await source.http.aclose()
+
+    asyncio.run(run())

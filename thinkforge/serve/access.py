@@ -124,6 +124,7 @@ class DirectorySource:
         self.secret = options.secret
         self.directory = Directory()
         self.loaded_at: float | None = None
+        self.attempted_at = 0.0  # the last pull tried, good or not
         self.http = http or httpx.AsyncClient(
             base_url=options.url.rstrip("/"),
             headers={"Authorization": f"Bearer {frontdoor_token(options.secret)}"},
@@ -137,17 +138,15 @@ class DirectorySource:
         self.directory = Directory.from_json(resp.json())
         self.loaded_at = time.monotonic()
 
-    async def current(self) -> Directory:
-        """The directory, pulled first when it is older than ``refresh_s`` (one pull at a
-        time; a failed pull keeps the last one and is logged). Raises DirectoryUnavailable
-        until the first pull succeeds."""
-        age = None if self.loaded_at is None else time.monotonic() - self.loaded_at
-        if age is None or age > self.options.refresh_s:
+    async def current(self, max_age_s: float | None = None) -> Directory:
+        """The directory, pulled first when it is older than ``max_age_s`` (default
+        ``refresh_s``; one pull at a time, at most one a second; a failed pull keeps the
+        last one and is logged). Raises DirectoryUnavailable until the first pull succeeds."""
+        limit = self.options.refresh_s if max_age_s is None else max_age_s
+        if self._stale(limit):
             async with self._lock:
-                if (
-                    self.loaded_at is None
-                    or time.monotonic() - self.loaded_at > self.options.refresh_s
-                ):
+                if self._stale(limit):
+                    self.attempted_at = time.monotonic()
                     try:
                         await self.refresh()
                     except Exception as exc:
@@ -156,6 +155,10 @@ class DirectorySource:
                         )
                         if self.loaded_at is None:
                             raise DirectoryUnavailable(str(exc)) from None
-                        # Serve on the last one; ask again in a second, not on every request.
-                        self.loaded_at = time.monotonic() - self.options.refresh_s + 1
         return self.directory
+
+    def _stale(self, max_age_s: float) -> bool:
+        if self.loaded_at is None:
+            return True
+        now = time.monotonic()
+        return now - self.loaded_at > max_age_s and now - self.attempted_at >= min(1.0, max_age_s)

@@ -247,6 +247,9 @@ class Gate:
         except DirectoryUnavailable:
             raise Overloaded("the front door cannot check keys yet", retry_after_s=5) from None
         caller = directory.caller(self.source.secret, token.strip())
+        if caller is None:  # perhaps a key made since the last pull: ask again (4/s at most)
+            directory = await self.source.current(max_age_s=0.25)
+            caller = directory.caller(self.source.secret, token.strip())
         if caller is None:
             raise Unauthorized("invalid API key: check the key, or create a new one")
         if self._flusher is None or self._flusher.done():
