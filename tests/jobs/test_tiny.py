@@ -106,7 +106,9 @@ def test_ensure_reuses_the_cache_and_leaves_no_temp_dirs(data_dir: Path, tiny_di
     before = (tiny_dir / "model.safetensors").stat().st_mtime_ns
     assert ensure_tiny_model(data_dir) == tiny_dir
     assert (tiny_dir / "model.safetensors").stat().st_mtime_ns == before
-    assert os.listdir(tiny_dir.parent) == ["tiny"]
+    # Other tests of the session may have built tiny-moe beside it; no temp dir is left.
+    names = os.listdir(tiny_dir.parent)
+    assert "tiny" in names and not [n for n in names if n.startswith(".tiny-")], names
 
 
 def test_resolve_base_model(data_dir: Path, tiny_dir: Path) -> None:
