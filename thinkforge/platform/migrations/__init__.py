@@ -5,12 +5,16 @@ upgrade(settings.database_url)        # what `thinkforge db upgrade` and server 
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 
 HERE = Path(__file__).parent
+# Alembic's command API installs module-level proxies (alembic.context, alembic.op) while it
+# runs: two apps starting in one process (threads) must migrate one after the other.
+_UPGRADE_LOCK = threading.Lock()
 
 
 def alembic_config(database_url: str) -> Config:
@@ -22,7 +26,8 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(database_url), revision)
+    with _UPGRADE_LOCK:
+        command.upgrade(alembic_config(database_url), revision)
 
 
 def current(database_url: str) -> str | None:
