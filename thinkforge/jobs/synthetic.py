@@ -131,15 +131,34 @@ def train_test_split(
     the training records only.
     """
     rng, recheck = random.Random(seed), _rechecks(seed, recheck_rate)
+    return _disjoint_split(
+        n_train,
+        n_test,
+        draw=lambda: _draw_terms(rng, min_terms, max_terms, max_digit),
+        held_out=make_record,
+        trained=lambda terms: make_record(terms, recheck=recheck()),
+    )
+
+
+def _disjoint_split(
+    n_train: int,
+    n_test: int,
+    *,
+    draw: Callable[[], list[int]],
+    held_out: Callable[[list[int]], Record],
+    trained: Callable[[list[int]], Record],
+) -> tuple[list[Record], list[Record]]:
+    """Distinct held-out questions drawn first, then training rows whose questions avoid
+    them; ``draw`` gives the terms, the other two make each side's record."""
     test: dict[str, Record] = {}
     while len(test) < n_test:
-        rec = make_record(_draw_terms(rng, min_terms, max_terms, max_digit))
+        rec = held_out(draw())
         test.setdefault(rec["question"], rec)
     train: list[Record] = []
     while len(train) < n_train:
-        terms = _draw_terms(rng, min_terms, max_terms, max_digit)
+        terms = draw()
         if make_record(terms)["question"] not in test:
-            train.append(make_record(terms, recheck=recheck()))
+            train.append(trained(terms))
     return train, list(test.values())
 
 
@@ -200,22 +219,22 @@ def recheck_split(
     if min_terms < 3:
         raise ValueError("the recheck task needs at least three terms")
     rng = random.Random(f"recheck-task-{seed}")
-    test: dict[str, Record] = {}
-    while len(test) < n_test:
-        rec = make_recheck_record(_draw_terms(rng, min_terms, max_terms, max_digit))
-        test.setdefault(rec["question"], rec)
-    train: list[Record] = []
-    while len(train) < n_train:
-        terms = _draw_terms(rng, min_terms, max_terms, max_digit)
-        if make_record(terms)["question"] in test:
-            continue
+
+    def trained(terms: list[int]) -> Record:
         if rng.random() < slip_rate:
             rechecks, slip = rng.choice((1, 1, 2)), rng.choice(SLIPS)
         else:
             rechecks, slip = rng.choices((0, 1, 2), weights=RECHECK_MIX)[0], 0
         slip_at = rng.randrange(len(terms) // 2)  # the first pass has len(terms) // 2 steps
-        train.append(make_recheck_record(terms, rechecks=rechecks, slip=slip, slip_at=slip_at))
-    return train, list(test.values())
+        return make_recheck_record(terms, rechecks=rechecks, slip=slip, slip_at=slip_at)
+
+    return _disjoint_split(
+        n_train,
+        n_test,
+        draw=lambda: _draw_terms(rng, min_terms, max_terms, max_digit),
+        held_out=make_recheck_record,
+        trained=trained,
+    )
 
 
 def write_jsonl(path: str | Path, n: int, seed: int = 0, **kwargs: Any) -> Path:
