@@ -90,7 +90,9 @@ def cmdline(pid: int) -> str:
 
 def check_ray_processes(head_pid: int, mlflow_uri: str) -> None:
     """No Ray process (head, raylet, job driver, train workers) holds the control plane's
-    secrets or shows the MLflow URI; the job's driver still has PYTHONPATH and the venv."""
+    secrets; the job's command line does not show the MLflow URI (Ray puts the runtime env
+    on the command lines of the workers it starts: docs/production.md); the job's driver
+    still has PYTHONPATH and the venv."""
     pids = descendants(head_pid)
     drivers = [pid for pid in pids if "-m thinkforge.jobs " in cmdline(pid)]
     assert drivers, [cmdline(p) for p in pids]
@@ -98,6 +100,8 @@ def check_ray_processes(head_pid: int, mlflow_uri: str) -> None:
         env = environ(pid)
         assert not [k for k in env if k.startswith("THINKFORGE_")], (cmdline(pid), env.keys())
         assert not [v for v in env.values() if SECRET_KEY in v or API_KEY in v]
+        assert SECRET_KEY not in cmdline(pid) and API_KEY not in cmdline(pid)
+    for pid in drivers:
         assert mlflow_uri not in cmdline(pid)
     driver_env = environ(drivers[0])
     if os.environ.get("PYTHONPATH"):  # a checkout on the path (not an install) reaches jobs

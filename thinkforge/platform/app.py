@@ -33,7 +33,7 @@ from thinkforge.platform.leader import (
 )
 from thinkforge.platform.metrics import ApiMetrics, MetricsMiddleware
 from thinkforge.platform.middleware import BodyLimitMiddleware
-from thinkforge.platform.migrations import upgrade
+from thinkforge.platform.migrations import ALEMBIC_LOCK, upgrade
 from thinkforge.platform.models import DEFAULT_PROJECT
 from thinkforge.platform.ray_cluster import (
     RAY_HEAD_FILE,
@@ -128,8 +128,7 @@ def create_app(
                 upgrade(settings.database_url)
             if settings.start_reconciler:
                 leadership.start()  # a second replica on one SQLite file stops here
-            if runs_jobs:
-                _init_local_mlflow(settings.mlflow_tracking_uri)
+            _init_mlflow_store(settings.mlflow_tracking_uri)
             with ctx.sessions.begin() as session:
                 ensure_project(session, DEFAULT_PROJECT)
             if settings.start_reconciler:
@@ -178,13 +177,16 @@ def create_app(
     return app
 
 
-def _init_local_mlflow(tracking_uri: str) -> None:
-    """Create a SQLite MLflow store now, before jobs open it too: MLflow migrates a new
-    store on first use, and two processes doing that at once collide."""
-    if tracking_uri.startswith("sqlite:"):
+def _init_mlflow_store(tracking_uri: str) -> None:
+    """Open a database-backed MLflow store now, before the reconciler's threads and the jobs
+    open it too: MLflow migrates a new store on first use with alembic, whose proxies are
+    module globals (a second app in this process may be migrating), and two processes
+    migrating one store at once collide."""
+    if tracking_uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+        with ALEMBIC_LOCK:
+            MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
 
 
 def ray_launcher_for(

@@ -106,7 +106,8 @@ class RayJobLauncher:
             client.submit_job(
                 entrypoint=self.entrypoint(spec),
                 submission_id=spec.job_id,
-                # The MLflow URI may hold credentials: in the environment, never in `ps`.
+                # The MLflow URI may hold credentials: off the entrypoint (Ray still puts
+                # the runtime env on its workers' command lines: docs/production.md).
                 runtime_env={
                     "env_vars": {
                         **self.env,

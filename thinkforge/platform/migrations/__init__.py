@@ -13,8 +13,9 @@ from alembic.config import Config
 
 HERE = Path(__file__).parent
 # Alembic's command API installs module-level proxies (alembic.context, alembic.op) while it
-# runs: two apps starting in one process (threads) must migrate one after the other.
-_UPGRADE_LOCK = threading.Lock()
+# runs: two apps starting in one process (threads) must migrate one after the other, and
+# MLflow's own store migrations use the same proxies (ALEMBIC_LOCK guards both).
+ALEMBIC_LOCK = threading.Lock()
 
 
 def alembic_config(database_url: str) -> Config:
@@ -26,7 +27,7 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
-    with _UPGRADE_LOCK:
+    with ALEMBIC_LOCK:
         command.upgrade(alembic_config(database_url), revision)
 
 
