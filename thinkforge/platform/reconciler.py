@@ -35,11 +35,14 @@ log = logging.getLogger(__name__)
 
 class ProgressTracker(Protocol):
     """Turns a run's metrics, checkpoints and registered model into rows for one job:
-    ``fetch`` asks the outside systems (slow; no transaction open), ``apply`` writes."""
+    ``fetch`` asks the outside systems (slow; no transaction open), ``apply`` writes.
+    ``run_artifact`` reads one file a run logged (the routes' expert heatmap)."""
 
     def fetch(self, job: Job, *, final: bool) -> Any: ...
 
     def apply(self, session: Session, job: Job, progress: Any) -> None: ...
+
+    def run_artifact(self, run_id: str, path: str) -> bytes | None: ...
 
 
 def reconcile_once(
