@@ -19,10 +19,24 @@ from thinkforge.jobs import moe
 WORLD, ACCUM, ROWS, SEQ, VOCAB = 2, 2, 2, 8, 64
 
 
-def _model() -> Any:
+def _model(arch: str = "qwen3_moe") -> Any:
+    """thinkforge/tiny-moe's architecture (Qwen3-MoE) or a Qwen2-MoE of the same size,
+    whose every layer also has a gated shared expert."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
     from thinkforge.jobs.tiny import build_tiny_moe_model
 
-    model = build_tiny_moe_model(VOCAB, eos_token_id=1, pad_token_id=0, seed=3, hidden_size=32)
+    if arch == "qwen3_moe":
+        model = build_tiny_moe_model(VOCAB, eos_token_id=1, pad_token_id=0, seed=3, hidden_size=32)
+    else:
+        torch.manual_seed(3)
+        model = Qwen2MoeForCausalLM(
+            Qwen2MoeConfig(
+                vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=64,
+                shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, pad_token_id=0,
+            )
+        )  # fmt: skip
     # Random routers: the default init is near-uniform, where every loss looks alike.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -166,11 +180,15 @@ def test_local_counts_would_not_be_the_global_loss() -> None:
     assert abs(float(local.aux) - ref_aux) > 1e-3
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_micro_batch_is_transformers_value(masked: bool) -> None:
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+def test_micro_batch_is_transformers_value(arch: str, masked: bool) -> None:
+    import importlib
 
-    model = _model()
+    modeling = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    load_balancing_loss_func = modeling.load_balancing_loss_func
+    model = _model(arch)
+    assert model.config.model_type == arch
     spec = moe.router_spec(model.config)
     ids, mask = _global_batch()
     for i in range(WORLD * ACCUM):
