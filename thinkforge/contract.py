@@ -53,6 +53,7 @@ __all__ = [
     "MODEL_ARTIFACT_PATH",
     "MOE_AUX_LOSS",
     "MOE_IMBALANCE",
+    "MOE_STEP_METRICS",
     "MOE_Z_LOSS",
     "PLOT_FILE",
     "PYFUNC_LOADER",
@@ -140,6 +141,9 @@ DATA_METRIC_PREFIX = "data_"
 MOE_AUX_LOSS = "moe_aux_loss"
 MOE_Z_LOSS = "moe_z_loss"
 MOE_IMBALANCE = "moe_imbalance"  # max/mean expert load, worst layer; 1.0 is balanced
+# What the control plane adds to a step's event when the run logged them (the per-layer
+# loads, one metric per expert, stay in MLflow, the checkpoints and the heatmap).
+MOE_STEP_METRICS = (MOE_AUX_LOSS, MOE_Z_LOSS, MOE_IMBALANCE)
 # At each checkpoint: the expert-load heatmap, on the job's run as experts/step-NNNNNN.png
 # and, the latest, as experts.png.
 EXPERTS_PLOT = "experts.png"

@@ -1,4 +1,5 @@
-"""Fine-tune jobs end to end: REST -> Ray Job -> Ray Train (2 DDP workers) -> MLflow -> REST.
+"""Fine-tune jobs end to end: REST -> Ray Job -> Ray Train (2 DDP workers) -> MLflow -> REST;
+a mixture-of-experts job on to Ray Serve and a budget-forced chat.
 
 One local Ray head for the module; the control plane runs as a real process so that a
 test can kill it mid-job the way a crash would.
@@ -18,8 +19,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import free_port
-from tests.integration.conftest import ControlPlane
-from thinkforge.jobs.synthetic import write_jsonl
+from tests.integration.conftest import API_KEY, ControlPlane, serving_plane
+from thinkforge.contract import MOE_AUX_LOSS, MOE_IMBALANCE, expert_load_metric
+from thinkforge.jobs.synthetic import write_jsonl, write_mixed_jsonl
 from thinkforge.platform.mlflow_server import MlflowServer
 from thinkforge.platform.ray_cluster import LocalRayCluster
 
@@ -204,3 +206,103 @@ def test_missing_base_model_fails_early_with_a_clear_error(
     message = done["error"]["message"]
     assert str(missing) in message.splitlines()[0]
     assert "Traceback" not in message.splitlines()[0]
+
+
+# ---------------------------------------------------------------- a mixture of experts
+# thinkforge/tiny-moe through the REST API with 2 DDP workers and Qwen's global-batch
+# balance loss; its router metrics and expert heatmap over REST; the registered version
+# deployed on Ray Serve and answering a budget-forced chat.
+
+MOE_NAME = "moe-e2e"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def train_moe(client: httpx.Client, tmp_path: Path) -> dict[str, Any]:
+    data = write_mixed_jsonl(tmp_path / "mixed.jsonl", n=64, seed=0)
+    with open(data, "rb") as fh:
+        upload = client.post(
+            "/v1/files", files={"file": ("mixed.jsonl", fh)}, data={"purpose": "fine-tune"}
+        )
+    assert upload.status_code == 200, upload.text
+    body = {
+        "model": "thinkforge/tiny-moe", "training_file": upload.json()["id"],
+        "recipe": "tiny-moe-cpu", "suffix": MOE_NAME,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"max_steps": 2}}},
+    }  # fmt: skip
+    resp = client.post("/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == 200, resp.text
+    job = dict(resp.json())
+    assert job["config"]["moe"]["balance"] == "global"  # the recipe's default
+    return wait_job(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=400)
+
+
+def check_router_metrics(client: httpx.Client, job_id: str) -> None:
+    steps = metric_steps(client, job_id)
+    assert [s["step"] for s in steps] == [1, 2]
+    assert all(0 < s[MOE_AUX_LOSS] < 4 and s[MOE_IMBALANCE] >= 1 for s in steps)
+    ckpts = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+    (ckpt,) = ckpts  # the recipe checkpoints every 125 steps: only the last here
+    assert ckpt["step_number"] == 2
+    for layer in range(2):  # the step's expert load: 2 layers x 4 experts
+        shares = [ckpt["metrics"][expert_load_metric(layer, e)] for e in range(4)]
+        assert sum(shares) == pytest.approx(1.0)
+
+
+def wait_moe_deployment(client: httpx.Client, version: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        dep = dict(client.get(f"/v1/deployments/{MOE_NAME}").json())
+        if dep["status"] == "running" and dep["served_version"] == version:
+            return
+        assert dep["status"] not in ("failed", "degraded"), dep
+        assert time.monotonic() < deadline, dep
+        time.sleep(1)
+
+
+def test_moe_job_trains_shows_its_experts_and_serves_with_budget_forcing(
+    ray_cluster: LocalRayCluster, tmp_path: Path
+) -> None:
+    """Last in this module: its deployment holds part of the cluster to the end. Two
+    steps only: what the dense model's flows cover (crash, cancel, rollouts) is not
+    repeated."""
+    plane, serve_port = serving_plane(tmp_path / "data", ray_cluster)
+    try:
+        with plane.client() as client:
+            done = train_moe(client, tmp_path)
+            assert done["status"] == "succeeded", done["error"]
+            job_id = done["id"]
+            assert done["fine_tuned_model"] == f"{MOE_NAME}/1"
+            check_router_metrics(client, job_id)
+            messages = [e["message"] for e in events(client, job_id)]
+            assert f"Registered model version {MOE_NAME}/1" in " ".join(messages)
+            version = client.get(f"/v1/registry/models/{MOE_NAME}/versions/1").json()
+            assert version["lineage"]["base_model"] == "thinkforge/tiny-moe"
+
+            heatmap = client.get(f"/v1/fine_tuning/jobs/{job_id}/experts.png")
+            assert heatmap.status_code == 200, heatmap.text
+            assert heatmap.headers["content-type"] == "image/png"
+            assert heatmap.content.startswith(PNG)
+
+            made = client.post("/v1/deployments", json={"name": MOE_NAME, "model": f"{MOE_NAME}/1"})
+            assert made.status_code == 200, made.text
+            wait_moe_deployment(client, f"{MOE_NAME}/1")
+            thinking = {"max_tokens": 12, "min_tokens": 6, "num_waits": 1, "wait_string": "Wait"}
+            resp = httpx.post(
+                f"http://127.0.0.1:{serve_port}/v1/chat/completions",
+                json={"model": MOE_NAME, "messages": [{"role": "user", "content": "Sum: 1 2"}],
+                      "max_completion_tokens": 24, "temperature": 0, "thinking": thinking},
+                headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120,
+            )  # fmt: skip
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["x-thinkforge-model-version"] == "1"
+            body = resp.json()
+            summary = body["thinking"]
+            reasoning = body["usage"]["completion_tokens_details"]["reasoning_tokens"]
+            # Thinking ends at the cap (max wins over min and waits) or, once the model
+            # tried to end it and got its one wait, by itself: after min_tokens either way.
+            assert 6 <= summary["tokens"] <= 12 and reasoning == summary["tokens"]
+            assert summary["waits_inserted"] <= 1
+            assert summary["forced_end"] or summary["waits_inserted"] == 1
+            assert body["choices"][0]["message"]["reasoning_content"]
+    finally:
+        plane.stop()

@@ -54,6 +54,21 @@ def test_missing_base_model_path_fails_early(tmp_path: Path) -> None:
     )
 
 
+def test_a_base_with_experts_it_cannot_route_fails_early_as_invalid_model(
+    tmp_path: Path,
+) -> None:
+    """What the control plane cannot read before the job (a hub id, a registry version)."""
+    from transformers import MixtralConfig
+
+    data = write_jsonl(tmp_path / "ok.jsonl", n=4, seed=0)
+    MixtralConfig(num_local_experts=4).save_pretrained(tmp_path / "mixtral")
+    proc = run_job(tmp_path, dataset=str(data), model=str(tmp_path / "mixtral"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("thinkforge job error: [invalid_model] base model ")
+    assert "'mixtral' is a mixture of experts whose router thinkforge does not know" in last
+
+
 def test_jobs_never_import_the_control_plane() -> None:
     code = (
         "import sys, thinkforge.jobs.__main__, thinkforge.jobs.sft, thinkforge.jobs.tracking, "

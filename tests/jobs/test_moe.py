@@ -1,8 +1,10 @@
 """The router losses of thinkforge.jobs.moe: transformers' value per micro-batch, and the
-global-batch loss exact across 2 gloo processes with gradient accumulation."""
+global-batch loss exact across 2 gloo processes with gradient accumulation, under DDP and
+under FSDP2 (each decoder layer, experts included, sharded by ``apply_fsdp``)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from typing import Any
@@ -17,10 +19,24 @@ from thinkforge.jobs import moe
 WORLD, ACCUM, ROWS, SEQ, VOCAB = 2, 2, 2, 8, 64
 
 
-def _model() -> Any:
+def _model(arch: str = "qwen3_moe") -> Any:
+    """thinkforge/tiny-moe's architecture (Qwen3-MoE) or a Qwen2-MoE of the same size,
+    whose every layer also has a gated shared expert."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
     from thinkforge.jobs.tiny import build_tiny_moe_model
 
-    model = build_tiny_moe_model(VOCAB, eos_token_id=1, pad_token_id=0, seed=3, hidden_size=32)
+    if arch == "qwen3_moe":
+        model = build_tiny_moe_model(VOCAB, eos_token_id=1, pad_token_id=0, seed=3, hidden_size=32)
+    else:
+        torch.manual_seed(3)
+        model = Qwen2MoeForCausalLM(
+            Qwen2MoeConfig(
+                vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=64,
+                shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, pad_token_id=0,
+            )
+        )  # fmt: skip
     # Random routers: the default init is near-uniform, where every loss looks alike.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -43,16 +59,39 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _router_grads(model: Any) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
     return {
-        n: p.grad.detach().clone()
+        n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
         for n, p in model.named_parameters()
         if n.endswith("gate.weight") and p.grad is not None
     }
 
 
 def _stats(model: Any, spec: moe.RouterSpec, ids: torch.Tensor, mask: torch.Tensor):
-    out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
-    return moe.router_stats(out.router_logits, spec, mask)
+    return _forward(model, spec, ids, mask)[0]
+
+
+def _forward(
+    model: Any, spec: moe.RouterSpec, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[moe.RouterStats, torch.Tensor]:
+    """A micro-batch's routing and its language-modelling loss (padding not trained)."""
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    return moe.router_stats(out.router_logits, spec, mask), out.loss
+
+
+def _step_loss(
+    forwards: list[tuple[moe.RouterStats, torch.Tensor]], spec: moe.RouterSpec, world: int, lm: bool
+) -> tuple[torch.Tensor, moe.RouterStep]:
+    """The step's loss as thinkforge.jobs.sft builds it for an MoE base: the micro-batches'
+    mean LM loss (with ``lm``) plus the router loss; one backward follows."""
+    step = moe.step_router_loss(
+        [s for s, _ in forwards], spec, balance="global", aux_loss_coef=1.0, world_size=world
+    )
+    if not lm:
+        return step.loss, step
+    return torch.stack([loss for _, loss in forwards]).sum() / len(forwards) + step.loss, step
 
 
 def _free_port() -> int:
@@ -61,51 +100,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, strategy: str, lm: bool) -> None:
+    """One rank of a training step as thinkforge.jobs.sft runs it for an MoE base."""
+    from thinkforge.jobs.parallel import apply_fsdp, gradient_sync
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        # The loss here is the router's alone: the LM head gets no gradient, so DDP must
-        # be told, or it waits for that bucket and never all-reduces.
-        model = torch.nn.parallel.DistributedDataParallel(_model(), find_unused_parameters=True)
-        spec = moe.router_spec(model.module.config)
+        inner = _model()
+        if strategy == "ddp":
+            # The router loss alone leaves the LM head without a gradient (as an expert no
+            # token chose always is): DDP must be told, or it waits and never all-reduces.
+            model = torch.nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
+        else:
+            apply_fsdp(inner, device=torch.device("cpu"), world=WORLD)
+            model = inner
+        spec = moe.router_spec(inner.config)
         ids, mask = _global_batch()
         per_rank = ACCUM * ROWS
-        stats = []
-        for i in range(ACCUM):  # every forward first; only the last one arms DDP's hooks
+        forwards = []
+        for i in range(ACCUM):  # every forward first; under DDP the last one arms the hooks
             lo = rank * per_rank + i * ROWS
-            ctx = model.no_sync() if i < ACCUM - 1 else torch.enable_grad()
-            with ctx:
-                stats.append(_stats(model, spec, ids[lo : lo + ROWS], mask[lo : lo + ROWS]))
-        step = moe.step_router_loss(
-            stats, spec, balance="global", aux_loss_coef=1.0, world_size=WORLD
-        )
-        step.loss.backward()
+            with gradient_sync(model, i == ACCUM - 1):
+                forwards.append(_forward(model, spec, ids[lo : lo + ROWS], mask[lo : lo + ROWS]))
+        loss, step = _step_loss(forwards, spec, WORLD, lm)
+        loss.backward()
         aux = step.aux.clone()
         dist.all_reduce(aux)
-        torch.save((float(aux) / WORLD, _router_grads(model.module), step.counts), f"{out}.{rank}")
+        torch.save((float(aux) / WORLD, _router_grads(inner), step.counts), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def reference() -> tuple[float, dict[str, torch.Tensor], torch.Tensor]:
-    """One process, the whole global batch in one forward."""
+@functools.cache
+def _reference(lm: bool) -> tuple[float, dict[str, torch.Tensor], torch.Tensor]:
+    """One process. The router loss alone: the whole global batch in one forward. With the
+    LM loss, a mean per micro-batch, the same micro-batches one after another."""
     model = _model()
     spec = moe.router_spec(model.config)
     ids, mask = _global_batch()
-    step = moe.step_router_loss(
-        [_stats(model, spec, ids, mask)], spec, balance="global", aux_loss_coef=1.0
-    )
-    step.loss.backward()
+    rows = [slice(i * ROWS, (i + 1) * ROWS) for i in range(WORLD * ACCUM)] if lm else [slice(None)]
+    loss, step = _step_loss([_forward(model, spec, ids[r], mask[r]) for r in rows], spec, 1, lm)
+    loss.backward()
     return float(step.aux), _router_grads(model), step.counts
 
 
-def test_global_balance_is_exact_across_ranks_and_micro_batches(reference, tmp_path) -> None:
-    ref_aux, ref_grads, ref_counts = reference
+# FSDP2 gathers a layer's weights for backward from a hook on the layer's outputs; the
+# router loss reaches the gates through the router logits instead, so a loss of the
+# router's alone would find the last layer's gate still sharded. A job's loss always has
+# the LM term: FSDP is checked on the full step, DDP on the router loss alone.
+@pytest.mark.parametrize(("strategy", "lm"), [("ddp", False), ("fsdp", True)])
+def test_global_balance_is_exact_across_ranks_and_micro_batches(
+    tmp_path, strategy: str, lm: bool
+) -> None:
+    ref_aux, ref_grads, ref_counts = _reference(lm)
     out = str(tmp_path / "rank")
-    mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(
+        _worker, args=(_free_port(), out, strategy, lm), nprocs=WORLD, start_method="spawn"
+    )
     assert len(ref_grads) == 2  # one router per layer
     for rank in range(WORLD):
         aux, grads, counts = torch.load(f"{out}.{rank}")
@@ -116,9 +169,9 @@ def test_global_balance_is_exact_across_ranks_and_micro_batches(reference, tmp_p
             torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=0)
 
 
-def test_local_counts_would_not_be_the_global_loss(reference) -> None:
+def test_local_counts_would_not_be_the_global_loss() -> None:
     """The check above can fail: f from one micro-batch gives another value."""
-    ref_aux, _, _ = reference
+    ref_aux, _, _ = _reference(False)
     model = _model()
     spec = moe.router_spec(model.config)
     ids, mask = _global_batch()
@@ -127,11 +180,15 @@ def test_local_counts_would_not_be_the_global_loss(reference) -> None:
     assert abs(float(local.aux) - ref_aux) > 1e-3
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_micro_batch_is_transformers_value(masked: bool) -> None:
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+def test_micro_batch_is_transformers_value(arch: str, masked: bool) -> None:
+    import importlib
 
-    model = _model()
+    modeling = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    load_balancing_loss_func = modeling.load_balancing_loss_func
+    model = _model(arch)
+    assert model.config.model_type == arch
     spec = moe.router_spec(model.config)
     ids, mask = _global_batch()
     for i in range(WORLD * ACCUM):

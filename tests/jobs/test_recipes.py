@@ -26,7 +26,13 @@ def test_the_recipes_are_all_here() -> None:
         "s1.1-qwen2.5-32b",
         "s1k-qwen2.5-32b",
         "tiny-cpu",
+        "tiny-moe-cpu",
+        "s1.1-qwen3-30b-a3b",
     }
+    moe_bases = {"tiny-moe-cpu", "s1.1-qwen3-30b-a3b"}  # Qwen's global-batch balance loss
+    for path in RECIPES:
+        moe = SFTConfig.from_yaml(path).moe
+        assert (moe is not None and moe.balance == "global") == (path.stem in moe_bases)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -36,7 +42,8 @@ def test_every_recipe_validates_and_plans(path: Path) -> None:
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     assert any(f"--recipe recipes/{path.name}" in line for line in header), "say how to run it"
     hp, res = cfg.hyperparameters, cfg.resources
-    rows = ROWS.get(cfg.format.value, 1000 if "32b" in path.stem or "7b" in path.stem else 2000)
+    real = any(size in path.stem for size in ("32b", "7b", "30b"))
+    rows = ROWS.get(cfg.format.value, 1000 if real else 2000)
     plan = plan_steps(
         rows,
         world_size=res.num_workers,

@@ -92,6 +92,11 @@ def test_lifecycle_to_succeeded_and_terminal_is_final(api: Api, file_id: str) ->
             "global_batch 16, this job has 32",
             "checkpoint_incompatible",
         ),
+        (  # a hub or registry base with experts thinkforge cannot route (jobs.__main__)
+            "[invalid_model] base model 'mistralai/Mixtral-8x7B-v0.1': model type 'mixtral' "
+            "is a mixture of experts whose router thinkforge does not know",
+            "invalid_model",
+        ),
     ],
 )
 def test_failed_run_records_error(api: Api, file_id: str, message: str, code: str) -> None:

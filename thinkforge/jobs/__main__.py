@@ -21,6 +21,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 from thinkforge.contract import default_registered_name, emit_error, emit_event
 from thinkforge.jobs.config import RecordError, SFTConfig, iter_jsonl
@@ -111,12 +112,25 @@ def resolve_model(config: SFTConfig, data_dir: str, mlflow_uri: str | None) -> s
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(path)
+        base = AutoConfig.from_pretrained(path)
     except Exception as exc:
         raise JobError(
             f"base model {config.model!r} cannot be loaded: {_first_line(exc)}"
         ) from None
+    _check_router(config.model, base)
     return path
+
+
+def _check_router(model: str, base: Any) -> None:
+    """Experts whose router thinkforge does not know fail the job before any worker starts,
+    tagged with their code (the control plane checks only local bases at create time)."""
+    from thinkforge.jobs.moe import RouterError, is_moe, router_spec
+
+    if is_moe(base):
+        try:
+            router_spec(base)
+        except RouterError as exc:
+            raise JobError(f"[{exc.code}] base model {model!r}: {exc}") from None
 
 
 def training_failure(error: BaseException) -> str:

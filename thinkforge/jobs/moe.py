@@ -81,6 +81,8 @@ KNOWN_MOE_TYPES = MOE_MODEL_TYPES
 class RouterError(ValueError):
     """An MoE base whose router configuration thinkforge does not know."""
 
+    code = "invalid_model"  # the failed job's error.code (the entrypoint tags its line)
+
 
 @dataclass(frozen=True)
 class RouterSpec:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from thinkforge.contract import default_registered_name
+from thinkforge.contract import EXPERTS_PLOT, default_registered_name
 from thinkforge.jobs.config import MOE_MODEL_TYPES, SFTConfig, moe_kind
 from thinkforge.platform import ownership
 from thinkforge.platform.errors import (
@@ -223,6 +223,34 @@ def list_job_rows(
     get_job(session, project_id=project_id, job_id=job_id)
     stmt = select(model).where(model.job_id == job_id)
     return page(session, stmt, model, after=after, limit=limit)
+
+
+class RunArtifacts(Protocol):
+    def run_artifact(self, run_id: str, path: str) -> bytes | None: ...
+
+
+def expert_heatmap(
+    sessions: sessionmaker[Session],
+    artifacts: RunArtifacts | None,
+    *,
+    project_id: str,
+    job_id: str,
+) -> bytes:
+    """The PNG of expert load by layer and expert that an MoE job's run logged at its
+    latest checkpoint; NotFound for another project's job, a dense model's, or before
+    the first checkpoint. MLflow is read with no session open."""
+    with sessions() as session:
+        run_id = get_job(session, project_id=project_id, job_id=job_id).mlflow_run_id
+    png = artifacts.run_artifact(run_id, EXPERTS_PLOT) if artifacts and run_id else None
+    if png is None:
+        raise NotFound(
+            f"fine-tuning job {job_id!r} has no expert-load heatmap: a mixture-of-experts "
+            "job logs one at each checkpoint (a dense model never does); retry after its "
+            "first checkpoint",
+            param="fine_tuning_job_id",
+            code="expert_heatmap_not_found",
+        )
+    return png
 
 
 def add_event(

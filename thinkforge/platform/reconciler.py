@@ -35,11 +35,14 @@ log = logging.getLogger(__name__)
 
 class ProgressTracker(Protocol):
     """Turns a run's metrics, checkpoints and registered model into rows for one job:
-    ``fetch`` asks the outside systems (slow; no transaction open), ``apply`` writes."""
+    ``fetch`` asks the outside systems (slow; no transaction open), ``apply`` writes.
+    ``run_artifact`` reads one file a run logged (the routes' expert heatmap)."""
 
     def fetch(self, job: Job, *, final: bool) -> Any: ...
 
     def apply(self, session: Session, job: Job, progress: Any) -> None: ...
+
+    def run_artifact(self, run_id: str, path: str) -> bytes | None: ...
 
 
 def reconcile_once(
@@ -252,6 +255,7 @@ class Reconciler:
 
 def _failure_kind(detail: str) -> FailureKind:
     """training_failed, unless the job's error line names a more precise code."""
-    if f"[{FailureKind.CHECKPOINT_INCOMPATIBLE.value}]" in detail:
-        return FailureKind.CHECKPOINT_INCOMPATIBLE
+    for kind in (FailureKind.CHECKPOINT_INCOMPATIBLE, FailureKind.INVALID_MODEL):
+        if f"[{kind.value}]" in detail:
+            return kind
     return FailureKind.TRAINING_FAILED

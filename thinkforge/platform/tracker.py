@@ -8,15 +8,18 @@ restarted control plane, records each thing exactly once.
     tracker = RunTracker(tracking_uri=settings.mlflow_tracking_uri, storage_path=...)
     progress = tracker.fetch(job, final=False)    # MLflow and checkpoints: no transaction
     tracker.apply(session, job, progress)          # the rows: a short one
+    png = tracker.run_artifact(job.mlflow_run_id, EXPERTS_PLOT)   # None if not logged
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -27,11 +30,13 @@ from thinkforge.contract import (
     DATA_METRIC_PREFIX,
     DATASET_SHA_TAG,
     JOB_TAG,
+    MOE_STEP_METRICS,
     RECIPE_TAG,
     STEP_METRICS,
     TRAINED_TOKENS,
 )
 from thinkforge.jobs.checkpoints import list_checkpoints
+from thinkforge.platform.errors import Unavailable
 from thinkforge.platform.jobs import add_event
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, ModelVersion, new_id
 from thinkforge.platform.registry import (
@@ -91,7 +96,8 @@ class RunTracker:
         if run is None:
             return Progress(final, checkpoints)
         client = self.client()
-        history = {key: client.get_metric_history(run.info.run_id, key) for key in STEP_METRICS}
+        keys = STEP_METRICS + tuple(k for k in MOE_STEP_METRICS if k in run.data.metrics)
+        history = {key: client.get_metric_history(run.info.run_id, key) for key in keys}
         version = None
         if final:
             found = client.search_model_versions(f"run_id = '{run.info.run_id}'")
@@ -112,6 +118,33 @@ class RunTracker:
         self._sync_metrics(session, job, progress.history, final=progress.final)
         if progress.final:
             self._sync_result(session, job, run, progress.version)
+
+    def run_artifact(self, run_id: str, path: str) -> bytes | None:
+        """One file at the top of a run's artifacts; None when the run (or the file) is
+        not there. Unavailable when MLflow cannot be asked."""
+        from mlflow.exceptions import MlflowException
+
+        client = self.client()
+        try:
+            if path not in {a.path for a in client.list_artifacts(run_id)}:
+                return None
+            with tempfile.TemporaryDirectory(prefix="thinkforge-artifact-") as tmp:
+                return Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise self._unavailable(exc) from exc
+        except OSError as exc:
+            raise self._unavailable(exc) from exc
+
+    @staticmethod
+    def _unavailable(exc: BaseException) -> Unavailable:
+        # MLflow's message names the URI, which may hold credentials: the log keeps it.
+        log.warning("reading a run's artifacts from MLflow failed: %s", exc)
+        return Unavailable(
+            f"MLflow failed ({type(exc).__name__}); check that the tracking server is "
+            "running and reachable, then retry"
+        )
 
     def _find_run(self, job: Job) -> Any:
         client = self.client()

@@ -1,4 +1,5 @@
-"""/v1/fine_tuning/jobs: create, list, get, cancel, events and checkpoints."""
+"""/v1/fine_tuning/jobs: create, list, get, cancel, events, checkpoints and an MoE job's
+expert-load heatmap."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from thinkforge.platform import jobs
 from thinkforge.platform.deps import (
@@ -133,6 +134,18 @@ def list_checkpoints(
     limit: LimitQuery = 20,
 ) -> ListResponse[CheckpointObject]:
     return _job_rows(ctx, principal, job_id, Checkpoint, checkpoint_view, after, limit)
+
+
+@router.get(
+    "/{job_id}/experts.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "expert load by layer"}},
+)
+def expert_heatmap(ctx: CtxDep, principal: PrincipalDep, job_id: str) -> Response:
+    png = jobs.expert_heatmap(
+        ctx.sessions, ctx.tracker, project_id=principal.project_id, job_id=job_id
+    )
+    return Response(png, media_type="image/png")
 
 
 def _job_rows(
