@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 
 from thinkforge.contract import default_registered_name, emit_error, emit_event
-from thinkforge.jobs.config import RecordError, SFTConfig, iter_jsonl
+from thinkforge.jobs.config import RecordError, SFTConfig, iter_records
 
 
 class JobError(Exception):
@@ -79,11 +79,11 @@ def load_config_json(text: str) -> SFTConfig:
 def validate_dataset(path: str, config: SFTConfig) -> int:
     """Parse every record now, so a bad file fails the job before training starts."""
     if not path:
-        raise JobError("no dataset given: set 'dataset' to a JSONL file")
-    if not Path(path).is_file():
+        raise JobError("no dataset given: set 'dataset' to a JSONL or parquet file")
+    if not Path(path).exists():
         raise JobError(f"dataset {path} does not exist")
     try:
-        count = sum(1 for _ in iter_jsonl(path, config.format))
+        count = sum(1 for _ in iter_records(path, config.format))
     except RecordError as exc:
         raise JobError(f"dataset {path}: {exc}") from None
     except UnicodeDecodeError:

@@ -50,8 +50,9 @@ def create_job(
     """Validate and write a job (not yet launched). With a ``registry``, a name that
     exists there unclaimed (an operator's shared model) cannot be claimed."""
     dataset = resolve_dataset(
-        session, settings, project_id=project_id, ref=spec.training_file, param="training_file"
-    )
+        session, settings, project_id=project_id, ref=spec.training_file,
+        param="training_file", folders=True,
+    )  # fmt: skip
     validation = _validation_dataset(session, settings, project_id, spec)
     model = resolve_model(session, settings, project_id=project_id, model=spec.model)
     config = _resolve_config(settings, spec, dataset.path, model)
@@ -108,7 +109,9 @@ def _validation_dataset(
     )  # fmt: skip
     if ref is None:
         return None
-    return resolve_dataset(session, settings, project_id=project_id, ref=ref, param=param).path
+    return resolve_dataset(
+        session, settings, project_id=project_id, ref=ref, param=param, folders=True
+    ).path
 
 
 def _resolve_config(
@@ -340,7 +343,7 @@ def _check_job_dataset(job: Job) -> DatasetInfo | InvalidFile:
     """The job's training data validated, or why it is not valid."""
     path = Path(job.dataset_path)
     try:
-        if not path.is_file():
+        if not path.exists():
             raise InvalidFile(f"the training data at {path} is gone", param="training_file")
         info = validate_dataset(path)
         if job.dataset_sha256 and info.sha256 != job.dataset_sha256:
