@@ -165,6 +165,9 @@ def run_job(args: argparse.Namespace) -> str | None:
         emit_event("mlflow_run", run_id=run_id)
     try:
         ref = _train_and_register(args, config, model_path, run_id, sha)
+    except Paused:  # the run checkpointed and stopped when asked; a resume goes on from there
+        _end_run(args.mlflow_uri, run_id, "KILLED")
+        return None
     except BaseException:
         _end_run(args.mlflow_uri, run_id, "FAILED")
         raise
@@ -196,6 +199,10 @@ def _train_and_register(
         raise JobError(f"training failed: {training_failure(result.error)}")
     if result.checkpoint is None:
         raise JobError("training finished without a checkpoint")
+    metrics = result.metrics or {}
+    if metrics.get("step", 0) < metrics.get("total_steps", 0):
+        emit_event("paused", checkpoint=str(result.checkpoint.path), step=int(metrics["step"]))
+        raise Paused
     emit_event("trained", checkpoint=str(result.checkpoint.path), metrics=result.metrics)
     if not (args.mlflow_uri and run_id):
         return None
@@ -215,6 +222,10 @@ def _train_and_register(
         )
     emit_event("registered", model_version=ref, run_id=run_id)
     return ref
+
+
+class Paused(Exception):
+    """The run stopped early, at a pause request, after checkpointing (see ``sft._train``)."""
 
 
 def _end_run(mlflow_uri: str | None, run_id: str | None, status: str) -> None:
