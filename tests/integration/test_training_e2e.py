@@ -127,6 +127,13 @@ def check_finished_job(client: httpx.Client, job_id: str, done: dict[str, Any]) 
     ckpts = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
     assert sorted(c["step_number"] for c in ckpts) == [4, 8]
     assert all(f"/{job_id}/" in c["fine_tuned_model_checkpoint"] for c in ckpts)
+    for c in ckpts:  # OpenAI's names beside ours
+        assert c["metrics"]["train_loss"] == c["metrics"]["loss"]
+        assert 0 <= c["metrics"]["train_mean_token_accuracy"] <= 1
+    (result,) = done["result_files"]
+    table = client.get(f"/v1/files/{result}/content").text.splitlines()
+    assert table[0].startswith("step,train_loss,train_accuracy,valid_loss")
+    assert [int(row.split(",")[0]) for row in table[1:]] == [s["step"] for s in steps]
     messages = [e["message"] for e in events(client, job_id)]
     assert any("Registered model version sums-e2e/1" in m for m in messages)
     (data,) = [e["data"] for e in events(client, job_id) if e["message"].startswith("Dataset:")]

@@ -18,6 +18,7 @@ from tests.platform.test_api_jobs import create
 from thinkforge.jobs.checkpoints import PAUSE_FILE, CheckpointInfo, pause_requested
 from thinkforge.platform.launcher import LaunchState
 from thinkforge.platform.reconciler import reconcile_once
+from thinkforge.platform.status import JobStatus
 
 
 @dataclass
@@ -139,3 +140,43 @@ def test_a_paused_job_is_cancelled_at_once(api: Api) -> None:
     reconcile(api, tracker)
     cancelled = api.client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()
     assert cancelled["status"] == "cancelled" and api.launcher.cancelled == []
+
+
+def test_warm_start_from_a_job_checkpoint_of_the_project(api: Api, tmp_path: Path) -> None:
+    from tests.platform.conftest import add_job
+    from thinkforge.platform.models import Checkpoint, new_id
+
+    sessions = api.app.state.ctx.sessions  # type: ignore[attr-defined]
+    with sessions.begin() as session:
+        parent = add_job(
+            session, status=JobStatus.SUCCEEDED, config={"registered_model_name": "sums"}
+        )
+        session.add(Checkpoint(id=new_id("ftckpt"), job_id=parent.id, step=2,
+                               path=str(tmp_path / "ckpt-2"), metrics={}))  # fmt: skip
+        parent_id = parent.id
+    file_id = upload(api, jsonl(S1K)).json()["id"]
+    ref = f"{parent_id}:ckpt-step-2"
+    resp = create(api, file_id, model=ref)
+    assert resp.status_code == 200, resp.text
+    job = resp.json()
+    assert job["model"] == ref and job["config"]["model"] == str(tmp_path / "ckpt-2")
+    assert job["config"]["registered_model_name"] is None
+    events = api.client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    assert any(e["message"] == f"Warm start from checkpoint {ref}" for e in events)
+    from sqlalchemy import select
+
+    from thinkforge.platform.models import RegisteredModelOwner as ModelName
+
+    with sessions() as session:  # a new version of the parent's model
+        names = set(session.scalars(select(ModelName.name)))
+    assert "sums" in names
+
+    err = assert_error(create(api, file_id, model=f"{parent_id}:ckpt-step-3"), 404, "model")
+    assert "no checkpoint at step 3" in err["message"]
+    other = api.keyed(api.new_key("other-project"))
+    other_file = other.post(
+        "/v1/files", files={"file": ("t.jsonl", jsonl(S1K))}, data={"purpose": "fine-tune"}
+    ).json()["id"]
+    body = {"model": ref, "training_file": other_file}
+    assert_error(other.post("/v1/fine_tuning/jobs", json=body), 404, "model")
+    assert other.get("/v1/fine_tuning/jobs").json()["data"] == []

@@ -34,7 +34,7 @@ from thinkforge.platform.files import DatasetInfo, resolve_dataset, validate_dat
 from thinkforge.platform.launcher import JobLauncher, TrainingLaunch
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, new_id, utcnow
 from thinkforge.platform.pagination import page
-from thinkforge.platform.paths import CONFIG_PATHS, resolve_model
+from thinkforge.platform.paths import CHECKPOINT_REF, CONFIG_PATHS, resolve_model
 from thinkforge.platform.recipes import load_recipe
 from thinkforge.platform.registry import ModelRegistry
 from thinkforge.platform.runs import cancel_target, is_cancelled, launch_run
@@ -67,7 +67,7 @@ def create_job(
             f"config.format is {config.format.value!r} but the training file is {dataset.format!r}",
             param="config.format",
         )
-    registered = config.registered_model_name or default_registered_name(config.model)
+    registered = config.registered_model_name or _default_name(session, spec.model)
     ownership.claim(session, project_id=project_id, name=registered, registry=registry)
     job = Job(
         id=new_id("ftjob"),
@@ -89,7 +89,28 @@ def create_job(
     session.add(job)
     session.flush()
     add_event(session, job.id, "Validating training file", dedupe_key="created")
+    if CHECKPOINT_REF.fullmatch(spec.model):
+        add_event(
+            session, job.id, f"Warm start from checkpoint {spec.model}",
+            data={"checkpoint": spec.model, "path": config.model}, dedupe_key="warm_start",
+        )  # fmt: skip
     return job
+
+
+def _default_name(session: Session, model: str) -> str:
+    """The registry name a job registers under unless told: a warm start goes on as a new
+    version of the model its checkpoint's job registers (followed up a chain of them)."""
+    for _ in range(32):
+        warm = CHECKPOINT_REF.fullmatch(model)
+        if warm is None:
+            break
+        parent = session.scalar(select(Job).where(Job.id == warm[1]))
+        if parent is None:
+            break
+        if parent.config.get("registered_model_name"):
+            return str(parent.config["registered_model_name"])
+        model = parent.model
+    return default_registered_name(model)
 
 
 def _validation_dataset(

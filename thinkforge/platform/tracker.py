@@ -43,6 +43,7 @@ from thinkforge.contract import (
 from thinkforge.jobs.checkpoints import list_checkpoints
 from thinkforge.platform.jobs import add_event
 from thinkforge.platform.models import Checkpoint, File, Job, JobEvent, ModelVersion, new_id
+from thinkforge.platform.paths import CHECKPOINT_REF
 from thinkforge.platform.registry import (
     MANIFEST_SHA_TAG,
     MlflowRegistry,
@@ -260,6 +261,10 @@ def write_result_file(session: Session, job: Job, files_dir: Path) -> File:
     return row
 
 
+def _job(session: Session, job_id: str | None) -> Job | None:
+    return None if job_id is None else session.scalar(select(Job).where(Job.id == job_id))
+
+
 def _sync_data_stats(session: Session, job: Job, metrics: dict[str, float]) -> None:
     """One event with what tokenization did to the dataset: examples longer than the
     block size are said out loud (s1: truncating its traces cost 20 AIME points)."""
@@ -313,6 +318,9 @@ def mirror_detail(
     row.job_id = lineage.get(JOB_TAG) or (job.id if job is not None else None)
     row.run_id = detail.run_id
     row.base_model = lineage.get(BASE_MODEL_TAG)
+    owner = job if job is not None else _job(session, row.job_id)
+    if owner is not None and CHECKPOINT_REF.fullmatch(owner.model):
+        row.base_model = owner.model  # a warm start: the checkpoint, not its folder
     row.dataset_sha256 = lineage.get(DATASET_SHA_TAG)
     row.recipe = lineage.get(RECIPE_TAG)
     row.metrics = dict(detail.metrics)
