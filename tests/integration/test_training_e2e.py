@@ -195,7 +195,11 @@ def test_pause_resume_and_cancel_mid_run_with_the_openai_sdk(
             sdk = openai.OpenAI(base_url=f"{plane.url}/v1", api_key=API_KEY, max_retries=0)
             file_id = upload_sums_parquet(client, tmp_path)
             job = create_job(client, file_id, n_epochs=100)
-            wait_job(client, job["id"], lambda j: bool(metric_steps(client, j["id"])), timeout=300)
+            running = wait_job(
+                client, job["id"], lambda j: j["estimated_finish"] is not None, timeout=300
+            )  # measured from its steps
+            assert running["status"] == "running"
+            assert running["estimated_finish"] > running["started_at"]
             assert sdk.fine_tuning.jobs.pause(job["id"]).status == "pausing"
             paused = wait_job(client, job["id"], lambda j: j["status"] == "paused", timeout=180)
             assert paused["finished_at"] is None
