@@ -14,6 +14,9 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     model_validator,
 )
 
@@ -71,6 +74,14 @@ class FileDeleted(BaseModel):
 # ---------------------------------------------------------------- jobs
 
 
+def _auto_or(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """A number or "auto", with one error at the field (not one per union member)."""
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        raise ValueError(f'{exc.errors()[0]["msg"]}, or "auto"') from None
+
+
 Auto = Literal["auto"]
 
 
@@ -80,9 +91,13 @@ class JobHyperparameters(Hyperparameters):
     ``learning_rate``). Autos are resolved from the dataset size and the recipe when the
     training file is validated (``jobs.resolve_auto``); the job then shows the values."""
 
-    n_epochs: Annotated[int, Field(ge=1, le=1000)] | Auto = 5  # type: ignore[assignment]
-    batch_size: Annotated[int, Field(ge=1, le=65536)] | Auto = 16  # type: ignore[assignment]
-    learning_rate_multiplier: Annotated[float, Field(gt=0, le=1000)] | Auto | None = None
+    n_epochs: Annotated[Annotated[int, Field(ge=1, le=1000)] | Auto, WrapValidator(_auto_or)] = 5  # type: ignore[assignment]
+    batch_size: Annotated[Annotated[int, Field(ge=1, le=65536)] | Auto, WrapValidator(_auto_or)] = (
+        16  # type: ignore[assignment]
+    )
+    learning_rate_multiplier: (
+        Annotated[Annotated[float, Field(gt=0, le=1000)] | Auto, WrapValidator(_auto_or)] | None
+    ) = None
 
 
 class SupervisedMethod(BaseModel):
