@@ -55,6 +55,7 @@ __all__ = [
     "MOE_IMBALANCE",
     "MOE_STEP_METRICS",
     "MOE_Z_LOSS",
+    "OPENAI_CHECKPOINT_METRICS",
     "PLOT_FILE",
     "PYFUNC_LOADER",
     "PYFUNC_TASK",
@@ -131,7 +132,27 @@ def default_registered_name(base_model: str) -> str:
 
 # Logged by rank 0 at every optimizer step (val_loss at checkpoints); the control plane
 # turns each step into one event. ``loss`` comes first: it is logged at every step.
-STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "epoch", "total_steps", "val_loss")
+STEP_METRICS = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "epoch",
+    "total_steps",
+    "val_loss",
+    "token_accuracy",
+    "val_token_accuracy",
+)
+# OpenAI's names for a checkpoint's metrics, and ours they are copied from (our
+# validation loss is over the whole held-out set, so both of OpenAI's losses are it).
+OPENAI_CHECKPOINT_METRICS = {
+    "train_loss": "loss",
+    "train_mean_token_accuracy": "token_accuracy",
+    "valid_loss": "val_loss",
+    "valid_mean_token_accuracy": "val_token_accuracy",
+    "full_valid_loss": "val_loss",
+    "full_valid_mean_token_accuracy": "val_token_accuracy",
+}
 # Tokens the loss was computed on so far, all ranks together, cumulative over the job.
 TRAINED_TOKENS = "trained_tokens"
 # Step 0 holds the dataset's figures (``DataStats``) under this prefix.

@@ -129,6 +129,13 @@ def check_finished_job(client: httpx.Client, job_id: str, done: dict[str, Any]) 
     ckpts = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
     assert sorted(c["step_number"] for c in ckpts) == [4, 8]
     assert all(f"/{job_id}/" in c["fine_tuned_model_checkpoint"] for c in ckpts)
+    for c in ckpts:  # OpenAI's names beside ours
+        assert c["metrics"]["train_loss"] == c["metrics"]["loss"]
+        assert 0 <= c["metrics"]["train_mean_token_accuracy"] <= 1
+    (result,) = done["result_files"]
+    table = client.get(f"/v1/files/{result}/content").text.splitlines()
+    assert table[0].startswith("step,train_loss,train_accuracy,valid_loss")
+    assert [int(row.split(",")[0]) for row in table[1:]] == [s["step"] for s in steps]
     messages = [e["message"] for e in events(client, job_id)]
     assert any("Registered model version sums-e2e/1" in m for m in messages)
     (data,) = [e["data"] for e in events(client, job_id) if e["message"].startswith("Dataset:")]
@@ -158,23 +165,69 @@ def train_worker_processes() -> list[str]:
     ]
 
 
-def test_cancel_mid_run_stops_the_run_and_its_workers(
+def upload_sums_parquet(client: httpx.Client, tmp_path: Path, n: int = 128) -> str:
+    """The sums dataset as a parquet upload (the s1K schema the synthetic rows use)."""
+    import json
+
+    from tests.platform.data import parquet
+
+    path = write_jsonl(tmp_path / "sums-p.jsonl", n=n, seed=0)
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    resp = client.post(
+        "/v1/files",
+        files={"file": ("sums.parquet", parquet(*rows))},
+        data={"purpose": "fine-tune"},
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["num_records"] == n
+    return str(resp.json()["id"])
+
+
+def test_pause_resume_and_cancel_mid_run_with_the_openai_sdk(
     ray_cluster: LocalRayCluster, tmp_path: Path
 ) -> None:
+    """A parquet upload trains; the official openai SDK pauses the run (it checkpoints and
+    stops) and resumes it (a new submission that goes on from that checkpoint); a cancel
+    then stops the resumed run and its workers."""
+    import openai
+
     plane = ControlPlane(tmp_path / "data", ray_cluster).start()
     try:
         with plane.client() as client:
-            file_id = upload_sums(client, tmp_path)
+            sdk = openai.OpenAI(base_url=f"{plane.url}/v1", api_key=API_KEY, max_retries=0)
+            file_id = upload_sums_parquet(client, tmp_path)
             job = create_job(client, file_id, n_epochs=100)
-            wait_job(client, job["id"], lambda j: bool(metric_steps(client, j["id"])), timeout=300)
+            running = wait_job(
+                client, job["id"], lambda j: j["estimated_finish"] is not None, timeout=300
+            )  # measured from its steps
+            assert running["status"] == "running"
+            assert running["estimated_finish"] > running["started_at"]
+            assert sdk.fine_tuning.jobs.pause(job["id"]).status == "pausing"
+            paused = wait_job(client, job["id"], lambda j: j["status"] == "paused", timeout=180)
+            assert paused["finished_at"] is None
+            ckpts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+            at = max(c["step_number"] for c in ckpts)
+            assert [s["step"] for s in metric_steps(client, job["id"])][-1] == at
+            with pytest.raises(openai.ConflictError):
+                sdk.fine_tuning.jobs.pause(job["id"])  # paused, not running
+
+            assert sdk.fine_tuning.jobs.resume(job["id"]).status == "queued"
+            wait_job(
+                client, job["id"],
+                lambda j: any(s["step"] > at + 1 for s in metric_steps(client, j["id"])),
+                timeout=300,
+            )  # fmt: skip
+            steps = [s["step"] for s in metric_steps(client, job["id"])]
+            assert steps == list(range(steps[0], steps[-1] + 1))  # on from the pause, no repeat
             resp = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
             assert resp.status_code == 200 and resp.json()["status"] in ("cancelling", "cancelled")
             done = wait_job(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=120)
             assert done["status"] == "cancelled" and done["finished_at"] is not None
     finally:
         plane.stop()
-    (submission,) = ray_submissions(ray_cluster, job["id"])
-    assert submission.status == "STOPPED"
+    (first,) = ray_submissions(ray_cluster, job["id"])
+    (resumed,) = ray_submissions(ray_cluster, f"{job['id']}-resume-1")
+    assert (first.status, resumed.status) == ("SUCCEEDED", "STOPPED")
     deadline = time.monotonic() + 60
     while train_worker_processes() and time.monotonic() < deadline:
         time.sleep(1)

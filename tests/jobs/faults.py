@@ -33,3 +33,19 @@ def ship() -> None:
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class PauseAfter:
+    """After step ``after_step``, rank 0 asks the run to pause, as the control plane's
+    ``POST .../pause`` does (the pause file in the job's storage folder)."""
+
+    def __init__(self, *, after_step: int, storage: Path, job_id: str) -> None:
+        self.after_step = after_step
+        self.storage = str(storage)
+        self.job_id = job_id
+
+    def __call__(self, *, step: int, rank: int, world_size: int) -> None:
+        from thinkforge.jobs.checkpoints import request_pause
+
+        if step == self.after_step and rank == 0:
+            request_pause(self.storage, self.job_id)

@@ -197,3 +197,22 @@ def test_load_examples_and_sha(tmp_path: Path, tokenizer: Any) -> None:
     examples, stats = load_examples(path, tokenizer, block_size=128, packing=True)
     assert stats.records == stats.kept == 10 and stats.sequences == len(examples) < 10
     assert len(dataset_sha256(path)) == 64
+
+
+def test_parquet_and_save_to_disk_train_on_the_same_tokens_as_jsonl(
+    tmp_path: Path, tokenizer: Any
+) -> None:
+    import json
+
+    from tests.platform.data import parquet, save_to_disk
+
+    path = write_jsonl(tmp_path / "sums.jsonl", n=6, seed=0)
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    (tmp_path / "sums.parquet").write_bytes(parquet(*rows))
+    folder = save_to_disk(tmp_path / "sums-hf", *rows)
+    want, _ = load_examples(path, tokenizer, block_size=128)
+    for other in (tmp_path / "sums.parquet", folder):
+        got, stats = load_examples(other, tokenizer, block_size=128)
+        assert stats.records == 6 and [g.input_ids for g in got] == [w.input_ids for w in want]
+        assert [g.labels for g in got] == [w.labels for w in want]
+    assert dataset_sha256(folder) == dataset_sha256(folder) != dataset_sha256(path)

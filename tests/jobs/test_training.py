@@ -172,6 +172,36 @@ def test_resume_after_a_killed_worker_is_exact(
     assert_resume_is_exact(config, "job-b", "job-a", workdir / "ckpt", data_dir)
 
 
+def test_pause_then_resume_is_exact(
+    finished_job: str, workdir: Path, data_dir: Path, config: SFTConfig
+) -> None:
+    """A pause requested after step 5 checkpoints the step the run is on and ends it early;
+    a second run of the job resumes there, and its checkpoints' loss, val_loss and trained
+    tokens equal the uninterrupted job's (``assert_resume_is_exact``'s measure)."""
+    from tests.jobs import faults
+    from thinkforge.jobs.checkpoints import clear_pause
+    from thinkforge.jobs.sft import run_training
+    from thinkforge.jobs.tiny import ensure_tiny_model
+
+    faults.ship()
+    storage, model = workdir / "ckpt", str(ensure_tiny_model(data_dir))
+    pause = faults.PauseAfter(after_step=5, storage=storage, job_id="job-p")
+    first = run_training(config, "job-p", str(storage), model_path=model, callbacks=[pause])
+    assert first.error is None
+    paused_at = int(first.metrics["step"])
+    assert 5 < paused_at < first.metrics["total_steps"] == 16
+    assert [c.step for c in list_checkpoints(storage, "job-p")][-1] == paused_at
+    clear_pause(storage, "job-p")
+    second = run_training(config, "job-p", str(storage), model_path=model)
+    assert second.error is None and second.metrics["step"] == 16
+    steps = {c.step for c in list_checkpoints(storage, "job-p")}
+    assert {4, 8, 12, 16, paused_at} <= steps
+    for key in ("loss", "val_loss", TRAINED_TOKENS):
+        resumed = {c.step: c.metrics[key] for c in list_checkpoints(storage, "job-p")}
+        uninterrupted = {c.step: c.metrics[key] for c in list_checkpoints(storage, "job-a")}
+        assert {s: resumed[s] for s in uninterrupted} == pytest.approx(uninterrupted, rel=1e-6)
+
+
 def test_validation_loss_at_every_checkpoint_is_the_whole_held_out_set(
     finished_job: str, workdir: Path, config: SFTConfig
 ) -> None:

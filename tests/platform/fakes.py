@@ -25,10 +25,10 @@ class FakeLauncher:
         if self.fail_submit is not None:
             raise self.fail_submit
         with self._lock:
-            if spec.job_id in self.states:
+            if spec.submission_id in self.states:
                 return
             self.submissions.append(spec)
-            self.states[spec.job_id] = LaunchStatus(LaunchState.PENDING)
+            self.states[spec.submission_id] = LaunchStatus(LaunchState.PENDING)
 
     def cancel(self, job_id: str) -> None:
         with self._lock:

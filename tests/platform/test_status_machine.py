@@ -52,6 +52,30 @@ def test_transitions_are_written_down_for_every_status() -> None:
     assert not JobStatus.SUCCEEDED.can_become(JobStatus.RUNNING)
 
 
+def test_pause_and_resume_transitions(sessions: sessionmaker[Session]) -> None:
+    """Only a running job pauses, only a paused one resumes (to queued: submitted again,
+    once per resume), and every pass through a status is one event."""
+    assert {s for s in JobStatus if s.can_become(JobStatus.PAUSING)} == {JobStatus.RUNNING}
+    assert {s for s in JobStatus if s.can_become(JobStatus.PAUSED)} == {JobStatus.PAUSING}
+    assert TRANSITIONS[JobStatus.PAUSED] == {
+        JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED
+    }  # fmt: skip
+    assert not JobStatus.PAUSED.is_terminal() and not JobStatus.PAUSING.is_terminal()
+    assert not JobStatus.PAUSING.can_become(JobStatus.RUNNING)
+    with sessions.begin() as session:
+        job = add_job(session, status=JobStatus.RUNNING)
+        job.submitted_at = utcnow()
+        for _ in range(2):
+            for target in (JobStatus.PAUSING, JobStatus.PAUSED, JobStatus.QUEUED):
+                assert set_status(session, job, target, message=str(target))
+            assert job.submitted_at is None  # the launch claims it again
+            job.submitted_at = utcnow()
+            assert set_status(session, job, JobStatus.RUNNING, message="running")
+        assert job.resumes == 2
+        events = session.scalars(select(JobEvent).where(JobEvent.job_id == job.id)).all()
+        assert len(events) == 8
+
+
 @pytest.fixture(scope="module")
 def sessions() -> Iterator[sessionmaker[Session]]:
     with memory_database() as factory:

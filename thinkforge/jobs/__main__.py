@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from thinkforge.contract import default_registered_name, emit_error, emit_event
-from thinkforge.jobs.config import RecordError, SFTConfig, iter_jsonl
+from thinkforge.jobs.config import RecordError, SFTConfig, iter_records
 
 
 class JobError(Exception):
@@ -80,11 +80,11 @@ def load_config_json(text: str) -> SFTConfig:
 def validate_dataset(path: str, config: SFTConfig) -> int:
     """Parse every record now, so a bad file fails the job before training starts."""
     if not path:
-        raise JobError("no dataset given: set 'dataset' to a JSONL file")
-    if not Path(path).is_file():
+        raise JobError("no dataset given: set 'dataset' to a JSONL or parquet file")
+    if not Path(path).exists():
         raise JobError(f"dataset {path} does not exist")
     try:
-        count = sum(1 for _ in iter_jsonl(path, config.format))
+        count = sum(1 for _ in iter_records(path, config.format))
     except RecordError as exc:
         raise JobError(f"dataset {path}: {exc}") from None
     except UnicodeDecodeError:
@@ -179,6 +179,9 @@ def run_job(args: argparse.Namespace) -> str | None:
         emit_event("mlflow_run", run_id=run_id)
     try:
         ref = _train_and_register(args, config, model_path, run_id, sha)
+    except Paused:  # the run checkpointed and stopped when asked; a resume goes on from there
+        _end_run(args.mlflow_uri, run_id, "KILLED")
+        return None
     except BaseException:
         _end_run(args.mlflow_uri, run_id, "FAILED")
         raise
@@ -210,6 +213,10 @@ def _train_and_register(
         raise JobError(f"training failed: {training_failure(result.error)}")
     if result.checkpoint is None:
         raise JobError("training finished without a checkpoint")
+    metrics = result.metrics or {}
+    if metrics.get("step", 0) < metrics.get("total_steps", 0):
+        emit_event("paused", checkpoint=str(result.checkpoint.path), step=int(metrics["step"]))
+        raise Paused
     emit_event("trained", checkpoint=str(result.checkpoint.path), metrics=result.metrics)
     if not (args.mlflow_uri and run_id):
         return None
@@ -229,6 +236,10 @@ def _train_and_register(
         )
     emit_event("registered", model_version=ref, run_id=run_id)
     return ref
+
+
+class Paused(Exception):
+    """The run stopped early, at a pause request, after checkpointing (see ``sft._train``)."""
 
 
 def _end_run(mlflow_uri: str | None, run_id: str | None, status: str) -> None:

@@ -13,6 +13,11 @@ writes to), listed through ``pyarrow.fs``:
 
     latest = latest_checkpoint(settings.storage_path, job_id)   # CheckpointInfo | None
     latest.step, latest.path                                    # path: a directory or URI
+
+Pausing a job goes through the same store: the control plane writes ``PAUSE_FILE`` in the
+job's folder (``request_pause``); the training loop's rank 0 looks for it
+(``pause_requested``), every rank checkpoints and the run ends early; a resume removes it
+(``clear_pause``) before the job is submitted again.
 """
 
 from __future__ import annotations
@@ -24,19 +29,24 @@ from typing import Any
 
 __all__ = [
     "DCP_DIR",
+    "PAUSE_FILE",
     "STATE_FILE",
     "TRAINER_STATE_FILE",
     "CheckpointInfo",
     "checkpoint_dir_name",
+    "clear_pause",
     "latest_checkpoint",
     "list_checkpoints",
     "model_files",
+    "pause_requested",
+    "request_pause",
 ]
 
 STATE_FILE = "thinkforge_checkpoint.json"
 TRAINER_STATE_FILE = "trainer_state.pt"  # the full-state layout before DCP; never written now
 DCP_DIR = "dcp"
 _PREFIX = "checkpoint_"
+PAUSE_FILE = "pause_requested.json"
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -58,19 +68,7 @@ def list_checkpoints(
     ``pyarrow.fs.FileSystem``) is taken for a path on it instead of opening a URI."""
     import pyarrow.fs as pafs
 
-    text = str(storage_path)
-    if filesystem is not None:
-        root = shown = text
-    elif "://" in text:
-        filesystem, root = pafs.FileSystem.from_uri(text)
-        shown = text.split("?", 1)[0]  # what the rows show: the URI, no options
-    else:
-        filesystem, root, shown = (
-            pafs.LocalFileSystem(),
-            str(Path(text).absolute()),
-            str(Path(text)),
-        )
-    root, shown = root.rstrip("/"), shown.rstrip("/")
+    filesystem, root, shown = _store(storage_path, filesystem)
     job_root = f"{root}/{job_id}"
     selector = pafs.FileSelector(job_root, allow_not_found=True, recursive=True)
     sizes = {
@@ -92,6 +90,47 @@ def list_checkpoints(
         if info is not None:
             found.append(info)
     return sorted(found, key=lambda c: c.step)
+
+
+def _store(storage_path: str | Path, filesystem: Any = None) -> tuple[Any, str, str]:
+    """(filesystem, root path on it, the root as rows show it) of a storage path."""
+    import pyarrow.fs as pafs
+
+    text = str(storage_path)
+    if filesystem is not None:
+        root = shown = text
+    elif "://" in text:
+        filesystem, root = pafs.FileSystem.from_uri(text)
+        shown = text.split("?", 1)[0]  # what the rows show: the URI, no options
+    else:
+        filesystem, root, shown = (
+            pafs.LocalFileSystem(),
+            str(Path(text).absolute()),
+            str(Path(text)),
+        )
+    return filesystem, root.rstrip("/"), shown.rstrip("/")
+
+
+def request_pause(storage_path: str | Path, job_id: str) -> None:
+    """Ask the job's run to checkpoint and stop after its current step."""
+    filesystem, root, _ = _store(storage_path)
+    filesystem.create_dir(f"{root}/{job_id}", recursive=True)
+    with filesystem.open_output_stream(f"{root}/{job_id}/{PAUSE_FILE}") as out:
+        out.write(json.dumps({"job_id": job_id}).encode())
+
+
+def pause_requested(storage_path: str | Path, job_id: str) -> bool:
+    import pyarrow.fs as pafs
+
+    filesystem, root, _ = _store(storage_path)
+    info = filesystem.get_file_info(f"{root}/{job_id}/{PAUSE_FILE}")
+    return bool(info.type == pafs.FileType.File)
+
+
+def clear_pause(storage_path: str | Path, job_id: str) -> None:
+    if pause_requested(storage_path, job_id):
+        filesystem, root, _ = _store(storage_path)
+        filesystem.delete_file(f"{root}/{job_id}/{PAUSE_FILE}")
 
 
 def _info(

@@ -9,7 +9,9 @@ request or an uploaded file with exactly the rules the training job will apply.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +26,7 @@ from pydantic import (
     field_validator,
 )
 
-from thinkforge.contract import TINY_MODEL, TINY_MOE_MODEL
+from thinkforge.contract import TINY_MODEL, TINY_MOE_MODEL, sha256_file
 
 
 class DatasetFormat(StrEnum):
@@ -310,7 +312,9 @@ def _parse_chat(obj: dict[str, Any]) -> ReasoningExample:
     )
 
 
-def iter_jsonl(path: str | Path, fmt: DatasetFormat = DatasetFormat.AUTO):
+def iter_jsonl(
+    path: str | Path, fmt: DatasetFormat = DatasetFormat.AUTO
+) -> Iterator[tuple[int, ReasoningExample]]:
     """Yield (line number, example) for every non-blank line; raises RecordError with the line."""
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -324,3 +328,121 @@ def iter_jsonl(path: str | Path, fmt: DatasetFormat = DatasetFormat.AUTO):
                 yield lineno, parse_record(obj, fmt)
             except RecordError as exc:
                 raise RecordError(f"line {lineno}: {exc}", exc.field) from None
+
+
+# ---------------------------------------------------------------- dataset files
+#
+# A dataset is a JSONL file, a parquet file, or a folder written by the ``datasets``
+# library's ``save_to_disk`` (Arrow IPC streams listed in ``state.json``; a
+# ``DatasetDict`` folder is read through its ``train`` split). Tables are read with
+# pyarrow alone, imported only when a table is read.
+
+
+class DatasetKind(StrEnum):
+    JSONL = "jsonl"
+    PARQUET = "parquet"
+    HF_DISK = "hf_disk"  # datasets.save_to_disk
+
+
+_PARQUET_MAGIC = b"PAR1"
+
+
+def dataset_kind(path: str | Path) -> DatasetKind:
+    """What a dataset is, from its content (uploads are staged under a neutral name)."""
+    path = Path(path)
+    if path.is_dir():
+        return DatasetKind.HF_DISK
+    with open(path, "rb") as fh:
+        return DatasetKind.PARQUET if fh.read(4) == _PARQUET_MAGIC else DatasetKind.JSONL
+
+
+def is_saved_dataset(path: str | Path) -> bool:
+    """Whether ``path`` is a ``save_to_disk`` folder (a Dataset or a DatasetDict)."""
+    path = Path(path)
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _arrow_files(folder: Path) -> list[Path]:
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" not in splits:
+            raise RecordError(
+                f"{folder} is a DatasetDict without a 'train' split (splits: {splits}); "
+                "give the path of the split's folder"
+            )
+        folder = folder / "train"
+    state = folder / "state.json"
+    if not state.is_file():
+        raise RecordError(f"{folder} is not a datasets.save_to_disk folder (no state.json)")
+    files = json.loads(state.read_text()).get("_data_files", [])
+    return [folder / entry["filename"] for entry in files]
+
+
+def iter_table_rows(
+    path: str | Path, batch_rows: int = 256
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row number from 1, row) of a parquet file or save_to_disk folder, in order. A null
+    cell counts as an absent field, so its error names the column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+
+    def batches() -> Iterator[Any]:
+        if path.is_dir():
+            for arrow in _arrow_files(path):
+                with pa.memory_map(str(arrow)) as source:
+                    yield from pa.ipc.open_stream(source)
+        else:
+            yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+
+    number = 0
+    try:
+        for batch in batches():
+            for row in batch.to_pylist():
+                number += 1
+                yield number, {k: v for k, v in row.items() if v is not None}
+    except (pa.ArrowException, OSError, KeyError, ValueError) as exc:
+        if isinstance(exc, RecordError):
+            raise
+        raise RecordError(f"cannot read the table after row {number}: {exc}") from None
+
+
+def check_row(number: int, row: Any, fmt: DatasetFormat) -> ReasoningExample:
+    """``parse_record`` of a table row; the error names the row and the column."""
+    try:
+        return parse_record(row, fmt)
+    except RecordError as exc:
+        where = f"row {number}, column '{exc.field}'" if exc.field else f"row {number}"
+        raise RecordError(f"{where}: {exc}", exc.field) from None
+
+
+def iter_records(
+    path: str | Path, fmt: DatasetFormat = DatasetFormat.AUTO
+) -> Iterator[tuple[int, ReasoningExample]]:
+    """(line or row number, example) of any dataset; raises RecordError naming the line
+    (JSONL) or the row and column (tables). With ``auto``, the first record fixes the
+    format for the rest, as an upload's validation does."""
+    if dataset_kind(path) is DatasetKind.JSONL:
+        yield from iter_jsonl(path, fmt)
+        return
+    for number, row in iter_table_rows(path):
+        if fmt is DatasetFormat.AUTO:
+            try:
+                fmt = detect_format(row)
+            except RecordError as exc:
+                raise RecordError(f"row {number}: {exc}") from None
+        yield number, check_row(number, row, fmt)
+
+
+def dataset_sha256(path: str | Path) -> str:
+    """The dataset's lineage hash: a file's bytes, or a folder's files (relative path and
+    bytes, in path order), so the control plane and the job compute the same value."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()

@@ -24,8 +24,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from thinkforge.contract import sha256_file
-from thinkforge.jobs.config import DatasetFormat, ReasoningExample, TemplateFamily, iter_jsonl
+from thinkforge.jobs.config import (
+    DatasetFormat,
+    ReasoningExample,
+    TemplateFamily,
+    iter_records,
+)
+from thinkforge.jobs.config import dataset_sha256 as _dataset_sha256
 
 __all__ = [
     "IGNORE_INDEX",
@@ -187,8 +192,9 @@ def load_examples(
     overlong: Literal["truncate", "drop"] = "drop",
     packing: bool = False,
 ) -> tuple[list[TokenizedExample], DataStats]:
-    """Read a JSONL dataset and return the training sequences and their stats."""
-    records = (example for _, example in iter_jsonl(path, fmt))
+    """Read a dataset (JSONL, parquet or a save_to_disk folder) and return the training
+    sequences and their stats."""
+    records = (example for _, example in iter_records(path, fmt))
     examples, stats = encode_examples(
         records, tokenizer, template=template, block_size=block_size, overlong=overlong
     )
@@ -222,5 +228,6 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int, packed: bool = False
 
 
 def dataset_sha256(path: str | Path) -> str:
-    """sha256 of the dataset file's bytes: the lineage tag on runs and model versions."""
-    return sha256_file(path)
+    """The dataset's sha256 (``config.dataset_sha256``): the lineage tag on runs and model
+    versions."""
+    return _dataset_sha256(path)

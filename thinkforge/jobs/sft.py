@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from thinkforge.contract import DATA_METRIC_PREFIX, EXPERTS_PLOT, TRAINED_TOKENS, emit_event
 from thinkforge.jobs.checkpointing import CheckpointManager, export_hf
-from thinkforge.jobs.checkpoints import STATE_FILE, checkpoint_dir_name
+from thinkforge.jobs.checkpoints import STATE_FILE, checkpoint_dir_name, pause_requested
 from thinkforge.jobs.config import MoE, SFTConfig
 from thinkforge.jobs.data import (
     IGNORE_INDEX,
@@ -214,7 +214,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         logger.flush()
     if rank == 0:
         emit_event("training_started", step=worker.step, **asdict(worker.plan))
-    _train(worker, logger, loop_config.get("callbacks", ()))
+    pause = _pause_check(loop_config.get("storage_path"), loop_config.get("job_id"), rank, world)
+    _train(worker, logger, loop_config.get("callbacks", ()), pause=pause)
     if logger is not None:
         logger.flush()
 
@@ -351,8 +352,16 @@ def _validation_set(cfg: SFTConfig, tokenizer: Any, rank: int) -> list[Tokenized
     return examples
 
 
-def _validation_loss(worker: _Worker) -> float:
-    """Mean loss per predicted token over the whole validation set, all ranks together.
+def _correct_tokens(logits: Any, labels: Any) -> int:
+    """How many trained tokens the model predicted (argmax) right: token accuracy's count."""
+    targets = labels[:, 1:]
+    hits = logits[:, :-1].argmax(-1).eq(targets) & targets.ne(IGNORE_INDEX)
+    return int(hits.sum())
+
+
+def _validation_metrics(worker: _Worker) -> dict[str, float]:
+    """Mean loss per predicted token (``val_loss``) and token accuracy
+    (``val_token_accuracy``) over the whole validation set, all ranks together.
 
     Every rank runs the same number of forward passes (FSDP gathers parameters in each):
     a rank whose share ran out repeats a batch that counts for nothing."""
@@ -367,7 +376,7 @@ def _validation_loss(worker: _Worker) -> float:
     if plan.world_size > 1:
         dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
     forward = _unwrap(model)  # DDP's forward would sync buffers; FSDP2's model is itself
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss x tokens, tokens
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss x tokens, tokens, right
     model.eval()
     try:
         with torch.no_grad(), worker.autocast():
@@ -377,14 +386,17 @@ def _validation_loss(worker: _Worker) -> float:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 predicted = int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())
                 counted = predicted if i < batches else 0
-                loss = forward(**batch).loss
-                totals[0] += loss.detach().double() * counted
+                out = forward(**batch)
+                totals[0] += out.loss.detach().double() * counted
                 totals[1] += counted
+                if counted:
+                    totals[2] += _correct_tokens(out.logits, batch["labels"])
     finally:
         model.train()
     if plan.world_size > 1:
         dist.all_reduce(totals)
-    return float(totals[0] / totals[1].clamp(min=1))
+    tokens = totals[1].clamp(min=1)
+    return {"val_loss": float(totals[0] / tokens), "val_token_accuracy": float(totals[2] / tokens)}
 
 
 def _loader(
@@ -432,7 +444,39 @@ def _router(cfg: SFTConfig, model: Any) -> RouterSpec | None:
     return spec
 
 
-def _train(worker: _Worker, logger: Any, callbacks: Sequence[StepCallback] = ()) -> None:
+def _pause_check(
+    storage_path: str | None, job_id: str | None, rank: int, world: int, every_s: float = 1.0
+) -> Callable[[], bool]:
+    """Whether the control plane asked the run to pause (``checkpoints.request_pause``):
+    rank 0 looks in the store at most every ``every_s``, and every rank gets its answer,
+    so all of them stop after the same step."""
+    import torch.distributed as dist
+
+    last = float("-inf")
+
+    def asked() -> bool:
+        nonlocal last
+        flag = 0
+        if rank == 0 and storage_path and job_id and time.monotonic() - last >= every_s:
+            last = time.monotonic()
+            flag = int(pause_requested(storage_path, job_id))
+        if world > 1:
+            every: list[Any] = [0] * world
+            dist.all_gather_object(every, flag)
+            flag = max(every)
+        return bool(flag)
+
+    return asked
+
+
+def _train(
+    worker: _Worker,
+    logger: Any,
+    callbacks: Sequence[StepCallback] = (),
+    pause: Callable[[], bool] | None = None,
+) -> None:
+    """Train to the plan's last step, or until ``pause`` says stop: then the step just
+    taken is checkpointed and the loop returns early (the job ends paused)."""
     plan, cfg = worker.plan, worker.cfg
     every = cfg.checkpoint_every_steps
     while worker.step < plan.total_steps:
@@ -444,9 +488,10 @@ def _train(worker: _Worker, logger: Any, callbacks: Sequence[StepCallback] = ())
             micro = [next(batches) for _ in range(plan.accumulation)]
             metrics = _train_step(worker, micro)
             last = worker.step >= plan.total_steps
-            saving = last or (every and worker.step % every == 0)
+            pausing = not last and pause is not None and pause()
+            saving = last or pausing or (every and worker.step % every == 0)
             if saving and worker.validation is not None:
-                metrics["val_loss"] = _validation_loss(worker)
+                metrics.update(_validation_metrics(worker))
             if logger is not None:
                 logger.log(metrics, step=worker.step)
             if saving:
@@ -456,7 +501,9 @@ def _train(worker: _Worker, logger: Any, callbacks: Sequence[StepCallback] = ())
                 _save_checkpoint(worker, metrics)
             for callback in callbacks:
                 callback(step=worker.step, rank=worker.rank, world_size=plan.world_size)
-            if last:
+            if pausing and worker.rank == 0:
+                emit_event("paused", step=worker.step, total_steps=plan.total_steps)
+            if last or pausing:
                 return
 
 
@@ -475,20 +522,22 @@ def _train_step(worker: _Worker, micro: list[dict[str, Any]]) -> dict[str, float
     started = time.perf_counter()
     model, plan = worker.model, worker.plan
     loss_sum = torch.zeros((), dtype=torch.float32)
-    tokens = trained = 0
+    tokens = trained = correct = 0
     routed: list[RouterStats] = []
     pending = []  # MoE: every forward first, one backward (moe.py: exact global balance)
     for i, batch in enumerate(micro):
         # Under DDP only the last micro-batch all-reduces gradients.
         with gradient_sync(model, i == len(micro) - 1), worker.autocast():
             if worker.router is None:
-                loss = model(**batch).loss
+                out = model(**batch)
             else:
                 out = model(**batch, output_router_logits=True)
-                loss = out.loss
                 routed.append(
                     router_stats(out.router_logits, worker.router, batch.get("attention_mask"))
                 )
+            loss = out.loss
+        correct += _correct_tokens(out.logits.detach(), batch["labels"])
+        del out  # the logits (sequence x vocabulary) need not live through backward
         if worker.router is None:
             worker.scaler.scale(loss / plan.accumulation).backward()
         else:
@@ -523,7 +572,8 @@ def _train_step(worker: _Worker, micro: list[dict[str, Any]]) -> dict[str, float
     worker.step += 1
     device = micro[0]["input_ids"].device  # NCCL reduces device tensors, gloo CPU ones
     totals = torch.tensor(
-        [float(loss_sum) / len(micro), float(tokens), float(trained)], device=device
+        [float(loss_sum) / len(micro), float(tokens), float(trained), float(correct)],
+        device=device,
     )
     if plan.world_size > 1:
         dist.all_reduce(totals)
@@ -534,6 +584,7 @@ def _train_step(worker: _Worker, micro: list[dict[str, Any]]) -> dict[str, float
         "lr": lr,
         "grad_norm": float(grad_norm),
         "tokens_per_s": float(totals[1]) / elapsed,
+        "token_accuracy": float(totals[3]) / max(1.0, float(totals[2])),
         "epoch": worker.step / plan.steps_per_epoch,
         "step": float(worker.step),
         "total_steps": float(plan.total_steps),
@@ -673,6 +724,8 @@ def run_training(
         "tracking_uri": tracking_uri,
         "run_id": run_id,
         "callbacks": list(callbacks),
+        "storage_path": storage_path,
+        "job_id": job_id,
     }
     env = {
         "HF_HUB_OFFLINE": "1",

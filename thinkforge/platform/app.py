@@ -85,7 +85,9 @@ def create_app(
         sessions=make_sessionmaker(engine),
         launcher=launcher,
         tracker=RunTracker(
-            tracking_uri=settings.mlflow_tracking_uri, storage_path=settings.storage_path
+            tracking_uri=settings.mlflow_tracking_uri,
+            storage_path=settings.storage_path,
+            files_dir=settings.files_dir,
         ),
         serve=serve,
     )

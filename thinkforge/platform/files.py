@@ -1,6 +1,10 @@
-"""Uploaded datasets: stored under the data dir, validated line by line before they count.
+"""Uploaded datasets: stored under the data dir, validated record by record before they count.
 
-info = validate_dataset(path)                 # raises InvalidFile naming line and field
+A dataset is JSONL (errors name the line and field), parquet or a ``datasets.save_to_disk``
+folder (errors name the row and column); the rules per record are the job's own
+(``jobs.config.parse_record``). Uploads are JSONL or parquet; a folder is named by path.
+
+info = validate_dataset(path)                 # raises InvalidFile naming line/row and field
 staged = stage_upload(settings, project_id=..., filename=..., purpose=..., stream=fh)
 row = record_upload(session, staged)          # in a short transaction
 ref = resolve_dataset(session, settings, project_id=..., ref="file-…" or "/data/x.jsonl", param=...)
@@ -19,7 +23,18 @@ from typing import BinaryIO
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from thinkforge.jobs.config import DatasetFormat, RecordError, detect_format, parse_record
+from thinkforge.jobs.config import (
+    DatasetFormat,
+    DatasetKind,
+    RecordError,
+    check_row,
+    dataset_kind,
+    dataset_sha256,
+    detect_format,
+    is_saved_dataset,
+    iter_table_rows,
+    parse_record,
+)
 from thinkforge.platform.errors import (
     Conflict,
     InvalidFile,
@@ -33,6 +48,7 @@ from thinkforge.platform.settings import Settings
 from thinkforge.platform.status import EvalStatus, JobStatus
 
 PURPOSES = ("fine-tune",)
+UPLOAD_SUFFIXES = {".jsonl": DatasetKind.JSONL, ".parquet": DatasetKind.PARQUET}
 MAX_REPORTED_ERRORS = 10
 CHUNK = 1 << 20
 
@@ -46,7 +62,14 @@ class DatasetInfo:
 
 
 def validate_dataset(path: Path, fmt: DatasetFormat = DatasetFormat.AUTO) -> DatasetInfo:
-    """Check every line of a JSONL dataset; all records must share one accepted format."""
+    """Check every record of a dataset; all records must share one accepted format."""
+    kind = dataset_kind(path)
+    if kind is DatasetKind.JSONL:
+        return _validate_jsonl(path, fmt)
+    return _validate_table(path, kind, fmt)
+
+
+def _validate_jsonl(path: Path, fmt: DatasetFormat) -> DatasetInfo:
     errors: list[str] = []
     first_field: str | None = None
     seen: DatasetFormat | None = None if fmt is DatasetFormat.AUTO else fmt
@@ -65,16 +88,51 @@ def validate_dataset(path: Path, fmt: DatasetFormat = DatasetFormat.AUTO) -> Dat
             first_field = first_field or field
             if len(errors) < MAX_REPORTED_ERRORS:
                 errors.append(f"line {lineno}: {problem}")
-    if errors:
-        more = "" if len(errors) < MAX_REPORTED_ERRORS else " (further errors not shown)"
-        raise InvalidFile(
-            "invalid training data; fix these lines and upload again: " + "; ".join(errors) + more,
-            param=first_field or "file",
-        )
+    _raise_errors(errors, first_field, "fix these lines")
     if count == 0 or seen is None:
         raise InvalidFile("the file has no records: upload one JSON object per line", param="file")
     return DatasetInfo(
         format=seen, num_records=count, sha256=digest.hexdigest(), bytes=path.stat().st_size
+    )
+
+
+def _validate_table(path: Path, kind: DatasetKind, fmt: DatasetFormat) -> DatasetInfo:
+    errors: list[str] = []
+    first_field: str | None = None
+    seen: DatasetFormat | None = None if fmt is DatasetFormat.AUTO else fmt
+    count = 0
+    try:
+        for number, row in iter_table_rows(path):
+            try:
+                if seen is None:
+                    seen = detect_format(row)
+                check_row(number, row, seen)
+                count += 1
+            except RecordError as exc:
+                first_field = first_field or exc.field
+                if len(errors) < MAX_REPORTED_ERRORS:
+                    text = str(exc)
+                    errors.append(text if text.startswith("row ") else f"row {number}: {text}")
+    except RecordError as exc:
+        errors.append(str(exc))
+    _raise_errors(errors, first_field, "fix these rows")
+    if count == 0 or seen is None:
+        raise InvalidFile("the table has no rows", param="file")
+    size = (
+        sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+    )
+    return DatasetInfo(format=seen, num_records=count, sha256=dataset_sha256(path), bytes=size)
+
+
+def _raise_errors(errors: list[str], first_field: str | None, fix: str) -> None:
+    if not errors:
+        return
+    more = "" if len(errors) < MAX_REPORTED_ERRORS else " (further errors not shown)"
+    raise InvalidFile(
+        f"invalid training data; {fix} and upload again: " + "; ".join(errors) + more,
+        param=first_field or "file",
     )
 
 
@@ -112,6 +170,7 @@ class StagedUpload:
     purpose: str
     path: Path
     info: DatasetInfo
+    kind: DatasetKind = DatasetKind.JSONL
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -124,8 +183,12 @@ def stage_upload(
     file takes seconds, and on SQLite a write transaction holds every other request."""
     if purpose not in PURPOSES:
         raise InvalidRequest(f"purpose must be one of {', '.join(PURPOSES)}", param="purpose")
-    if not filename.endswith(".jsonl"):
-        raise InvalidRequest("upload a JSON Lines file ending in .jsonl", param="file")
+    expected = UPLOAD_SUFFIXES.get(Path(filename).suffix.lower())
+    if expected is None:
+        raise InvalidRequest(
+            "upload a JSON Lines file ending in .jsonl or a parquet file ending in .parquet",
+            param="file",
+        )
     folder = settings.files_dir / project_id
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=folder, suffix=".part")
@@ -133,17 +196,23 @@ def stage_upload(
     try:
         with os.fdopen(fd, "wb") as out:
             _copy_limited(stream, out, settings.max_upload_bytes)
+        if dataset_kind(tmp) is not expected:
+            raise InvalidFile(
+                f"{filename!r} is not a {expected.value} file: its content does not match its name",
+                param="file",
+            )
         info = validate_dataset(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return StagedUpload(project_id, Path(filename).name[:512], purpose, tmp, info)
+    return StagedUpload(project_id, Path(filename).name[:512], purpose, tmp, info, expected)
 
 
 def record_upload(session: Session, staged: StagedUpload) -> File:
     """The row for a staged upload, its file moved into place (a short transaction)."""
     file_id = new_id("file")
-    dest = staged.path.parent / f"{file_id}.jsonl"
+    suffix = "parquet" if staged.kind is DatasetKind.PARQUET else "jsonl"
+    dest = staged.path.parent / f"{file_id}.{suffix}"
     row = File(
         id=file_id,
         project_id=staged.project_id,
@@ -194,10 +263,17 @@ class DatasetRef:
 
 
 def resolve_dataset(
-    session: Session, settings: Settings, *, project_id: str, ref: str, param: str
+    session: Session,
+    settings: Settings,
+    *,
+    project_id: str,
+    ref: str,
+    param: str,
+    folders: bool = False,
 ) -> DatasetRef:
     """Where a run reads a dataset given as a file id of the project, or as an absolute
-    path (``file://`` allowed) to a file under one of the dataset roots (``allowed_path``)."""
+    path (``file://`` allowed) to a file under one of the dataset roots (``allowed_path``);
+    with ``folders``, a ``datasets.save_to_disk`` folder there too (training data)."""
     if ref.startswith("file-"):
         try:
             row = get_file(session, project_id=project_id, file_id=ref)
@@ -209,6 +285,14 @@ def resolve_dataset(
             ) from None
         return DatasetRef(row.path, row.sha256, row.format)
     resolved = allowed_path(settings, ref, param=param)
+    if folders and resolved.is_dir():
+        if not is_saved_dataset(resolved):
+            raise InvalidRequest(
+                f"{param} {ref!r} is a folder but not one written by datasets' save_to_disk "
+                "(no state.json or dataset_dict.json)",
+                param=param,
+            )
+        return DatasetRef(str(resolved), "", "auto")
     if not resolved.is_file():
         raise InvalidRequest(f"{param} {ref!r} does not exist", param=param, code="file_not_found")
     return DatasetRef(str(resolved), "", "auto")

@@ -1,4 +1,5 @@
-"""Fine-tune jobs: creation, listing, cancellation and every status change, in one place.
+"""Fine-tune jobs: creation, listing, cancellation, pause and resume, and every status
+change, in one place.
 
 Routes call these keyword-only functions inside a transaction; launching happens after
 the commit (``advance_job``), from the request's background task or the reconciler,
@@ -10,17 +11,20 @@ also claims, for its project, the registered model name it will register under
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from thinkforge.contract import EXPERTS_PLOT, default_registered_name
+from thinkforge.jobs.checkpoints import clear_pause, request_pause
 from thinkforge.jobs.config import MOE_MODEL_TYPES, SFTConfig, moe_kind
 from thinkforge.platform import ownership
 from thinkforge.platform.errors import (
+    Conflict,
     InvalidFile,
     InvalidRequest,
     NotFound,
@@ -30,7 +34,7 @@ from thinkforge.platform.files import DatasetInfo, resolve_dataset, validate_dat
 from thinkforge.platform.launcher import JobLauncher, TrainingLaunch
 from thinkforge.platform.models import Checkpoint, Job, JobEvent, new_id, utcnow
 from thinkforge.platform.pagination import page
-from thinkforge.platform.paths import CONFIG_PATHS, resolve_model
+from thinkforge.platform.paths import CHECKPOINT_REF, CONFIG_PATHS, resolve_model
 from thinkforge.platform.recipes import load_recipe
 from thinkforge.platform.registry import ModelRegistry
 from thinkforge.platform.runs import cancel_target, is_cancelled, launch_run
@@ -50,11 +54,12 @@ def create_job(
     """Validate and write a job (not yet launched). With a ``registry``, a name that
     exists there unclaimed (an operator's shared model) cannot be claimed."""
     dataset = resolve_dataset(
-        session, settings, project_id=project_id, ref=spec.training_file, param="training_file"
-    )
+        session, settings, project_id=project_id, ref=spec.training_file,
+        param="training_file", folders=True,
+    )  # fmt: skip
     validation = _validation_dataset(session, settings, project_id, spec)
     model = resolve_model(session, settings, project_id=project_id, model=spec.model)
-    config = _resolve_config(settings, spec, dataset.path, model)
+    config, choices = _resolve_config(settings, spec, dataset.path, model)
     if validation is not None:
         config = config.model_copy(update={"validation_dataset": validation})
     if config.format.value not in ("auto", dataset.format):
@@ -62,7 +67,7 @@ def create_job(
             f"config.format is {config.format.value!r} but the training file is {dataset.format!r}",
             param="config.format",
         )
-    registered = config.registered_model_name or default_registered_name(config.model)
+    registered = config.registered_model_name or _default_name(session, spec.model)
     ownership.claim(session, project_id=project_id, name=registered, registry=registry)
     job = Job(
         id=new_id("ftjob"),
@@ -79,11 +84,33 @@ def create_job(
         recipe=spec.recipe,
         config=config.model_dump(mode="json"),
         max_retries=settings.job_max_retries if spec.max_retries is None else spec.max_retries,
+        hyperparameter_choices=choices or None,
     )
     session.add(job)
     session.flush()
     add_event(session, job.id, "Validating training file", dedupe_key="created")
+    if CHECKPOINT_REF.fullmatch(spec.model):
+        add_event(
+            session, job.id, f"Warm start from checkpoint {spec.model}",
+            data={"checkpoint": spec.model, "path": config.model}, dedupe_key="warm_start",
+        )  # fmt: skip
     return job
+
+
+def _default_name(session: Session, model: str) -> str:
+    """The registry name a job registers under unless told: a warm start goes on as a new
+    version of the model its checkpoint's job registers (followed up a chain of them)."""
+    for _ in range(32):
+        warm = CHECKPOINT_REF.fullmatch(model)
+        if warm is None:
+            break
+        parent = session.scalar(select(Job).where(Job.id == warm[1]))
+        if parent is None:
+            break
+        if parent.config.get("registered_model_name"):
+            return str(parent.config["registered_model_name"])
+        model = parent.model
+    return default_registered_name(model)
 
 
 def _validation_dataset(
@@ -108,12 +135,15 @@ def _validation_dataset(
     )  # fmt: skip
     if ref is None:
         return None
-    return resolve_dataset(session, settings, project_id=project_id, ref=ref, param=param).path
+    return resolve_dataset(
+        session, settings, project_id=project_id, ref=ref, param=param, folders=True
+    ).path
 
 
 def _resolve_config(
     settings: Settings, spec: JobCreate, dataset_path: str, model: str
-) -> SFTConfig:
+) -> tuple[SFTConfig, dict[str, Any]]:
+    """The job's config, and its "auto" and multiplier choices (``resolve_auto``)."""
     if spec.method is not None and spec.hyperparameters is not None:
         raise InvalidRequest(
             "give hyperparameters in method.supervised.hyperparameters or at the top level, "
@@ -133,11 +163,19 @@ def _resolve_config(
     hyper = spec.hyperparameters or (
         spec.method.supervised.hyperparameters if spec.method else None
     )
+    choices: dict[str, Any] = {}
     if hyper is not None:
-        data["hyperparameters"] = {
-            **data.get("hyperparameters", {}),
-            **hyper.model_dump(exclude_unset=True),
-        }
+        given = hyper.model_dump(exclude_unset=True)
+        choices = {k: given.pop(k) for k in AUTO_FIELDS if given.get(k) == "auto"}
+        multiplier = given.pop("learning_rate_multiplier", None)
+        if multiplier is not None and "learning_rate" in given:
+            raise InvalidRequest(
+                "give learning_rate or learning_rate_multiplier, not both",
+                param=_param_for("hyperparameters.learning_rate_multiplier", spec),
+            )
+        if multiplier is not None:
+            choices["learning_rate_multiplier"] = multiplier
+        data["hyperparameters"] = {**data.get("hyperparameters", {}), **given}
     if spec.resources is not None:
         data["resources"] = spec.resources.model_dump()
     if spec.seed is not None:
@@ -150,7 +188,42 @@ def _resolve_config(
         loc, msg = first_error_location(exc)
         raise InvalidRequest(f"{loc}: {msg}", param=_param_for(loc, spec)) from None
     _check_experts(config)
-    return config
+    return config, choices
+
+
+AUTO_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+# "auto" epochs: enough to see ~100 examples, no more than ~25,000 (OpenAI's bounds).
+_MIN_EXAMPLES_SEEN, _MAX_EXAMPLES_SEEN = 100, 25_000
+
+
+def resolve_auto(config: dict[str, Any], choices: dict[str, Any], n_records: int) -> dict[str, Any]:
+    """The config's hyperparameters with the request's autos resolved for a dataset of
+    ``n_records``; ``config`` holds the recipe's (or the defaults') values for them.
+
+    - n_epochs: the recipe's, raised so the run sees at least ~100 examples and lowered
+      so it sees at most ~25,000 (never below 1);
+    - batch_size: the recipe's, lowered (in multiples of micro batch x workers) so an
+      epoch has at least 4 steps;
+    - learning_rate_multiplier: a factor on the recipe's learning rate; auto is 1, or
+      sqrt(batch / recipe batch) when auto lowered the batch (square-root scaling)."""
+    hyper = dict(config.get("hyperparameters", {}))
+    n = max(1, n_records)
+    if choices.get("n_epochs") == "auto":
+        epochs = max(int(hyper.get("n_epochs", 5)), math.ceil(_MIN_EXAMPLES_SEEN / n))
+        hyper["n_epochs"] = max(1, min(epochs, _MAX_EXAMPLES_SEEN // n, 1000))
+    recipe_batch = int(hyper.get("batch_size", 16))
+    if choices.get("batch_size") == "auto":
+        res = config.get("resources", {})
+        per_step = int(hyper.get("micro_batch_size", 1)) * int(res.get("num_workers", 1))
+        cap = max(per_step, (n // 4) // per_step * per_step)
+        hyper["batch_size"] = min(recipe_batch, cap)
+    multiplier = choices.get("learning_rate_multiplier")
+    if multiplier == "auto":
+        multiplier = math.sqrt(hyper["batch_size"] / recipe_batch)
+    if multiplier is not None:
+        hyper["learning_rate"] = float(hyper.get("learning_rate", 1e-5)) * float(multiplier)
+        hyper["learning_rate_multiplier"] = float(multiplier)
+    return hyper
 
 
 def _check_experts(config: SFTConfig) -> None:
@@ -294,6 +367,9 @@ def set_status(
     if not moves(JobStatus(job.status), target, what=f"job {job.id}"):
         return False
     now = utcnow()
+    if job.status == JobStatus.PAUSED.value and target is JobStatus.QUEUED:
+        job.resumes += 1  # a resume: submitted again, under a new submission id
+        job.submitted_at = None
     job.status = target.value
     if target is JobStatus.RUNNING and job.started_at is None:
         job.started_at = now
@@ -306,9 +382,51 @@ def set_status(
         message,
         level="error" if target is JobStatus.FAILED else "info",
         data={"status": target.value, **({"error": error} if error else {})},
-        dedupe_key=f"status:{target.value}",
+        # A resumed job passes through queued and running again: one event each time.
+        dedupe_key=f"status:{target.value}" + (f":{job.resumes}" if job.resumes else ""),
     )
     return True
+
+
+def submission_id(job: Job) -> str:
+    """The Ray submission of the job's current run: the job id, then one per resume (the
+    run's checkpoints stay under the job id, so each resumes where the last one stopped)."""
+    return job.id if not job.resumes else f"{job.id}-resume-{job.resumes}"
+
+
+def pause_job(session: Session, settings: Settings, *, project_id: str, job_id: str) -> Job:
+    """Ask a running job's run to checkpoint and stop (pausing; paused once it has). A
+    repeated pause while it is pausing changes nothing; any other status is a 409."""
+    job = get_job(session, project_id=project_id, job_id=job_id, lock=True)
+    if job.status == JobStatus.PAUSING.value:
+        return job
+    if job.status != JobStatus.RUNNING.value:
+        raise Conflict(
+            f"job {job_id} is {job.status}; only a running job can be paused",
+            param="fine_tuning_job_id",
+        )
+    request_pause(settings.storage_path, job.id)
+    set_status(
+        session, job, JobStatus.PAUSING,
+        message="Pause requested; the run checkpoints and stops after its current step",
+    )  # fmt: skip
+    return job
+
+
+def resume_job(session: Session, settings: Settings, *, project_id: str, job_id: str) -> Job:
+    """Queue a paused job again; its new run resumes from the checkpoint the pause wrote
+    (launched like a new job, by ``advance_job``). Any status but paused is a 409."""
+    job = get_job(session, project_id=project_id, job_id=job_id, lock=True)
+    if job.status != JobStatus.PAUSED.value:
+        raise Conflict(
+            f"job {job_id} is {job.status}; only a paused job can be resumed",
+            param="fine_tuning_job_id",
+        )
+    clear_pause(settings.storage_path, job.id)
+    step = session.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job.id))
+    where = f"its checkpoint at step {step}" if step is not None else "its latest checkpoint"
+    set_status(session, job, JobStatus.QUEUED, message=f"Job resumed from {where}; queued")
+    return job
 
 
 def cancel_job(session: Session, *, project_id: str, job_id: str) -> tuple[Job, bool]:
@@ -316,7 +434,8 @@ def cancel_job(session: Session, *, project_id: str, job_id: str) -> tuple[Job, 
     job = get_job(session, project_id=project_id, job_id=job_id, lock=True)
     target = cancel_target(
         JobStatus(job.status),
-        launched=job.submitted_at is not None,
+        # a paused job has no run: it is cancelled at once
+        launched=job.submitted_at is not None and job.status != JobStatus.PAUSED.value,
         what=f"job {job_id}",
         param="fine_tuning_job_id",
     )
@@ -368,7 +487,7 @@ def _check_job_dataset(job: Job) -> DatasetInfo | InvalidFile:
     """The job's training data validated, or why it is not valid."""
     path = Path(job.dataset_path)
     try:
-        if not path.is_file():
+        if not path.exists():
             raise InvalidFile(f"the training data at {path} is gone", param="training_file")
         info = validate_dataset(path)
         if job.dataset_sha256 and info.sha256 != job.dataset_sha256:
@@ -385,6 +504,8 @@ def _record_validation(session: Session, job: Job, outcome: DatasetInfo | Invali
         fail(session, job, FailureKind.INVALID_FILE, outcome.message, outcome.param)
         return
     job.dataset_sha256 = outcome.sha256
+    if job.hyperparameter_choices:
+        _apply_auto(session, job, outcome.num_records)
     set_status(
         session,
         job,
@@ -392,6 +513,23 @@ def _record_validation(session: Session, job: Job, outcome: DatasetInfo | Invali
         message=f"Training file validated ({outcome.num_records} {outcome.format.value} "
         "records); job queued",
     )
+
+
+def _apply_auto(session: Session, job: Job, n_records: int) -> None:
+    choices = job.hyperparameter_choices or {}
+    hyper = resolve_auto(job.config, choices, n_records)
+    multiplier = hyper.pop("learning_rate_multiplier", None)
+    job.config = {**job.config, "hyperparameters": hyper}
+    chosen: dict[str, Any] = {k: hyper[k] for k in ("n_epochs", "batch_size") if k in choices}
+    if multiplier is not None:
+        chosen["learning_rate_multiplier"] = multiplier
+    job.hyperparameter_choices = {**chosen, "resolved": True}
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in chosen.items())
+    add_event(
+        session, job.id, f"Hyperparameters for {n_records} records: {shown} (learning_rate="
+        f"{hyper['learning_rate']:.4g})", data={**chosen, "records": n_records},
+        dedupe_key="auto",
+    )  # fmt: skip
 
 
 def submit(sessions: sessionmaker[Session], launcher: JobLauncher, job: Job) -> None:
@@ -411,5 +549,5 @@ def submit(sessions: sessionmaker[Session], launcher: JobLauncher, job: Job) -> 
             status = session.scalar(select(Job.status).where(Job.id == job.id))
         return status is not None and is_cancelled(status)
 
-    spec = TrainingLaunch(job_id=job.id, config=job.config)
+    spec = TrainingLaunch(job_id=job.id, config=job.config, submission=submission_id(job))
     launch_run(launcher, spec, failed=failed, launched=launched, too_large=too_large)

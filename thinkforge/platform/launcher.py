@@ -32,6 +32,11 @@ class TrainingLaunch:
 
     job_id: str
     config: dict[str, Any]  # a resolved SFTConfig, as JSON
+    submission: str | None = None  # the Ray submission id when not the job id (a resume)
+
+    @property
+    def submission_id(self) -> str:
+        return self.submission or self.job_id
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,10 @@ class ModuleLaunch:
     # Secrets for the run (an evaluation's front-door key): its environment, never its
     # command line, which the Ray dashboard shows.
     env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def submission_id(self) -> str:
+        return self.job_id
 
 
 # Only what the launcher reads; the training workers' resources are in the SFT config.

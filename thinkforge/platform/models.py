@@ -117,6 +117,15 @@ class Job(Base):
     # Resubmissions after the cluster lost the run: allowed, and done so far.
     max_retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Resumes after a pause: each is a new Ray submission (``jobs.submission_id``).
+    resumes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # File ids of what the run produced for download (the per-step metrics CSV).
+    result_files: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    # What the request said of n_epochs, batch_size, learning_rate_multiplier ("auto" or
+    # a number); the autos become numbers when the training file is validated.
+    hyperparameter_choices: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # While running: when the run should end, from its measured step time (``tracker``).
+    estimated_finish: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -1,4 +1,5 @@
-"""RayJobLauncher: each fine-tune job is one Ray Job whose submission id is the job id.
+"""RayJobLauncher: each fine-tune job is one Ray Job whose submission id is the job id
+(a resumed job's later runs: ``TrainingLaunch.submission``, see ``jobs.submission_id``).
 
 Submitting twice is harmless (Ray refuses the duplicate id, and that counts as done), so
 the API and the reconciler may both try. The driver runs ``python -m thinkforge.jobs``,
@@ -105,7 +106,7 @@ class RayJobLauncher:
         try:
             client.submit_job(
                 entrypoint=self.entrypoint(spec),
-                submission_id=spec.job_id,
+                submission_id=spec.submission_id,
                 # The MLflow URI may hold credentials: off the entrypoint (Ray still puts
                 # the runtime env on its workers' command lines: docs/production.md).
                 runtime_env={
@@ -121,7 +122,7 @@ class RayJobLauncher:
             )
         except RuntimeError as exc:
             if "already exists" in str(exc) or "already been submitted" in str(exc):
-                log.info("job %s was already submitted", spec.job_id)
+                log.info("job %s was already submitted", spec.submission_id)
                 return
             raise
 

@@ -24,7 +24,14 @@ from typing import Any, Protocol
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from thinkforge.platform.jobs import add_event, advance_job, fail, set_status, submit
+from thinkforge.platform.jobs import (
+    add_event,
+    advance_job,
+    fail,
+    set_status,
+    submission_id,
+    submit,
+)
 from thinkforge.platform.launcher import JobLauncher, LaunchState, LaunchStatus
 from thinkforge.platform.leader import Leadership, NotLeader
 from thinkforge.platform.models import Checkpoint, Job
@@ -48,7 +55,8 @@ class ProgressTracker(Protocol):
 def reconcile_once(
     sessions: sessionmaker[Session], launcher: JobLauncher, tracker: ProgressTracker | None = None
 ) -> None:
-    active = [s.value for s in JobStatus if not s.is_terminal()]
+    # A paused job has no run to ask about until it is resumed (queued again).
+    active = [s.value for s in JobStatus if not s.is_terminal() and s is not JobStatus.PAUSED]
     with sessions() as session:
         pending = list(
             session.scalars(select(Job.id).where(Job.status.in_(active)).order_by(Job.seq))
@@ -76,7 +84,7 @@ def _reconcile_job(
     if not submitted:
         advance_job(sessions, launcher, job_id)
         return
-    status = launcher.status(job_id)
+    status = launcher.status(submission_id(job))
     with sessions() as session:  # the status may have moved while Ray was asked (a cancel)
         job.status = session.scalar(select(Job.status).where(Job.id == job_id)) or job.status
     if status.state is LaunchState.UNKNOWN and job.status == JobStatus.QUEUED.value:
@@ -86,7 +94,7 @@ def _reconcile_job(
         LaunchState.PENDING,
         LaunchState.RUNNING,
     ):
-        launcher.cancel(job_id)
+        launcher.cancel(submission_id(job))
     progress = None
     if tracker is not None and status.state is not LaunchState.PENDING:
         final = status.state in (LaunchState.SUCCEEDED, LaunchState.FAILED, LaunchState.STOPPED)
@@ -129,6 +137,8 @@ def _apply(
         )  # fmt: skip
     elif state is LaunchState.RUNNING:
         set_status(session, job, JobStatus.RUNNING, message="Training started")
+    elif state is LaunchState.SUCCEEDED and job.status == JobStatus.PAUSING.value:
+        _end_pause(session, job, tracker, progress)
     elif state is LaunchState.SUCCEEDED:
         set_status(session, job, JobStatus.SUCCEEDED, message="Job succeeded")
     elif state is LaunchState.FAILED:
@@ -153,6 +163,28 @@ def _apply(
             spent = f"{job.max_retries} {'retry' if job.max_retries == 1 else 'retries'}"
             fail(session, job, FailureKind.LOST, f"the cluster lost this run; its {spent} spent")
     return False
+
+
+def _end_pause(session: Session, job: Job, tracker: ProgressTracker | None, progress: Any) -> None:
+    """A pausing job's run ended well: paused if its last checkpoint is short of the
+    plan's last step (it stopped when asked), succeeded if it finished first. Without a
+    reading of the checkpoints this pass, the next pass decides."""
+    if tracker is None:
+        set_status(session, job, JobStatus.SUCCEEDED, message="Job succeeded")
+        return
+    checkpoints = getattr(progress, "checkpoints", None)
+    if not checkpoints:
+        return
+    latest = checkpoints[-1]
+    total = latest.metrics.get("total_steps")
+    if total is not None and latest.step < int(total):
+        set_status(
+            session, job, JobStatus.PAUSED,
+            message=f"Job paused at step {latest.step} of {int(total)}; resume it with "
+            f"POST /v1/fine_tuning/jobs/{job.id}/resume",
+        )  # fmt: skip
+    else:
+        set_status(session, job, JobStatus.SUCCEEDED, message="Job succeeded")
 
 
 def _record_retry(session: Session, job: Job) -> None:

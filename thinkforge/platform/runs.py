@@ -42,7 +42,7 @@ def launch_run(
         failed(f"could not start the run: {exc}")
         return
     if launched():
-        launcher.cancel(spec.job_id)  # cancelled while the submission was on its way
+        launcher.cancel(spec.submission_id)  # cancelled while the submission was on its way
 
 
 def cancel_target(

@@ -14,6 +14,9 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     model_validator,
 )
 
@@ -71,10 +74,36 @@ class FileDeleted(BaseModel):
 # ---------------------------------------------------------------- jobs
 
 
+def _auto_or(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """A number or "auto", with one error at the field (not one per union member)."""
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        raise ValueError(f'{exc.errors()[0]["msg"]}, or "auto"') from None
+
+
+Auto = Literal["auto"]
+
+
+class JobHyperparameters(Hyperparameters):
+    """Hyperparameters with OpenAI's ``"auto"`` for ``n_epochs``, ``batch_size`` and
+    ``learning_rate_multiplier`` (a factor on the recipe's learning rate, instead of
+    ``learning_rate``). Autos are resolved from the dataset size and the recipe when the
+    training file is validated (``jobs.resolve_auto``); the job then shows the values."""
+
+    n_epochs: Annotated[Annotated[int, Field(ge=1, le=1000)] | Auto, WrapValidator(_auto_or)] = 5  # type: ignore[assignment]
+    batch_size: Annotated[Annotated[int, Field(ge=1, le=65536)] | Auto, WrapValidator(_auto_or)] = (
+        16  # type: ignore[assignment]
+    )
+    learning_rate_multiplier: (
+        Annotated[Annotated[float, Field(gt=0, le=1000)] | Auto, WrapValidator(_auto_or)] | None
+    ) = None
+
+
 class SupervisedMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    hyperparameters: JobHyperparameters = Field(default_factory=JobHyperparameters)
 
 
 class Method(BaseModel):
@@ -107,7 +136,7 @@ class JobCreate(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     metadata: Metadata | None = None
     method: Method | None = None
-    hyperparameters: Hyperparameters | None = Field(
+    hyperparameters: JobHyperparameters | None = Field(
         default=None, description="deprecated OpenAI form; prefer method.supervised.hyperparameters"
     )
     recipe: Name | None = Field(default=None, description="name of a recipe known to the server")
@@ -140,10 +169,12 @@ class FineTuningJob(BaseModel):
     fine_tuned_model: str | None
     organization_id: str
     result_files: list[str] = Field(default_factory=list)
+    # Unix time the run should end, while it runs (measured step time x steps left).
+    estimated_finish: int | None = None
     status: str
     validation_file: str | None
     training_file: str
-    hyperparameters: Hyperparameters
+    hyperparameters: JobHyperparameters
     method: Method
     trained_tokens: int | None
     error: JobError | None

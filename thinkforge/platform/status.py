@@ -12,8 +12,15 @@ evaluations (``evals.set_status``) and deployments (``deployments.set_status``).
           ▲                │
           └── any non-terminal state may fail; cancelling ends cancelled (or as Ray ended it)
 
+    running ──► pausing ──► paused ──► queued ──► running ...   (pause, then resume)
+                   │           │
+                   │           └──► cancelled   (nothing runs: cancelled at once)
+                   └──► succeeded | failed | cancelling   (the run ended before it paused)
+
 Terminal states (succeeded, failed, cancelled) never change. A job not yet launched
-(validating_files, or queued before submission) is cancelled at once.
+(validating_files, or queued before submission) is cancelled at once. ``pausing``: the
+run was asked to checkpoint and stop; ``paused``: it did, and its checkpoint is where a
+resume starts (the job is submitted again and Ray Train resumes from its checkpoints).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     CANCELLING = "cancelling"
+    PAUSING = "pausing"
+    PAUSED = "paused"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -57,9 +66,25 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
         }
     ),
     JobStatus.RUNNING: frozenset(
-        {JobStatus.CANCELLING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+        {
+            JobStatus.CANCELLING,
+            JobStatus.PAUSING,
+            JobStatus.SUCCEEDED,
+            JobStatus.FAILED,
+            JobStatus.CANCELLED,
+        }
     ),
     JobStatus.CANCELLING: frozenset({JobStatus.CANCELLED, JobStatus.SUCCEEDED, JobStatus.FAILED}),
+    JobStatus.PAUSING: frozenset(
+        {
+            JobStatus.PAUSED,
+            JobStatus.CANCELLING,
+            JobStatus.SUCCEEDED,
+            JobStatus.FAILED,
+            JobStatus.CANCELLED,
+        }
+    ),
+    JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELLED: frozenset(),

@@ -1,5 +1,8 @@
 """Reads a run's progress back into the database: metrics to events, checkpoints to rows,
-the registered version to ``fine_tuned_model``. Used by the reconciler on every pass.
+the registered version to ``fine_tuned_model``, the measured step time to
+``estimated_finish``, and, once the run registered its model, the per-step metrics to a
+downloadable CSV file (``result_files``, as OpenAI's jobs have). Used by the reconciler on
+every pass.
 
 MLflow and the checkpoint store are asked again each time; rows are written once
 (events by a dedupe key, checkpoints by (job, step)), so any number of passes, or a
@@ -13,12 +16,17 @@ restarted control plane, records each thing exactly once.
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
+import itertools
 import logging
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +46,8 @@ from thinkforge.contract import (
 from thinkforge.jobs.checkpoints import list_checkpoints
 from thinkforge.platform.errors import Unavailable
 from thinkforge.platform.jobs import add_event
-from thinkforge.platform.models import Checkpoint, Job, JobEvent, ModelVersion, new_id
+from thinkforge.platform.models import Checkpoint, File, Job, JobEvent, ModelVersion, new_id
+from thinkforge.platform.paths import CHECKPOINT_REF
 from thinkforge.platform.registry import (
     MANIFEST_SHA_TAG,
     MlflowRegistry,
@@ -50,6 +59,7 @@ from thinkforge.platform.registry import (
 )
 
 log = logging.getLogger(__name__)
+RESULTS_PURPOSE = "fine-tune-results"  # OpenAI's purpose for a job's result file
 
 
 @dataclass
@@ -64,9 +74,12 @@ class Progress:
 
 
 class RunTracker:
-    def __init__(self, *, tracking_uri: str, storage_path: str) -> None:
+    def __init__(
+        self, *, tracking_uri: str, storage_path: str, files_dir: Path | None = None
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.storage_path = storage_path
+        self.files_dir = files_dir  # where result files go; none written without it
         self._client: Any = None
         self._registry: MlflowRegistry | None = None
         self._lock = threading.Lock()
@@ -116,8 +129,11 @@ class RunTracker:
         job.mlflow_run_id = run.info.run_id
         _sync_data_stats(session, job, dict(run.data.metrics))
         self._sync_metrics(session, job, progress.history, final=progress.final)
+        job.estimated_finish = None if progress.final else estimate_finish(progress.history)
         if progress.final:
             self._sync_result(session, job, run, progress.version)
+            if progress.version is not None and not job.result_files and self.files_dir:
+                job.result_files = [write_result_file(session, job, self.files_dir).id]
 
     def run_artifact(self, run_id: str, path: str) -> bytes | None:
         """One file at the top of a run's artifacts; None when the run (or the file) is
@@ -217,6 +233,70 @@ class RunTracker:
             job.trained_tokens = int(tokens)
 
 
+def estimate_finish(history: dict[str, Any], recent: int = 20) -> datetime | None:
+    """When the run should end: the median time between its last ``recent`` logged steps
+    (a median, so the gap of a pause or a restart does not count) times the steps left."""
+    points = sorted(history.get(STEP_METRICS[0], []), key=lambda p: int(p.step))[-recent:]
+    totals = history.get("total_steps", [])
+    if len(points) < 2 or not totals:
+        return None
+    gaps = sorted(
+        (b.timestamp - a.timestamp) / max(1, int(b.step) - int(a.step))
+        for a, b in itertools.pairwise(points)
+    )
+    per_step_ms = gaps[len(gaps) // 2]
+    left = max(0, int(max(p.value for p in totals)) - int(points[-1].step))
+    return datetime.fromtimestamp((points[-1].timestamp + per_step_ms * left) / 1000, UTC)
+
+
+# The result file's columns: OpenAI's first (its result CSV), then ours.
+RESULT_COLUMNS = {
+    "step": "step",
+    "train_loss": "loss",
+    "train_accuracy": "token_accuracy",
+    "valid_loss": "val_loss",
+    "valid_mean_token_accuracy": "val_token_accuracy",
+    "lr": "lr",
+    "grad_norm": "grad_norm",
+    "tokens_per_s": "tokens_per_s",
+    "epoch": "epoch",
+}
+
+
+def write_result_file(session: Session, job: Job, files_dir: Path) -> File:
+    """The job's per-step metrics (its metrics events) as a CSV file of its project."""
+    rows = session.scalars(
+        select(JobEvent.data)
+        .where(JobEvent.job_id == job.id, JobEvent.type == "metrics")
+        .order_by(JobEvent.seq)
+    ).all()
+    by_step = {int(d["step"]): d for d in rows if d}
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(RESULT_COLUMNS)
+    for step in sorted(by_step):
+        data = by_step[step]
+        writer.writerow(["" if data.get(k) is None else data[k] for k in RESULT_COLUMNS.values()])
+    content = out.getvalue().encode()
+    file_id = new_id("file")
+    folder = files_dir / job.project_id
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{file_id}.csv"
+    path.write_bytes(content)
+    row = File(
+        id=file_id, project_id=job.project_id, filename=f"{job.id}-step_metrics.csv",
+        purpose=RESULTS_PURPOSE, bytes=len(content), sha256=hashlib.sha256(content).hexdigest(),
+        path=str(path), format="csv", num_records=len(by_step),
+    )  # fmt: skip
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _job(session: Session, job_id: str | None) -> Job | None:
+    return None if job_id is None else session.scalar(select(Job).where(Job.id == job_id))
+
+
 def _sync_data_stats(session: Session, job: Job, metrics: dict[str, float]) -> None:
     """One event with what tokenization did to the dataset: examples longer than the
     block size are said out loud (s1: truncating its traces cost 20 AIME points)."""
@@ -270,6 +350,9 @@ def mirror_detail(
     row.job_id = lineage.get(JOB_TAG) or (job.id if job is not None else None)
     row.run_id = detail.run_id
     row.base_model = lineage.get(BASE_MODEL_TAG)
+    owner = job if job is not None else _job(session, row.job_id)
+    if owner is not None and CHECKPOINT_REF.fullmatch(owner.model):
+        row.base_model = owner.model  # a warm start: the checkpoint, not its folder
     row.dataset_sha256 = lineage.get(DATASET_SHA_TAG)
     row.recipe = lineage.get(RECIPE_TAG)
     row.metrics = dict(detail.metrics)

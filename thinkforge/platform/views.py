@@ -4,8 +4,10 @@ API objects. Routes call these; nothing else builds a response object."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from thinkforge.jobs.config import Hyperparameters, Resources
+from thinkforge.contract import OPENAI_CHECKPOINT_METRICS
+from thinkforge.jobs.config import Resources
 from thinkforge.platform.models import (
     ApiKey,
     AuditEntry,
@@ -28,6 +30,7 @@ from thinkforge.platform.schemas import (
     FineTuningJob,
     JobError,
     JobEventObject,
+    JobHyperparameters,
     KeyObject,
     Method,
     ModelObject,
@@ -56,7 +59,14 @@ def file_view(row: File) -> FileObject:
 
 
 def job_view(row: Job) -> FineTuningJob:
-    hyper = Hyperparameters.model_validate(row.config.get("hyperparameters", {}))
+    """The job as OpenAI shows one: "auto" hyperparameters stay "auto" until the training
+    file is validated, then show what they resolved to."""
+    choices = row.hyperparameter_choices or {}
+    values = dict(row.config.get("hyperparameters", {}))
+    values["learning_rate_multiplier"] = choices.get("learning_rate_multiplier")
+    if not choices.get("resolved"):
+        values |= {k: v for k, v in choices.items() if v == "auto"}
+    hyper = JobHyperparameters.model_validate(values)
     return FineTuningJob(
         id=row.id,
         model=row.model,
@@ -65,6 +75,8 @@ def job_view(row: Job) -> FineTuningJob:
         started_at=ts(row.started_at),
         fine_tuned_model=row.fine_tuned_model,
         organization_id=row.project_id,
+        result_files=row.result_files or [],
+        estimated_finish=ts(row.estimated_finish) if row.status == "running" else None,
         status=row.status,
         validation_file=row.validation_file,
         training_file=row.training_file,
@@ -102,8 +114,16 @@ def checkpoint_view(row: Checkpoint) -> CheckpointObject:
         fine_tuning_job_id=row.job_id,
         fine_tuned_model_checkpoint=row.path,
         step_number=row.step,
-        metrics=row.metrics or {},
+        metrics=openai_metrics(row.metrics or {}),
     )
+
+
+def openai_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's metrics under our names and, beside them, OpenAI's."""
+    named = {o: metrics[t] for o, t in OPENAI_CHECKPOINT_METRICS.items() if t in metrics}
+    if "step" in metrics:
+        named["step"] = int(metrics["step"])
+    return {**metrics, **named}
 
 
 def eval_view(row: Evaluation) -> EvalObject:

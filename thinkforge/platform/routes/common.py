@@ -25,16 +25,20 @@ def cancel_run(
     idempotency_key: str | None,
     cancel: Callable[[Session], tuple[Any, bool]],
     view: Callable[[Any], BaseModel],
+    submission: Callable[[Any], str] | None = None,
 ) -> JSONResponse:
     """``POST .../cancel`` of a job or an evaluation (its Ray job has the same id): the
     row changes in one idempotent transaction (``cancel`` returns the row and whether a
     launched run must be stopped), then Ray is asked to stop the run; if that fails the
-    row stays cancelling and the reconciler asks again on each pass."""
+    row stays cancelling and the reconciler asks again on each pass. ``submission`` names
+    the row's Ray job when that is not ``run_id`` (a resumed fine-tune job's)."""
     must_stop = False
+    stop_id = run_id
 
     def handler(session: Session) -> tuple[int, dict[str, Any]]:
-        nonlocal must_stop
+        nonlocal must_stop, stop_id
         row, must_stop = cancel(session)
+        stop_id = submission(row) if submission is not None else run_id
         return 200, view(row).model_dump(mode="json")
 
     status, body = run_idempotent(
@@ -44,7 +48,7 @@ def cancel_run(
     )  # fmt: skip
     if must_stop:
         try:
-            ctx.launcher.cancel(run_id)
+            ctx.launcher.cancel(stop_id)
         except Exception:
             log.exception("%s: stopping the run failed; the reconciler retries", run_id)
     return JSONResponse(body, status_code=status)

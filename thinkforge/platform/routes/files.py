@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Form, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from thinkforge.platform import files
 from thinkforge.platform.deps import (
@@ -76,6 +76,16 @@ def list_files(
 def get_file(ctx: CtxDep, principal: PrincipalDep, file_id: str) -> FileObject:
     with ctx.sessions() as session:
         return file_view(files.get_file(session, project_id=principal.project_id, file_id=file_id))
+
+
+@router.get("/{file_id}/content")
+def file_content(ctx: CtxDep, principal: PrincipalDep, file_id: str) -> FileResponse:
+    """The file's bytes (OpenAI's ``files.content``): an upload, or a job's result CSV."""
+    with ctx.sessions() as session:
+        row = files.get_file(session, project_id=principal.project_id, file_id=file_id)
+        path, name = row.path, row.filename
+    media = "text/csv" if path.endswith(".csv") else "application/octet-stream"
+    return FileResponse(path, media_type=media, filename=name)
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)

@@ -1,5 +1,5 @@
-"""/v1/fine_tuning/jobs: create, list, get, cancel, events, checkpoints and an MoE job's
-expert-load heatmap."""
+"""/v1/fine_tuning/jobs: create, list, get, cancel, pause, resume, events, checkpoints and an
+MoE job's expert-load heatmap."""
 
 from __future__ import annotations
 
@@ -109,9 +109,53 @@ def cancel_job(
     return cancel_run(
         ctx, project_id=principal.project_id, run_id=job_id,
         path=f"/v1/fine_tuning/jobs/{job_id}/cancel", idempotency_key=idempotency_key,
-        view=job_view,
+        view=job_view, submission=jobs.submission_id,
         cancel=lambda s: jobs.cancel_job(s, project_id=principal.project_id, job_id=job_id),
     )  # fmt: skip
+
+
+@router.post("/{job_id}/pause", response_model=FineTuningJob)
+def pause_job(
+    ctx: CtxDep, principal: PrincipalDep, job_id: str, idempotency_key: IdempotencyKeyDep = None
+) -> JSONResponse:
+    return _change(
+        ctx, principal, job_id, "pause", idempotency_key,
+        lambda s: jobs.pause_job(s, ctx.settings, project_id=principal.project_id, job_id=job_id),
+    )  # fmt: skip
+
+
+@router.post("/{job_id}/resume", response_model=FineTuningJob)
+def resume_job(
+    ctx: CtxDep,
+    principal: PrincipalDep,
+    job_id: str,
+    background: BackgroundTasks,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> JSONResponse:
+    response = _change(
+        ctx, principal, job_id, "resume", idempotency_key,
+        lambda s: jobs.resume_job(s, ctx.settings, project_id=principal.project_id, job_id=job_id),
+    )  # fmt: skip
+    background.add_task(jobs.advance_job, ctx.sessions, ctx.launcher, job_id)
+    return response
+
+
+def _change(
+    ctx: CtxDep,
+    principal: PrincipalDep,
+    job_id: str,
+    action: str,
+    idempotency_key: str | None,
+    change: Callable[[Any], Any],
+) -> JSONResponse:
+    """``POST .../{action}``: one idempotent transaction, answered with the job."""
+    status, body = run_idempotent(
+        ctx.sessions, project_id=principal.project_id, key=idempotency_key, method="POST",
+        path=f"/v1/fine_tuning/jobs/{job_id}/{action}",
+        request_fingerprint=fingerprint(job_id, action), ttl_s=ctx.settings.idempotency_ttl_s,
+        handler=lambda session: (200, job_view(change(session)).model_dump(mode="json")),
+    )  # fmt: skip
+    return JSONResponse(body, status_code=status)
 
 
 @router.get("/{job_id}/events", response_model=ListResponse[JobEventObject])
