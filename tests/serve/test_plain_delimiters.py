@@ -12,6 +12,7 @@ against a fresh forward pass.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,7 @@ def scripted(tokenizer: Any) -> Any:
         return ids
 
     ids = [t for part in SCRIPT for t in encode(part)]
-    successor = {a: [(b, 4.0)] for a, b in zip(ids, ids[1:], strict=False)}
+    successor = {a: [(b, 4.0)] for a, b in itertools.pairwise(ids)}
     assert len(successor) == len(ids) - 1, "the script must use each token once"
     (wait,), (slash,), (seven,), (less,) = encode("Wait"), encode("/"), encode("7"), encode("<")
     successor[wait] = [(ids[1], 4.0)]

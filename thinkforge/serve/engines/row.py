@@ -122,8 +122,8 @@ class Row:
         Held tokens (a possible plain-text end delimiter) release their text when a later
         step settles them; a rollback drops them before this token is appended."""
         self._out = ["", ""]
-        for phase in step.settled:
-            self._push(phase, self._held.pop(0))
+        for settled in step.settled:
+            self._push(settled, self._held.pop(0))
         if step.rollback:
             del self.tokens[len(self.tokens) - step.rollback :]
             del self._held[len(self._held) - step.rollback :]

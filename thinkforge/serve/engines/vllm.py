@@ -80,8 +80,8 @@ from thinkforge.serve.engines.row import Detokenizer, Row, StopStrings, prompt_o
 __all__ = [
     "EXTRA_ARGS_KEY",
     "PROCESSOR_FQN",
-    "PlainTextDelimiterError",
     "ForcingRows",
+    "PlainTextDelimiterError",
     "VllmEngine",
     "VllmLoop",
     "count_waits",
