@@ -166,10 +166,10 @@ def apply_fsdp(
             unit.set_custom_reduce_scatter(_ReduceScatterByAllReduce())
 
 
-# gloo's all-gather and reduce-scatter are an order of magnitude slower than its all-reduce
-# (2 processes, 124 MB per rank: 2.5-3.2 s and 2.8 s against 0.3 s for an all-reduce of
-# twice the bytes; bench/README.md), and FSDP2 runs one of each per unit and step. On
-# CPU both are done as an all-reduce instead, in the buffers FSDP2 already holds.
+# gloo's all-gather and reduce-scatter are several times slower than its all-reduce (2
+# processes, 124 MB per rank, loaded machine: 1.1-3.2 s and 0.8-2.8 s, against 0.3-0.7 s
+# for these all-reduce versions; bench/README.md), and FSDP2 runs one of each per unit and
+# step. On CPU both are done as an all-reduce instead, in the buffers FSDP2 already holds.
 
 
 class _AllGatherByAllReduce:
