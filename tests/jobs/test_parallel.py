@@ -70,7 +70,26 @@ def _fsdp_worker(rank: int, world: int, port: int, tiny: str, out: str) -> None:
             model, Path(out) / "export", dtype=torch.float32, rank=rank, max_shard_bytes=1 << 20
         )
         logits = model(input_ids=INPUT).logits.detach()
-        torch.save({"logits": logits}, Path(out) / f"rank{rank}-after.pt")
+        # The same training over torch's own gloo collectives, which apply_fsdp replaces
+        # on CPU by all-reduces: it must end in the same model.
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
+            DefaultAllGather,
+            DefaultReduceScatter,
+        )
+
+        reference = build_model(
+            tiny, strategy="fsdp", device=torch.device("cpu"), world=world, load_weights=True
+        )
+        for unit in reference.modules():
+            if isinstance(unit, FSDPModule):
+                unit.set_custom_all_gather(DefaultAllGather())
+                unit.set_custom_reduce_scatter(DefaultReduceScatter())
+        _train(reference, _adamw(reference), steps=3)
+        default = reference(input_ids=INPUT).logits.detach()
+        torch.save(
+            {"logits": logits, "logits_default_comms": default}, Path(out) / f"rank{rank}-after.pt"
+        )
     finally:
         dist.destroy_process_group()
 
@@ -95,6 +114,14 @@ def test_each_rank_loads_only_its_shard_and_matches_the_full_model(
         before = torch.load(fsdp_run / f"rank{rank}-before.pt")
         assert before["held"] <= 0.55 * before["total"]
         torch.testing.assert_close(before["logits_loaded"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_collectives_by_all_reduce_train_as_torchs_own(fsdp_run: Path) -> None:
+    for rank in (0, 1):
+        after = torch.load(fsdp_run / f"rank{rank}-after.pt")
+        torch.testing.assert_close(
+            after["logits"], after["logits_default_comms"], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_sharded_export_loads_with_from_pretrained_and_gives_the_same_logits(

@@ -1,6 +1,7 @@
 """Every recipe in recipes/ loads, validates and plans; the R1-distill recipe trains with an
-R1-distill-style tokenizer (pad == end of sentence, no <|endoftext|>) built here; the memory
-rule behind ``strategy: auto`` picks what the recipes ask for."""
+R1-distill-style tokenizer (pad == end of sentence, no <|endoftext|>) built here; the LIMO
+recipe with a Qwen2.5-style one, where </think> is plain text; the memory rule behind
+``strategy: auto`` picks what the recipes ask for."""
 
 from __future__ import annotations
 
@@ -172,3 +173,89 @@ def test_the_r1_distill_recipe_trains_with_an_r1_style_tokenizer(tmp_path: Path)
     loss = model(**batch).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------- LIMO on Qwen2.5
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# Qwen2.5-Instruct's ChatML: the generation prompt does not open thinking.
+CHATML = (
+    "{% for m in messages %}" + IM_START + "{{ m['role'] }}\n{{ m['content'] }}" + IM_END + "\n"
+    "{% endfor %}{% if add_generation_prompt %}" + IM_START + "assistant\n{% endif %}"
+)
+
+
+def qwen25_style_tokenizer() -> Any:
+    """Shaped like Qwen2.5's: ChatML special tokens, and <think> / </think> are plain text
+    (no added tokens), so </think> is several ordinary tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["What is 2 plus 3? Two plus three is five. Answer: 5"] * 50, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=IM_END, pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def test_the_limo_recipe_closes_thinking_with_the_whole_plain_text_tag(tmp_path: Path) -> None:
+    """Training renders "</think>" as text and trains all of it; fed the same tokens, the
+    serving side ends thinking at that whole tag, not at the "</" inside the solution."""
+    from thinkforge.jobs.config import TemplateFamily
+    from thinkforge.jobs.data import IGNORE_INDEX, ensure_pad_token, load_examples
+    from thinkforge.serve.budget import BudgetState, Phase, ThinkingBudget
+    from thinkforge.serve.engine import delimiters_for
+
+    tokenizer = qwen25_style_tokenizer()
+    encode = tokenizer.encode
+    assert len(encode("</think>", add_special_tokens=False)) > 1  # plain text
+    rows = [
+        {"question": f"What is {a} plus 3?", "solution": f"{a} plus 3 </b> is {a + 3}.",
+         "answer": str(a + 3)}
+        for a in range(3)
+    ]  # fmt: skip
+    data = tmp_path / "limo.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = next(p for p in RECIPES if p.stem == "limo-qwen2.5-32b")
+    cfg = SFTConfig.from_yaml(recipe, overrides=[f"dataset={data}"])
+    ensure_pad_token(tokenizer)
+    examples, _ = load_examples(
+        cfg.dataset, tokenizer, fmt=cfg.format, template=cfg.template, block_size=cfg.block_size
+    )
+    template = TemplateFamily(cfg.template)
+    spec = delimiters_for(
+        template,
+        lambda text: list(encode(text, add_special_tokens=False)),
+        [tokenizer.eos_token_id],
+        atomic_ids=tokenizer.added_tokens_decoder.keys(),
+    )
+    assert spec.end_text == "</think>"
+    for row, example in zip(rows, examples, strict=True):
+        trained = [t for t in example.labels if t != IGNORE_INDEX]
+        text = f"<think>\n{row['solution']}\n</think>\n{row['answer']}{IM_END}"
+        assert tokenizer.decode(trained) == text  # the whole tag is trained, once
+        state = BudgetState(
+            spec, ThinkingBudget(), prompt_opened_thinking=False, decode=tokenizer.decode
+        )
+        steps = [state.advance(t) for t in trained]
+        assert [s.token_id for s in steps] == trained  # nothing forced, nothing rolled back
+        final: list[Phase | None] = []  # each token's phase once held ones are settled
+        for step in steps:
+            held = [i for i, p in enumerate(final) if p is None]
+            for i, phase in zip(held, step.settled, strict=False):
+                final[i] = phase
+            final.append(None if step.held else step.phase)
+        thinking = [t for t, p in zip(trained, final, strict=True) if p is Phase.THINKING]
+        assert tokenizer.decode(thinking).strip() == row["solution"]  # "</b>" stayed in
+        assert state.done and state.summary().closed
+        assert state.summary().tokens == len(thinking)

@@ -144,6 +144,102 @@ def test_advance_after_done_raises() -> None:
         state.advance(10)
 
 
+# ------------------------------------------- plain-text end delimiter (LIMO on Qwen2.5)
+
+# Qwen2.5 has no </think> token: it is text, here "</" "think" ">" (30 31 32), which the
+# model may also write as "\n</" (35) or ">\n" (33). 6/7 = "Wa" "it" as above.
+PLAIN_TEXT = {30: "</", 31: "think", 32: ">", 33: ">\n", 34: "div", 35: "\n</", 6: "Wa", 7: "it"}
+PLAIN = DelimiterSpec(start=(20,), end=(30, 31, 33), stop_ids=frozenset({2}), end_text="</think>")
+
+
+def plain_decode(tokens: list[int] | tuple[int, ...]) -> str:
+    return "".join(PLAIN_TEXT.get(t, f"w{t} ") for t in tokens)
+
+
+def output(steps: list[TokenStep]) -> list[int]:
+    """The sequence the engine ends with: rolled-back tokens dropped."""
+    out: list[int] = []
+    for step in steps:
+        del out[len(out) - step.rollback :]
+        out.append(step.token_id)
+    return out
+
+
+def phases(steps: list[TokenStep]) -> list[Phase]:
+    """Each output token's final phase: held tokens take the phase a later step settles."""
+    out: list[Phase | None] = []
+    for step in steps:
+        held = [i for i, p in enumerate(out) if p is None]
+        for i, phase in zip(held, step.settled, strict=False):
+            out[i] = phase
+        del out[len(out) - step.rollback :]
+        out.append(None if step.held else step.phase)
+    assert None not in out, "a held token was never settled"
+    return [p for p in out if p is not None]
+
+
+def test_plain_text_delimiter_needs_the_whole_string() -> None:
+    state = BudgetState(PLAIN, ThinkingBudget(), **OPEN, decode=plain_decode)
+    # "w10 </div>w11 </think>w12": the first "</" is thinking text, the second ends it.
+    steps = run(state, [10, 30, 34, 32, 11, 30, 31, 32, 12, 2])
+    assert output(steps) == [10, 30, 34, 32, 11, 30, 31, 32, 12, 2]
+    assert [s.held for s in steps] == [False, True, False, False, False, True, True] + [False] * 3
+    assert phases(steps) == [Phase.THINKING] * 5 + [Phase.CONTROL] * 3 + [
+        Phase.ANSWER,
+        Phase.CONTROL,
+    ]
+    assert not any(s.forced for s in steps)  # the model wrote the delimiter: nothing forced
+    assert state.summary().tokens == 5 and state.summary().closed
+
+
+def test_plain_text_end_attempt_is_rolled_back_for_a_wait() -> None:
+    budget = ThinkingBudget(num_waits=1, wait_ids=WAIT)
+    state = BudgetState(PLAIN, budget, **OPEN, decode=plain_decode)
+    # Tokenized in context as "\n</" "think" ">\n": still the delimiter.
+    steps = run(state, [10, 35, 31, 33, 0, 11, 30, 31, 32, 12, 2])
+    assert steps[3].rollback == 2 and steps[3].token_id == 6 and steps[3].forced
+    assert output(steps) == [10, 6, 7, 11, 30, 31, 32, 12, 2]
+    assert "</" not in plain_decode(output(steps)[:4])  # no half delimiter left in thinking
+    assert phases(steps) == [Phase.THINKING] * 4 + [Phase.CONTROL] * 3 + [
+        Phase.ANSWER,
+        Phase.CONTROL,
+    ]
+    summary = state.summary()
+    assert (summary.tokens, summary.waits_inserted, summary.closed) == (4, 1, True)
+
+
+def test_plain_text_min_tokens_count_only_what_stays() -> None:
+    budget = ThinkingBudget(min_tokens=4, wait_ids=WAIT)
+    state = BudgetState(PLAIN, budget, **OPEN, decode=plain_decode)
+    steps = run(state, [10, 30, 31, 32, 0, 30, 31, 32, 0, 30, 31, 32, 12, 2])
+    # 1 token, attempt -> wait (3 tokens), attempt -> 3 < 4 -> wait (5), attempt -> end.
+    assert output(steps) == [10, 6, 7, 6, 7, 30, 31, 32, 12, 2]
+    assert state.summary().tokens == 5 and state.summary().waits_inserted == 2
+
+
+def test_plain_text_cap_settles_held_tokens_as_thinking() -> None:
+    budget = ThinkingBudget(max_tokens=3, answer_prefix_ids=(8,))
+    state = BudgetState(PLAIN, budget, **OPEN, decode=plain_decode)
+    steps = run(state, [10, 11, 30, 99, 99, 99, 99, 12, 2])
+    # "</" is held, but within the cap as thinking: the delimiter is forced after it.
+    assert output(steps) == [10, 11, 30, 30, 31, 33, 8, 12, 2]
+    assert steps[3].settled == (Phase.THINKING,) and steps[3].forced
+    assert state.summary().tokens == 3 and state.summary().forced_end
+
+
+def test_plain_text_stop_id_settles_held_tokens_as_thinking() -> None:
+    state = BudgetState(PLAIN, ThinkingBudget(), **OPEN, decode=plain_decode)
+    steps = run(state, [10, 30, 2, 99, 99, 12, 2])
+    assert output(steps) == [10, 30, 30, 31, 33, 12, 2]
+    assert steps[2].settled == (Phase.THINKING,) and steps[2].rollback == 0
+    assert state.summary().tokens == 2
+
+
+def test_plain_text_delimiter_needs_decode() -> None:
+    with pytest.raises(ValueError, match="decode"):
+        BudgetState(PLAIN, ThinkingBudget(), **OPEN)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"max_tokens": -1}, {"min_tokens": -1}, {"num_waits": 1}, {"min_tokens": 3}],

@@ -18,7 +18,9 @@ learn what a candidate would be replaced with.
 
 Rules (the contract in DESIGN.md):
 - Sampling the FIRST token of the end delimiter, or a stop id, while thinking is an
-  attempt to end. Below ``min_tokens``, or with fewer than ``num_waits`` waits inserted,
+  attempt to end. A plain-text end delimiter (``DelimiterSpec.end_text``: Qwen2.5's
+  ``</think>`` is ``</``, ``think``, ``>``) is matched as a whole string on the decoded
+  thinking instead (see "Plain-text delimiters" below). Below ``min_tokens``, or with fewer than ``num_waits`` waits inserted,
   it is replaced by the wait tokens. Otherwise the end delimiter is completed (a stop id
   is replaced by it), so an answer always follows a closed thinking block.
 - Thinking tokens (sampled and forced waits, not delimiters) never exceed ``max_tokens``:
@@ -27,11 +29,25 @@ Rules (the contract in DESIGN.md):
 - Without ``prompt_opened_thinking`` the model opens thinking itself: sampling the first
   token of the start delimiter completes it. Tokens before it are answer tokens.
 - A stop id outside thinking ends the sequence.
+
+Plain-text delimiters: its first token (``</``) is ordinary text, so it cannot mark an
+attempt. Matching is on text, not ids, because the model may tokenize the delimiter
+differently in context (``\n</``, ``>\n\n``) than ``encode("</think>")`` does. Thinking
+tokens whose text may begin the delimiter are appended but *held* (``TokenStep.held``):
+no phase and no count yet. A later step settles them (``TokenStep.settled``, oldest
+first): thinking when the text goes on otherwise (``</div``), control when they complete
+the delimiter and thinking ends. When more thinking is wanted instead, they are rolled
+back (``TokenStep.rollback``: the engine drops them from the sequence and its KV cache)
+and the wait tokens take their place, so the output holds no part of the delimiter. Text
+that shares a held token with the delimiter (the newline of ``\n</``) goes with it.
+``max_tokens`` counts held tokens as thinking: at the cap they settle as thinking and
+the delimiter is forced.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
@@ -44,6 +60,8 @@ __all__ = [
     "ThinkingSummary",
     "TokenStep",
 ]
+
+Decode = Callable[[Sequence[int]], str]
 
 
 class Phase(StrEnum):
@@ -63,11 +81,15 @@ class _Mode(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class DelimiterSpec:
-    """Token ids of a template family's thinking delimiters and of its stop tokens."""
+    """Token ids of a template family's thinking delimiters and of its stop tokens.
+
+    ``end_text`` is set when the end delimiter is plain text (its first token is not an
+    atomic token): an end attempt is then that whole string in the decoded thinking."""
 
     start: tuple[int, ...]
     end: tuple[int, ...]
     stop_ids: frozenset[int]
+    end_text: str = ""
 
     def __post_init__(self) -> None:
         if not self.start or not self.end:
@@ -101,6 +123,9 @@ class TokenStep:
     forced: bool
     phase: Phase
     done: bool = False  # a stop token: the sequence ends here
+    held: bool = False  # may begin a plain-text end delimiter: settled by a later step
+    settled: tuple[Phase, ...] = ()  # phases of the oldest held tokens, settled now
+    rollback: int = 0  # held tokens to drop from the sequence before this one
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,16 +141,27 @@ class _Plan(NamedTuple):
     queue: tuple[tuple[int, Phase], ...] = ()
     mode: _Mode | None = None  # mode for the tokens after this step and the queue
     wait: bool = False
+    held: tuple[int, ...] | None = None  # the held tokens after this step; None: unchanged
 
 
 class BudgetState:
     """Budget forcing for one sequence; see the module docstring for the rules."""
 
     def __init__(
-        self, spec: DelimiterSpec, budget: ThinkingBudget, *, prompt_opened_thinking: bool
+        self,
+        spec: DelimiterSpec,
+        budget: ThinkingBudget,
+        *,
+        prompt_opened_thinking: bool,
+        decode: Decode | None = None,
     ) -> None:
+        if spec.end_text and decode is None:
+            raise ValueError("a plain-text end delimiter needs decode (token ids -> text)")
         self.spec = spec
         self.budget = budget
+        self._decode = decode
+        self._held: tuple[int, ...] = ()  # appended thinking tokens that may begin end_text
+        self._settle_next: tuple[Phase, ...] = ()  # held tokens the cap settled as thinking
         self.thinking_tokens = 0
         self.waits_inserted = 0
         self.forced_end = False
@@ -160,15 +196,19 @@ class BudgetState:
             raise RuntimeError("the sequence has ended; no more tokens can be appended")
         if self._forced:
             token_id, phase = self._forced.popleft()
-            step = TokenStep(token_id, forced=True, phase=phase)
+            step = TokenStep(token_id, forced=True, phase=phase, settled=self._settle_next)
+            self._settle_next = ()
         else:
             plan = self._plan(sampled_id)
             step = plan.step
             self._forced.extend(plan.queue)
             self.waits_inserted += plan.wait
+            if plan.held is not None:
+                self._held = plan.held
             if plan.mode is not None:
                 self._mode = plan.mode
                 self._opened |= plan.mode is _Mode.THINKING
+            self.thinking_tokens += step.settled.count(Phase.THINKING)
         self.thinking_tokens += step.phase is Phase.THINKING
         if step.done:
             self._mode = _Mode.DONE
@@ -177,13 +217,18 @@ class BudgetState:
         return step
 
     def summary(self) -> ThinkingSummary:
+        """Held tokens count as thinking: a sequence cut while holding ends on them."""
         closed = self._opened and self._mode is not _Mode.THINKING
-        return ThinkingSummary(self.thinking_tokens, self.waits_inserted, self.forced_end, closed)
+        tokens = self.thinking_tokens + len(self._held)
+        return ThinkingSummary(tokens, self.waits_inserted, self.forced_end, closed)
 
     def _plan(self, token_id: int) -> _Plan:
         spec, mode = self.spec, self._mode
-        if mode is _Mode.THINKING and (token_id == spec.end[0] or token_id in spec.stop_ids):
-            return self._plan_end_attempt(token_id)
+        if mode is _Mode.THINKING:
+            if token_id in spec.stop_ids or (not spec.end_text and token_id == spec.end[0]):
+                return self._plan_end_attempt(token_id)
+            if spec.end_text:
+                return self._plan_text(token_id)
         if token_id in spec.stop_ids:
             return _Plan(TokenStep(token_id, forced=False, phase=Phase.CONTROL, done=True))
         if mode is _Mode.BEFORE and token_id == spec.start[0]:
@@ -192,23 +237,42 @@ class BudgetState:
         phase = Phase.THINKING if mode is _Mode.THINKING else Phase.ANSWER
         return _Plan(TokenStep(token_id, forced=False, phase=phase))
 
+    def _plan_text(self, token_id: int) -> _Plan:
+        """A thinking token under a plain-text end delimiter: an attempt when the held
+        tokens and it spell the whole delimiter, else held while they may begin it."""
+        assert self._decode is not None
+        tokens, end = (*self._held, token_id), self.spec.end_text
+        if end in self._decode(tokens):
+            return self._plan_end_attempt(token_id)
+        keep = _held_suffix(tokens, end, self._decode)
+        settled = (Phase.THINKING,) * (len(tokens) - max(keep, 1))
+        if keep == 0:
+            return _Plan(TokenStep(token_id, False, Phase.THINKING, settled=settled), held=())
+        step = TokenStep(token_id, False, Phase.CONTROL, held=True, settled=settled)
+        return _Plan(step, held=tokens[-keep:])
+
     def _plan_end_attempt(self, token_id: int) -> _Plan:
-        budget = self.budget
-        wants_more = (
-            self.thinking_tokens < budget.min_tokens or self.waits_inserted < budget.num_waits
-        )
+        budget, spec, held = self.budget, self.spec, self._held
+        stop = token_id in spec.stop_ids
+        # Before a stop id, held tokens were not the delimiter: they are thinking.
+        settled = (Phase.THINKING,) * len(held) if stop else ()
+        thought = self.thinking_tokens + len(settled)
+        wants_more = thought < budget.min_tokens or self.waits_inserted < budget.num_waits
         # max_tokens wins: a wait that would overshoot the cap lets the model end.
-        fits = budget.max_tokens is None or (
-            self.thinking_tokens + len(budget.wait_ids) <= budget.max_tokens
-        )
+        fits = budget.max_tokens is None or thought + len(budget.wait_ids) <= budget.max_tokens
         if wants_more and fits:
             first, *rest = budget.wait_ids
             queue = tuple((t, Phase.THINKING) for t in rest)
-            return _Plan(TokenStep(first, True, Phase.THINKING), queue, wait=True)
-        end = self.spec.end
-        forced = token_id != end[0]  # a stop id is replaced by the end delimiter
-        queue = tuple((t, Phase.CONTROL) for t in end[1:])
-        return _Plan(TokenStep(end[0], forced, Phase.CONTROL), queue, _Mode.ANSWER)
+            rollback = 0 if stop else len(held)  # a plain-text delimiter gives way to the wait
+            step = TokenStep(first, True, Phase.THINKING, settled=settled, rollback=rollback)
+            return _Plan(step, queue, wait=True, held=())
+        if spec.end_text and not stop:  # the plain-text delimiter is complete: keep it
+            step = TokenStep(token_id, False, Phase.CONTROL, settled=(Phase.CONTROL,) * len(held))
+            return _Plan(step, mode=_Mode.ANSWER, held=())
+        forced = token_id != spec.end[0]  # a stop id is replaced by the end delimiter
+        queue = tuple((t, Phase.CONTROL) for t in spec.end[1:])
+        step = TokenStep(spec.end[0], forced, Phase.CONTROL, settled=settled)
+        return _Plan(step, queue, _Mode.ANSWER, held=())
 
     def _open(self) -> None:
         self._mode = _Mode.THINKING
@@ -217,9 +281,25 @@ class BudgetState:
 
     def _force_end_if_capped(self) -> None:
         cap = self.budget.max_tokens
-        if cap is None or self.thinking_tokens < cap:
+        if cap is None or self.thinking_tokens + len(self._held) < cap:
             return
+        # Held tokens are within the cap as thinking; the forced delimiter settles them.
+        self._settle_next = (Phase.THINKING,) * len(self._held)
+        self.thinking_tokens += len(self._held)
+        self._held = ()
         self._forced.extend((t, Phase.CONTROL) for t in self.spec.end)
         self._forced.extend((t, Phase.ANSWER) for t in self.budget.answer_prefix_ids)
         self._mode = _Mode.ANSWER
         self.forced_end = True
+
+
+def _held_suffix(tokens: Sequence[int], end: str, decode: Decode) -> int:
+    """How many of the last ``tokens`` to hold: the fewest whose text still ends with the
+    longest proper prefix of ``end`` that the whole text ends with (0: none)."""
+    text = decode(tokens)
+    longest = next((k for k in range(len(end) - 1, 0, -1) if text.endswith(end[:k])), 0)
+    if longest == 0:
+        return 0
+    return next(
+        keep for keep in range(1, len(tokens) + 1) if decode(tokens[-keep:]).endswith(end[:longest])
+    )

@@ -25,7 +25,7 @@ No torch import here: the OpenAI app and its tests depend on these shapes only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
@@ -119,6 +119,9 @@ class TokenEvent:
     forced: bool
     reasoning: str = ""  # delta of message.reasoning_content
     content: str = ""  # delta of message.content
+    # Tokens dropped from the end of the completion before this one: a plain-text end
+    # delimiter the model wrote, replaced by a wait (their text was never released).
+    rollback: int = 0
 
     @property
     def text(self) -> str:
@@ -212,11 +215,22 @@ Encode = Callable[[str], list[int]]
 
 
 def delimiters_for(
-    family: TemplateFamily, encode: Encode, stop_ids: Sequence[int]
+    family: TemplateFamily,
+    encode: Encode,
+    stop_ids: Sequence[int],
+    *,
+    atomic_ids: Collection[int],
 ) -> DelimiterSpec:
-    """The family's thinking delimiters as token ids, with the end-of-turn/eos stop ids."""
+    """The family's thinking delimiters as token ids, with the end-of-turn/eos stop ids.
+
+    ``atomic_ids``: the tokenizer's added tokens (special or not), which no text ever
+    tokenizes into. An end delimiter that starts with one (``<|im_start|>``, Qwen3's
+    ``</think>``) is recognised by that token; otherwise it is plain text (Qwen2.5's
+    ``</think>`` is ``</``, ``think``, ``>``) and recognised as a whole string."""
     start, end = family.delimiters
-    return DelimiterSpec(tuple(encode(start)), tuple(encode(end)), frozenset(stop_ids))
+    end_ids = tuple(encode(end))
+    end_text = "" if end_ids[:1] and end_ids[0] in atomic_ids else end.strip()
+    return DelimiterSpec(tuple(encode(start)), end_ids, frozenset(stop_ids), end_text)
 
 
 def budget_from_params(params: ThinkingParams | None, encode: Encode) -> ThinkingBudget:

@@ -114,15 +114,24 @@ class Row:
     _last_phase: Phase | None = None
     _stop_hit: bool = False
     _out: list[str] = field(default_factory=lambda: ["", ""])
+    _held: list[int] = field(default_factory=list)  # appended, text kept until settled
 
     def take(self, step: TokenStep) -> TokenEvent:
-        """Append a token: route its text, apply stop strings, set the finish reason."""
-        self.tokens.append(step.token_id)
+        """Append a token: route its text, apply stop strings, set the finish reason.
+
+        Held tokens (a possible plain-text end delimiter) release their text when a later
+        step settles them; a rollback drops them before this token is appended."""
         self._out = ["", ""]
-        if self._last_phase not in (None, step.phase):
-            self._route(self._last_phase, self.detok.flush())  # a segment ended
-        self._last_phase = step.phase
-        self._route(step.phase, self.detok.push(step.token_id))
+        for settled in step.settled:
+            self._push(settled, self._held.pop(0))
+        if step.rollback:
+            del self.tokens[len(self.tokens) - step.rollback :]
+            del self._held[len(self._held) - step.rollback :]
+        self.tokens.append(step.token_id)
+        if step.held:
+            self._held.append(step.token_id)
+        else:
+            self._push(step.phase, step.token_id)
         if step.done:
             self.finish = FinishReason.STOP
         elif (
@@ -130,15 +139,30 @@ class Row:
         ):
             self.finish = FinishReason.LENGTH
         if self.finish is not None:
-            self._route(step.phase, self.detok.flush())
+            while self._held:  # cut while holding: it was thinking (BudgetState.summary)
+                self._push(Phase.THINKING, self._held.pop(0))
+            if self._last_phase is not None:
+                self._route(self._last_phase, self.detok.flush())
             self._route(Phase.ANSWER, self.stops.flush(), filtered=False)
         reasoning, content = self._out
         self.reasoning.append(reasoning)
         self.content.append(content)
         phase = TokenPhase.of(step.phase)
         return TokenEvent(
-            self.request.request_id, step.token_id, phase, step.forced, reasoning, content
+            self.request.request_id,
+            step.token_id,
+            phase,
+            step.forced,
+            reasoning,
+            content,
+            rollback=step.rollback,
         )
+
+    def _push(self, phase: Phase, token_id: int) -> None:
+        if self._last_phase not in (None, phase):
+            self._route(self._last_phase, self.detok.flush())  # a segment ended
+        self._last_phase = phase
+        self._route(phase, self.detok.push(token_id))
 
     def _route(self, phase: Phase, text: str, *, filtered: bool = True) -> None:
         # Control tokens carry no text, and nothing after a stop string is released.

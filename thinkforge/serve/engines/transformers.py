@@ -111,6 +111,8 @@ class _Batch:
                     sampled = _sample(self.logits[i], row)
                 step = row.state.advance(sampled)
                 event = row.take(step)
+                if step.rollback:
+                    self.rollback(i, step.rollback)
                 result = row.result() if row.finish is not None else None
             except Exception as exc:  # this sequence alone leaves the batch
                 failed.add(i)
@@ -125,11 +127,23 @@ class _Batch:
         if len(keep) < len(self.rows):
             self._keep(keep)
         if self.rows:
-            ids = torch.tensor([[next_ids[i]] for i in keep], device=self.device)
-            ones = torch.ones(len(keep), 1, dtype=torch.long, device=self.device)
-            self.mask = torch.cat([self.mask, ones], dim=-1)
-            self.logits = self._forward(ids, self.mask, self.positions[:, None], self.cache)
-            self.positions = self.positions + 1
+            self.feed([next_ids[i] for i in keep])
+
+    def feed(self, next_ids: list[int]) -> None:
+        """Run the model on one appended token per row: the next step's logits."""
+        ids = torch.tensor([[t] for t in next_ids], device=self.device)
+        ones = torch.ones(len(next_ids), 1, dtype=torch.long, device=self.device)
+        self.mask = torch.cat([self.mask, ones], dim=-1)
+        self.logits = self._forward(ids, self.mask, self.positions[:, None], self.cache)
+        self.positions = self.positions + 1
+
+    def rollback(self, i: int, n: int) -> None:
+        """Drop row ``i``'s last ``n`` tokens (a plain-text end delimiter replaced by a
+        wait). The cache is shared by the batch, so their columns are masked out for this
+        row rather than cropped, and its positions step back: the next token attends and
+        is placed exactly as if they had never been appended."""
+        self.mask[i, self.mask.shape[1] - n :] = 0
+        self.positions[i] -= n
 
     @torch.inference_mode()
     def _forward(
@@ -257,7 +271,12 @@ class TransformersEngine:
         # transformers 5.x renamed past_key_values to cache; accept both spellings.
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self.spec = delimiters_for(self.template, self._encode, self._stop_ids())
+        self.spec = delimiters_for(
+            self.template,
+            self._encode,
+            self._stop_ids(),
+            atomic_ids=self.tokenizer.added_tokens_decoder.keys(),
+        )
 
     def health(self) -> bool:
         return self.model is not None and self.spec is not None
@@ -296,7 +315,7 @@ class TransformersEngine:
             generator.manual_seed(seed)
         return Row(
             request=request,
-            state=BudgetState(spec, budget, prompt_opened_thinking=opened),
+            state=BudgetState(spec, budget, prompt_opened_thinking=opened, decode=self._decode),
             detok=Detokenizer(self.tokenizer),
             stops=StopStrings(request.sampling.stop),
             generator=generator,
@@ -305,6 +324,10 @@ class TransformersEngine:
     def _encode(self, text: str) -> list[int]:
         ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False)
         return ids
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        text: str = self.tokenizer.decode(list(ids))
+        return text
 
     def _stop_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids(END_OF_TURN)}

