@@ -26,6 +26,19 @@ class KillWorkerOnce:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class RecordSteps:
+    """Rank 0 appends each step it finished to ``path``, one a line, across attempts: a
+    retry that resumes from the checkpoint of step ``s`` goes on with ``s + 1``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __call__(self, *, step: int, rank: int, world_size: int) -> None:
+        if rank == 0:
+            with open(self.path, "a") as fh:
+                fh.write(f"{step}\n")
+
+
 def ship() -> None:
     """Pickle this module's callbacks by value, so Ray workers can load them."""
     import sys

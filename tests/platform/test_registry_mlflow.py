@@ -71,6 +71,29 @@ def register_job(
     )
 
 
+def test_a_retried_job_logs_each_step_once(tmp_path: Path) -> None:
+    """A retry trains the steps after its checkpoint again (the same values: resume is
+    exact); its logger skips the steps the job's run holds already."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = SFTConfig(model="thinkforge/tiny", dataset="train.jsonl")
+
+    def attempt(steps: range) -> str:
+        run_id = open_job_run(tracking_uri=uri, job_id="j", config=config, dataset_sha256="d")
+        logger = MetricLogger(uri, run_id)
+        logger.skip_logged_steps()
+        logger.log({"data_records": 10.0}, step=0)
+        for step in steps:
+            logger.log({"loss": 5.0 - step, "step": float(step)}, step=step)
+        logger.flush()
+        return run_id
+
+    first = attempt(range(1, 4))  # lost after step 3, its checkpoint at 2
+    assert attempt(range(3, 6)) == first
+    client = MlflowClient(tracking_uri=uri)
+    assert [int(p.step) for p in client.get_metric_history(first, "loss")] == [1, 2, 3, 4, 5]
+    assert [int(p.step) for p in client.get_metric_history(first, "data_records")] == [0]
+
+
 def stored_file(artifacts: Path, version_dir_marker: str, rel: str) -> Path:
     """The on-disk copy of ``rel`` in the version whose config names ``version_dir_marker``."""
     for config in artifacts.rglob("model/config.json"):

@@ -13,7 +13,8 @@ Resume is exact: the data order is a pure function of (seed, epoch), so a worker
 restarts from the checkpoint of step ``s`` skips the batches of steps before ``s`` in
 that epoch and restores model, optimizer, scheduler and RNG state, each rank its own
 shards. This holds both for worker failures (``FailureConfig.max_failures``) and for a resubmitted job: the same
-``RunConfig(name=job_id, storage_path=...)`` makes Ray Train hand back the latest checkpoint.
+``RunConfig(name=job_id, storage_path=...)`` puts its checkpoints in one place, and every
+start goes on from the latest complete one there; a retry logs each step to MLflow once.
 
     result = run_training(cfg, job_id, storage_path, model_path=path,
                           tracking_uri=uri, run_id=run_id)
@@ -37,7 +38,12 @@ from torch.utils.data import DataLoader, Sampler
 
 from thinkforge.contract import DATA_METRIC_PREFIX, EXPERTS_PLOT, TRAINED_TOKENS, emit_event
 from thinkforge.jobs.checkpointing import CheckpointManager, export_hf
-from thinkforge.jobs.checkpoints import STATE_FILE, checkpoint_dir_name, pause_requested
+from thinkforge.jobs.checkpoints import (
+    STATE_FILE,
+    checkpoint_dir_name,
+    list_checkpoints,
+    pause_requested,
+)
 from thinkforge.jobs.config import MoE, SFTConfig
 from thinkforge.jobs.data import (
     IGNORE_INDEX,
@@ -198,7 +204,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = _resume_checkpoint(loop_config["storage_path"], loop_config["job_id"], world)
     source_cm = checkpoint.as_directory() if checkpoint else contextlib.nullcontext()
     with source_cm as ckpt_dir:
         worker = _build_worker(cfg, loop_config["model_path"], ckpt_dir, rank, world)
@@ -208,6 +214,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logger = None
     if rank == 0 and loop_config.get("run_id"):
         logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
+        logger.skip_logged_steps()  # a retry trains the steps after its checkpoint again
     if logger is not None and worker.data_stats is not None:
         # Step 0 holds the dataset's figures; the control plane turns them into an event.
         logger.log({DATA_METRIC_PREFIX + k: v for k, v in worker.data_stats.items()}, step=0)
@@ -218,6 +225,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _train(worker, logger, loop_config.get("callbacks", ()), pause=pause)
     if logger is not None:
         logger.flush()
+
+
+def _resume_checkpoint(storage_path: str, job_id: str, world: int) -> Any:
+    """The job's latest complete checkpoint on storage (None: start), rank 0's pick for all.
+
+    Not ``ray.train.get_checkpoint()``: Ray Train records a checkpoint only when it next
+    polls the workers (every 2 s), so a run lost in between (a killed worker, a lost head)
+    would go back to an older checkpoint, or to step 1, while the control plane lists the
+    newer one and says the retry resumes from it."""
+    import pyarrow.fs as pafs
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    filesystem, root = pafs.FileSystem.from_uri(storage_path)
+    found = list_checkpoints(root, job_id, filesystem=filesystem)
+    picked = [found[-1].path if found else None]
+    if world > 1:  # a checkpoint finishing its upload meanwhile must not split the ranks
+        dist.broadcast_object_list(picked, src=0, device=ray.train.torch.get_device())
+    return ray.train.Checkpoint(picked[0], filesystem=filesystem) if picked[0] else None
 
 
 def _build_worker(

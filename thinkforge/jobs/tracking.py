@@ -121,10 +121,21 @@ class MetricLogger:
         self._every = flush_every_s
         self._pending: list[Any] = []
         self._last = time.monotonic()
+        self._logged_through = -1  # steps up to this one are in the run already
+
+    def skip_logged_steps(self, step_metric: str = "step") -> None:
+        """From now on drop the steps the run holds already (its ``step_metric`` tells the
+        last one; without it, only step 0's figures can be there). A retry trains the
+        steps after its checkpoint again: resume being exact, each step is logged once."""
+        metrics = self._client.get_run(self._run_id).data.metrics
+        last = metrics.get(step_metric, 0 if metrics else -1)
+        self._logged_through = int(last)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if step <= self._logged_through:
+            return
         now_ms = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now_ms, step) for k, v in metrics.items()]
         if time.monotonic() - self._last >= self._every:
