@@ -252,6 +252,7 @@ class Reconciler:
 
 def _failure_kind(detail: str) -> FailureKind:
     """training_failed, unless the job's error line names a more precise code."""
-    if f"[{FailureKind.CHECKPOINT_INCOMPATIBLE.value}]" in detail:
-        return FailureKind.CHECKPOINT_INCOMPATIBLE
+    for kind in (FailureKind.CHECKPOINT_INCOMPATIBLE, FailureKind.INVALID_MODEL):
+        if f"[{kind.value}]" in detail:  # INVALID_MODEL: a LoRA target the base lacks
+            return kind
     return FailureKind.TRAINING_FAILED

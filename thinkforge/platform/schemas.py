@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from thinkforge.jobs.config import Hyperparameters, Resources
+from thinkforge.jobs.config import Hyperparameters, LoRA, Resources
 
 
 def _no_nul(value: str) -> str:
@@ -75,6 +75,9 @@ class SupervisedMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    lora: LoRA | None = Field(
+        default=None, description="train a LoRA adapter (peft) on a frozen base; None: all weights"
+    )
 
 
 class Method(BaseModel):

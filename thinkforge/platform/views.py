@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from thinkforge.jobs.config import Hyperparameters, Resources
+from thinkforge.jobs.config import Hyperparameters, LoRA, Resources
 from thinkforge.platform.models import (
     ApiKey,
     AuditEntry,
@@ -55,6 +55,11 @@ def file_view(row: File) -> FileObject:
     )
 
 
+def _lora(row: Job) -> LoRA | None:
+    raw = row.config.get("lora")
+    return LoRA.model_validate(raw) if raw is not None else None
+
+
 def job_view(row: Job) -> FineTuningJob:
     hyper = Hyperparameters.model_validate(row.config.get("hyperparameters", {}))
     return FineTuningJob(
@@ -69,7 +74,7 @@ def job_view(row: Job) -> FineTuningJob:
         validation_file=row.validation_file,
         training_file=row.training_file,
         hyperparameters=hyper,
-        method=Method(supervised=SupervisedMethod(hyperparameters=hyper)),
+        method=Method(supervised=SupervisedMethod(hyperparameters=hyper, lora=_lora(row))),
         trained_tokens=row.trained_tokens,
         error=JobError.model_validate(row.error) if row.error else None,
         user_provided_suffix=row.suffix,
