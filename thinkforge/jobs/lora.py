@@ -146,12 +146,13 @@ def export_adapter(
     import torch
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    from thinkforge.jobs.parallel import reshard
-
     inner = getattr(model, "module", model)
-    reshard(inner)
+    for module in inner.modules():  # FSDP: back into shards (parallel.reshard; no cycle)
+        if isinstance(module, FSDPModule):
+            module.reshard()
     full: dict[str, torch.Tensor] = {}
     for name, param in inner.named_parameters():
         if ".lora_" in name:

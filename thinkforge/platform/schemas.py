@@ -296,6 +296,18 @@ class ServeOptions(BaseModel):
     default_thinking: dict[str, Any] | None = Field(
         default=None, description="max_tokens, min_tokens, num_waits, wait_string, ..."
     )
+    adapters: (
+        dict[
+            Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")],
+            Annotated[SafeStr, StringConstraints(min_length=1, max_length=300)],
+        ]
+        | None
+    ) = Field(
+        default=None,
+        max_length=64,
+        description="LoRA adapter versions (NAME@ALIAS or NAME/VERSION) served over the same "
+        "base, by name; a request picks one with model 'DEPLOYMENT:NAME' (transformers engine)",
+    )
     engine_args: dict[str, Any] | None = Field(
         default=None,
         description="engine 'vllm' only: tensor_parallel_size (GPU only: a placement group "

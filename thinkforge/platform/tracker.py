@@ -27,6 +27,7 @@ from thinkforge.contract import (
     DATA_METRIC_PREFIX,
     DATASET_SHA_TAG,
     JOB_TAG,
+    LORA_METRIC_PREFIX,
     RECIPE_TAG,
     STEP_METRICS,
     TRAINED_TOKENS,
@@ -109,6 +110,7 @@ class RunTracker:
             return
         job.mlflow_run_id = run.info.run_id
         _sync_data_stats(session, job, dict(run.data.metrics))
+        _sync_lora_stats(session, job, dict(run.data.metrics))
         self._sync_metrics(session, job, progress.history, final=progress.final)
         if progress.final:
             self._sync_result(session, job, run, progress.version)
@@ -182,6 +184,22 @@ class RunTracker:
         tokens = run.data.metrics.get(TRAINED_TOKENS)
         if tokens is not None:
             job.trained_tokens = int(tokens)
+
+
+def _sync_lora_stats(session: Session, job: Job, metrics: dict[str, float]) -> None:
+    """A LoRA job's one event with what it trains: adapter parameters of all parameters."""
+    stats = {
+        k.removeprefix(LORA_METRIC_PREFIX): v
+        for k, v in metrics.items()
+        if k.startswith(LORA_METRIC_PREFIX)
+    }
+    if "trainable_fraction" not in stats:
+        return
+    message = (
+        f"LoRA: {int(stats.get('trainable_params', 0))} of {int(stats.get('total_params', 0))} "
+        f"parameters trainable ({100 * stats['trainable_fraction']:.3g}%)"
+    )
+    add_event(session, job.id, message, data=stats, dedupe_key="lora")
 
 
 def _sync_data_stats(session: Session, job: Job, metrics: dict[str, float]) -> None:
