@@ -81,6 +81,18 @@ def test_each_adapter_answers_its_own_way_and_a_mixed_batch_equals_each_alone(
     assert decode(engine, "a", None, "b", "a") == [a_alone, base_alone, b_alone, a_alone]
 
 
+def test_an_adapter_deployment_answers_with_its_own_adapter_by_default(
+    tiny_model_dir: Path, adapters: dict[str, str], engine: TransformersEngine
+) -> None:
+    """An adapter version deployed: its adapter is named "" and is the default."""
+    own = TransformersEngine(
+        str(tiny_model_dir), template=TemplateFamily.S1,
+        adapters={"": adapters["a"], "b": adapters["b"]}, default_adapter="",
+    )  # fmt: skip
+    own.load()
+    assert decode(own, None, "b") == [decode(engine, "a")[0], decode(engine, "b")[0]]
+
+
 def test_budget_forcing_is_unchanged_under_an_adapter(engine: TransformersEngine) -> None:
     thinking = ThinkingParams(max_tokens=5, final_answer_prefix="Final Answer:")
     request = GenerationRequest("r", prompt(engine), GREEDY, thinking, adapter="b")

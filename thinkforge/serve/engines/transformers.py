@@ -295,7 +295,8 @@ class TransformersEngine:
             else:
                 model.load_adapter(path, adapter_name=peft_name)
             names[name] = peft_name
-        names[None] = names[self.default_adapter] if self.default_adapter else "__base__"
+        default = self.default_adapter  # "" is an adapter: the deployment's own
+        names[None] = names[default] if default is not None else "__base__"
         self._peft_names = names
         return model
 
