@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import free_port
 from tests.integration.conftest import API_KEY, serving_plane
 from thinkforge.jobs.config import SFTConfig
 from thinkforge.jobs.tiny import ensure_tiny_model
@@ -71,7 +72,15 @@ def wait_status(client: httpx.Client, status: str, timeout: float = 300) -> dict
         time.sleep(1)
 
 
-def test_deploy_roll_refuse_and_delete(ray_cluster: LocalRayCluster, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def serve_port() -> int:
+    """The module's one Serve HTTP port: Serve keeps the port of its first start."""
+    return free_port()
+
+
+def test_deploy_roll_refuse_and_delete(
+    ray_cluster: LocalRayCluster, tmp_path: Path, serve_port: int
+) -> None:
     data = tmp_path / "data"
     uri, artifacts = f"sqlite:///{data / 'mlflow.db'}", str(data / "mlartifacts")
     tiny = ensure_tiny_model(tmp_path / "models")
@@ -79,7 +88,7 @@ def test_deploy_roll_refuse_and_delete(ray_cluster: LocalRayCluster, tmp_path: P
     # opening migrates it; two processes doing that at once collide).
     for i in (1, 2, 3):
         assert register(uri, artifacts, tiny, f"ftjob-{i}") == f"{NAME}/{i}"
-    plane, serve_port = serving_plane(data, ray_cluster)
+    plane, _ = serving_plane(data, ray_cluster, serve_port)
     try:
         with plane.client() as client:
             assert (
@@ -240,7 +249,7 @@ def base_weights_unchanged(checkpoint: Path, base: Path) -> None:
 
 
 def test_lora_job_adapter_deploys_and_two_adapters_answer_differently(
-    ray_cluster: LocalRayCluster, tmp_path: Path
+    ray_cluster: LocalRayCluster, tmp_path: Path, serve_port: int
 ) -> None:
     """A LoRA job through REST (2 CPU workers, DDP): its loss falls, its base stays bit
     for bit, its adapter version deploys over the base and answers; a second adapter on
@@ -266,7 +275,7 @@ def test_lora_job_adapter_deploys_and_two_adapters_answer_differently(
         tracking_uri=uri, run_id=run_id, model_dir=other, name="other-lora", job_id="ftjob-other",
         base_model="thinkforge/tiny", dataset_sha256="0" * 64, tags={LORA_TAG: "adapter"},
     )  # fmt: skip
-    plane, serve_port = serving_plane(data, ray_cluster)
+    plane, _ = serving_plane(data, ray_cluster, serve_port)
     try:
         with plane.client() as client:
             file_id = upload_sums(client, tmp_path)
