@@ -47,6 +47,8 @@ __all__ = [
     "EXPERTS_PLOT",
     "JOB_TAG",
     "LINEAGE_TAGS",
+    "LORA_METRIC_PREFIX",
+    "LORA_TAG",
     "MANIFEST_FILE",
     "MANIFEST_SHA_TAG",
     "MLMODEL_FILE",
@@ -115,6 +117,9 @@ DATASET_SHA_TAG = "dataset_sha256"
 RECIPE_TAG = "recipe"  # on the run only
 LINEAGE_TAGS = (JOB_TAG, BASE_MODEL_TAG, DATASET_SHA_TAG, RECIPE_TAG)
 MANIFEST_SHA_TAG = "manifest_sha256"  # on the version: pins manifest.json
+# On a LoRA job's version: "adapter" (the adapter alone; BASE_MODEL_TAG names its base)
+# or "merged" (a full model, the adapter merged into the base).
+LORA_TAG = "lora"
 
 
 def default_registered_name(base_model: str) -> str:
@@ -157,6 +162,8 @@ OPENAI_CHECKPOINT_METRICS = {
 TRAINED_TOKENS = "trained_tokens"
 # Step 0 holds the dataset's figures (``DataStats``) under this prefix.
 DATA_METRIC_PREFIX = "data_"
+# Step 0 of a LoRA job: trainable_params, total_params, trainable_fraction.
+LORA_METRIC_PREFIX = "lora_"
 # MoE bases, every step: the router losses and, per layer, each expert's share of the
 # step's top-k selections (all ranks) and that layer's max/mean load.
 MOE_AUX_LOSS = "moe_aux_loss"

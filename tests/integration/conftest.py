@@ -95,10 +95,13 @@ class ControlPlane:
         )
 
 
-def serving_plane(data_dir: Path, cluster: LocalRayCluster) -> tuple[ControlPlane, int]:
+def serving_plane(
+    data_dir: Path, cluster: LocalRayCluster, serve_port: int | None = None
+) -> tuple[ControlPlane, int]:
     """The control plane (started) with Serve's front door on a free port, replicas at
-    half a CPU; returns it and the front door's port."""
-    serve_port = free_port()
+    half a CPU; returns it and the front door's port. Serve keeps the port it first
+    started with for the cluster's life: a module's later planes pass the same one."""
+    serve_port = serve_port or free_port()
     plane = ControlPlane(
         data_dir,
         cluster,

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import free_port
 from tests.integration.conftest import API_KEY, serving_plane
 from thinkforge.jobs.config import SFTConfig
 from thinkforge.jobs.tiny import ensure_tiny_model
@@ -71,7 +72,15 @@ def wait_status(client: httpx.Client, status: str, timeout: float = 300) -> dict
         time.sleep(1)
 
 
-def test_deploy_roll_refuse_and_delete(ray_cluster: LocalRayCluster, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def serve_port() -> int:
+    """The module's one Serve HTTP port: Serve keeps the port of its first start."""
+    return free_port()
+
+
+def test_deploy_roll_refuse_and_delete(
+    ray_cluster: LocalRayCluster, tmp_path: Path, serve_port: int
+) -> None:
     data = tmp_path / "data"
     uri, artifacts = f"sqlite:///{data / 'mlflow.db'}", str(data / "mlartifacts")
     tiny = ensure_tiny_model(tmp_path / "models")
@@ -79,7 +88,7 @@ def test_deploy_roll_refuse_and_delete(ray_cluster: LocalRayCluster, tmp_path: P
     # opening migrates it; two processes doing that at once collide).
     for i in (1, 2, 3):
         assert register(uri, artifacts, tiny, f"ftjob-{i}") == f"{NAME}/{i}"
-    plane, serve_port = serving_plane(data, ray_cluster)
+    plane, _ = serving_plane(data, ray_cluster, serve_port)
     try:
         with plane.client() as client:
             assert (
@@ -211,3 +220,122 @@ def check_jobs_that_cannot_get_their_workers(client: httpx.Client, tmp_path: Pat
     assert client.post(f"/v1/fine_tuning/jobs/{waiting['id']}/cancel").status_code == 200
     done = wait_job(client, waiting["id"], lambda j: j["status"] in TERMINAL, timeout=120)
     assert done["status"] == "cancelled"
+
+
+def lora_chat(port: int, model: str) -> httpx.Response:
+    return httpx.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "Sum: 1 2"}],
+              "max_completion_tokens": 24, "thinking": {"max_tokens": 8}, "temperature": 0},
+        headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120,
+    )  # fmt: skip
+
+
+def base_weights_unchanged(checkpoint: Path, base: Path) -> None:
+    """The frozen base in the job's last DCP state is the base it started from, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from thinkforge.jobs.lora import hf_name
+
+    dcp_to_torch_save(checkpoint / "dcp", checkpoint.parent / "state.pt")
+    state = torch.load(checkpoint.parent / "state.pt", weights_only=False)["model"]
+    original = load_file(base / "model.safetensors")
+    frozen = {hf_name(k): v for k, v in state.items() if ".lora_" not in k}
+    assert set(original) <= set(frozen)  # and lm_head.weight, tied to the embeddings
+    assert all(torch.equal(frozen[k], original[k]) for k in original)
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in state.items())  # it trained
+
+
+def test_lora_job_adapter_deploys_and_two_adapters_answer_differently(
+    ray_cluster: LocalRayCluster, tmp_path: Path, serve_port: int
+) -> None:
+    """A LoRA job through REST (2 CPU workers, DDP): its loss falls, its base stays bit
+    for bit, its adapter version deploys over the base and answers; a second adapter on
+    the same deployment (``lora:other``) answers differently, budgets forced alike."""
+    from tests.integration.test_training_e2e import (
+        TERMINAL,
+        events,
+        metric_steps,
+        upload_sums,
+        wait_job,
+    )
+    from tests.serve.test_engine_lora import make_adapter
+    from thinkforge.contract import LORA_TAG
+
+    data = tmp_path / "data"
+    uri, artifacts = f"sqlite:///{data / 'mlflow.db'}", str(data / "mlartifacts")
+    tiny = ensure_tiny_model(tmp_path / "models")
+    other = make_adapter(tiny, tmp_path / "other", 2, "thinkforge/tiny")
+    config = SFTConfig(model="thinkforge/tiny", dataset="x.jsonl", lora={"r": 8})
+    run_id = open_job_run(tracking_uri=uri, job_id="ftjob-other", config=config,
+                          dataset_sha256="0" * 64, artifact_root=artifacts)  # fmt: skip
+    register_model(
+        tracking_uri=uri, run_id=run_id, model_dir=other, name="other-lora", job_id="ftjob-other",
+        base_model="thinkforge/tiny", dataset_sha256="0" * 64, tags={LORA_TAG: "adapter"},
+    )  # fmt: skip
+    plane, _ = serving_plane(data, ray_cluster, serve_port)
+    try:
+        with plane.client() as client:
+            file_id = upload_sums(client, tmp_path)
+            lora = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj",
+                    "o_proj", "gate_proj", "up_proj", "down_proj"]}  # fmt: skip
+            hyper = {"n_epochs": 1, "max_steps": 8, "learning_rate": 2e-2}
+            body = {
+                "model": "thinkforge/tiny", "training_file": file_id, "recipe": "tiny-cpu",
+                "suffix": "sums-lora", "config": {"checkpoint_every_steps": 4},
+                "method": {"type": "supervised",
+                           "supervised": {"hyperparameters": hyper, "lora": lora}},
+                "resources": {"num_workers": 2, "cpus_per_worker": 0.5},
+            }  # fmt: skip
+            made = client.post("/v1/fine_tuning/jobs", json=body)
+            assert made.status_code == 200, made.text
+            job_id = made.json()["id"]
+            done = wait_job(client, job_id, lambda j: j["status"] in TERMINAL, timeout=400)
+            assert done["status"] == "succeeded", done["error"]
+            assert done["fine_tuned_model"] == "sums-lora/1"
+            steps = metric_steps(client, job_id)
+            assert len(steps) == 8 and steps[-1]["loss"] < steps[0]["loss"]
+            (info,) = [e["data"] for e in events(client, job_id) if e["message"].startswith("LoRA")]
+            assert 0 < info["trainable_fraction"] < 0.2
+            assert info["trainable_params"] == pytest.approx(
+                info["trainable_fraction"] * info["total_params"]
+            )
+            ckpts = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+            last = max(ckpts, key=lambda c: c["step_number"])["fine_tuned_model_checkpoint"]
+            base_weights_unchanged(Path(last.removeprefix("file://")), data / "models" / "tiny")
+            version = client.get("/v1/registry/models/sums-lora/versions/1").json()
+            assert version["tags"][LORA_TAG] == "adapter"
+            assert version["lineage"]["base_model"] == "thinkforge/tiny"
+            assert "adapter_model.safetensors" in version["manifest"]
+            assert "model.safetensors" not in version["manifest"]  # the adapter alone
+
+            vllm = {"name": "lora-vllm", "model": "sums-lora/1", "engine": "vllm", "device": "cpu"}
+            refused = client.post("/v1/deployments", json=vllm)
+            assert refused.status_code == 400 and "transformers" in refused.text, refused.text
+            plain = client.post(  # an adapter version that does not exist
+                "/v1/deployments", json={"name": "x", "model": "sums-lora/1",
+                                         "adapters": {"y": "sums-lora/9"}},
+            )  # fmt: skip
+            assert plain.status_code == 404, plain.text
+            made = client.post(
+                "/v1/deployments",
+                json={"name": "lora", "model": "sums-lora/1", "max_ongoing_requests": 4,
+                      "adapters": {"other": "other-lora/1"}},
+            )  # fmt: skip
+            assert made.status_code == 200, made.text
+            deadline = time.monotonic() + 300
+            while (dep := client.get("/v1/deployments/lora").json())["status"] != "running":
+                assert dep["status"] != "failed" and time.monotonic() < deadline, dep
+                time.sleep(1)
+            ours, theirs = lora_chat(serve_port, "lora"), lora_chat(serve_port, "lora:other")
+            assert ours.status_code == 200 and theirs.status_code == 200, (ours.text, theirs.text)
+            assert ours.headers["x-thinkforge-model-version"] == "1"
+            for resp in (ours, theirs):
+                assert resp.json()["usage"]["completion_tokens_details"]["reasoning_tokens"] <= 8
+            said = [r.json()["choices"][0]["message"] for r in (ours, theirs)]
+            assert said[0] != said[1], said
+            assert lora_chat(serve_port, "lora:nope").status_code == 400
+    finally:
+        plane.stop()

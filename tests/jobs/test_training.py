@@ -372,3 +372,80 @@ def test_gpus_the_cluster_lacks_fail_the_job_with_a_clear_error(
             wants_gpus, "job-gpu", str(workdir / "ckpt"), model_path="unused", resource_timeout_s=0
         )
     assert not (workdir / "ckpt" / "job-gpu").exists()
+
+
+# ---------------------------------------------------------------- LoRA under FSDP2, merged
+
+
+@pytest.fixture(scope="module")
+def lora_config(fsdp_config: SFTConfig) -> SFTConfig:
+    from thinkforge.jobs.config import LoRA
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    hyper = fsdp_config.hyperparameters.model_copy(update={"learning_rate": 2e-2})
+    return fsdp_config.model_copy(
+        update={
+            "lora": LoRA(r=8, target_modules=targets, merge=True),
+            "hyperparameters": hyper,
+            "registered_model_name": "lora-merged",
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def lora_job(ray_cluster: None, workdir: Path, data_dir: Path, lora_config: SFTConfig) -> str:
+    """A LoRA job through the entrypoint under FSDP2, registered merged."""
+    config_path = workdir / "lora.json"
+    config_path.write_text(lora_config.model_dump_json())
+    uri = f"sqlite:///{workdir / 'lora-mlflow.db'}"
+    argv = ["--job-id", "job-l", "--config", str(config_path), "--mlflow-uri", uri]
+    argv += ["--mlflow-artifact-root", str(workdir / "lora-artifacts")]
+    argv += ["--storage-path", str(workdir / "ckpt"), "--data-dir", str(data_dir)]
+    assert main(argv) == 0
+    return uri
+
+
+def test_lora_under_fsdp_trains_the_adapter_alone_and_registers_it_merged(
+    lora_job: str, workdir: Path, data_dir: Path
+) -> None:
+    import mlflow.artifacts
+    import torch
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    from thinkforge.contract import LORA_METRIC_PREFIX, LORA_TAG
+    from thinkforge.jobs.tiny import ensure_tiny_model
+
+    checkpoints = list_checkpoints(workdir / "ckpt", "job-l")
+    assert [c.step for c in checkpoints] == [4, 8]
+    assert checkpoints[-1].metrics["loss"] < checkpoints[0].metrics["loss"]
+    final = Path(checkpoints[-1].path)
+    assert (final / "adapter_model.safetensors").is_file()
+    assert not (final / "model.safetensors").exists()  # the export is the adapter alone
+    client = MlflowClient(tracking_uri=lora_job, registry_uri=lora_job)
+    version = client.get_model_version("lora-merged", "1")
+    assert version.tags[LORA_TAG] == "merged" and version.tags["base_model"] == "thinkforge/tiny"
+    run = client.get_run(version.run_id)
+    fraction = run.data.metrics[LORA_METRIC_PREFIX + "trainable_fraction"]
+    assert 0 < fraction < 0.2
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=version.source, dst_path=str(workdir / "lora-dl"),
+        tracking_uri=lora_job,
+    )  # fmt: skip
+    assert check_manifest(local, manifest_sha256=version.tags["manifest_sha256"]) == []
+    merged = load_file(Path(local) / "model.safetensors")
+    base = load_file(ensure_tiny_model(data_dir) / "model.safetensors")
+    assert set(merged) == set(base)  # a plain model: no adapter keys left
+    adapted = [k for k in base if "_proj.weight" in k]
+    assert adapted and all(not torch.equal(merged[k], base[k]) for k in adapted)
+    assert all(torch.equal(merged[k], base[k]) for k in base if "_proj" not in k)
+
+
+def test_lora_fsdp_resume_after_a_killed_worker_is_exact(
+    lora_job: str, workdir: Path, data_dir: Path, lora_config: SFTConfig
+) -> None:
+    """Frozen base and adapter both come back from DCP; the base from the model path."""
+    assert_resume_is_exact(
+        lora_config.model_copy(update={"registered_model_name": None}),
+        "job-m", "job-l", workdir / "ckpt", data_dir,
+    )  # fmt: skip

@@ -205,3 +205,39 @@ def test_concurrent_creates_of_one_name_across_projects_make_one(
         with api.keyed(key) as client:
             listed = client.get("/v1/deployments").json()["data"]
         assert [d["name"] for d in listed] == (["race"] if key in owners else [])
+
+
+def test_lora_adapters_are_adapter_versions_pinned_and_never_on_vllm(
+    api: Api, versions: list[str]
+) -> None:
+    """``adapters`` name LoRA adapter versions (tag lora=adapter), pinned like the model;
+    the vllm engine serves no adapter: 400 at deploy time, nothing written."""
+    from mlflow.tracking import MlflowClient
+
+    from thinkforge.contract import LORA_TAG
+
+    MlflowClient(api.settings.mlflow_tracking_uri).set_model_version_tag(
+        NAME, "3", LORA_TAG, "adapter"
+    )
+    body = {"name": "lora", "model": f"{NAME}/1"}
+    refused = [
+        ({**body, "adapters": {"a": f"{NAME}/2"}}, 400, "adapters.a"),  # a full model
+        ({**body, "adapters": {"a": f"{NAME}/9"}}, 404, "adapters.a"),
+        ({**body, "adapters": {"a b": f"{NAME}/3"}}, 400, None),
+        ({**VLLM, "model": f"{NAME}/3"}, 400, "engine"),  # an adapter version on vllm
+        ({**VLLM, "adapters": {"a": f"{NAME}/3"}}, 400, None),
+    ]
+    for i, (request, status, param) in enumerate(refused):
+        error = assert_error(api.client.post("/v1/deployments", json=request), status, param)
+        if i >= 3:
+            assert "transformers engine only" in error["message"]
+    assert api.client.get("/v1/deployments").json()["data"] == []
+    made = api.client.post("/v1/deployments", json={**body, "adapters": {"a": f"{NAME}@canary"}})
+    assert made.status_code == 404  # no such alias yet
+    put = api.client.put(f"/v1/registry/models/{NAME}/aliases/canary", json={"version": 3})
+    assert put.status_code == 200
+    made = api.client.post("/v1/deployments", json={**body, "adapters": {"a": f"{NAME}@canary"}})
+    assert made.status_code == 200, made.text
+    assert made.json()["config"]["adapters"] == {"a": f"{NAME}@canary"}
+    model = model_app(serve_of(api).configs[-1], "lora")["args"]["models"][0]
+    assert model["adapters"] == {"a": f"models:/{NAME}/3"}

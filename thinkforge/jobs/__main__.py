@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
 
-from thinkforge.contract import default_registered_name, emit_error, emit_event
+from thinkforge.contract import LORA_TAG, default_registered_name, emit_error, emit_event
 from thinkforge.jobs.config import RecordError, SFTConfig, iter_records
 
 
@@ -118,6 +119,13 @@ def resolve_model(config: SFTConfig, data_dir: str, mlflow_uri: str | None) -> s
             f"base model {config.model!r} cannot be loaded: {_first_line(exc)}"
         ) from None
     _check_router(config.model, base)
+    if config.lora is not None:
+        from thinkforge.jobs.lora import LoraTargetError, check_base_targets
+
+        try:
+            check_base_targets(path, config.lora, config.model)
+        except LoraTargetError as exc:
+            raise JobError(f"[{exc.code}] {exc}") from None
     return path
 
 
@@ -223,16 +231,24 @@ def _train_and_register(
     from thinkforge.jobs.tracking import register_model
 
     name = config.registered_model_name or default_registered_name(config.model)
-    with result.checkpoint.as_directory() as final_dir:
+    with result.checkpoint.as_directory() as final_dir, tempfile.TemporaryDirectory() as tmp:
+        model_dir, tags = final_dir, {}
+        if config.lora is not None:
+            tags = {LORA_TAG: "merged" if config.lora.merge else "adapter"}
+        if config.lora is not None and config.lora.merge:
+            from thinkforge.jobs.lora import merge_adapter
+
+            model_dir = str(merge_adapter(model_path, final_dir, Path(tmp) / "merged"))
         ref = register_model(
             tracking_uri=args.mlflow_uri,
             run_id=run_id,
-            model_dir=final_dir,
+            model_dir=model_dir,
             name=name,
             job_id=args.job_id,
             base_model=config.model,
             dataset_sha256=sha,
             template=config.template.value,
+            tags=tags,
         )
     emit_event("registered", model_version=ref, run_id=run_id)
     return ref

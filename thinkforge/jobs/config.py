@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -104,6 +105,29 @@ def moe_kind(model_config: dict[str, Any]) -> Literal["dense", "known", "unknown
     return "unknown" if any(isinstance(n, int) and n > 1 for n in experts) else "dense"
 
 
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+_DENSE = frozenset((*_ATTENTION, *_MLP, "lm_head", "embed_tokens"))
+# LoRA target module names per architecture: the control plane has no model to look at.
+KNOWN_MODULES: dict[str, frozenset[str]] = {
+    "qwen2": _DENSE,
+    "qwen3": _DENSE,
+    "llama": _DENSE,
+    "mistral": _DENSE,
+    "qwen2_moe": _DENSE | {"gate", "shared_expert", "shared_expert_gate"},
+    "qwen3_moe": _DENSE | {"gate"},
+}
+
+
+def unknown_targets(targets: Iterable[str], model_config: dict[str, Any]) -> list[str] | None:
+    """The targets an architecture has no module for; None when the architecture is not
+    one thinkforge knows (the job checks against the model itself)."""
+    known = KNOWN_MODULES.get(str(model_config.get("model_type")))
+    if known is None:
+        return None
+    return [t for t in targets if t.rsplit(".", 1)[-1] not in known]
+
+
 class MoE(BaseModel):
     """The router loss of a mixture-of-experts base (thinkforge.jobs.moe).
 
@@ -117,6 +141,34 @@ class MoE(BaseModel):
     balance: Literal["global", "micro_batch", "none"] = "global"
     aux_loss_coef: float = Field(default=1e-3, ge=0, le=100)
     router_z_loss_coef: float = Field(default=0.0, ge=0, le=100)
+
+
+class LoRA(BaseModel):
+    """Train a LoRA adapter (``peft``) instead of every weight: the base stays frozen.
+
+    ``merge: false`` registers the adapter alone, its base model in the lineage; ``true``
+    registers the base with the adapter merged in (thinkforge.jobs.lora)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(default=8, gt=0, le=4096, description="rank of the update matrices")
+    alpha: int = Field(default=16, gt=0, le=100_000, description="scale: alpha / r")
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        max_length=64,
+        description="names of the modules to adapt, e.g. q_proj, v_proj, down_proj",
+    )
+    merge: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _plain_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,127}", name):
+                raise ValueError(f"{name!r} is not a module name")
+        return list(dict.fromkeys(value))
 
 
 class SFTConfig(BaseModel):
@@ -136,6 +188,7 @@ class SFTConfig(BaseModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     resources: Resources = Field(default_factory=Resources)
     moe: MoE | None = Field(default=None, description="router loss; MoE bases only")
+    lora: LoRA | None = Field(default=None, description="train a LoRA adapter; None: all weights")
     block_size: int = Field(default=32768, ge=16, le=1_048_576)
     overlong: Literal["truncate", "drop"] = "drop"
     packing: bool = False

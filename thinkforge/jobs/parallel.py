@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import torch
 
+from thinkforge.jobs.config import LoRA
+from thinkforge.jobs.lora import apply_lora, hf_name, init_lora_weights
 from thinkforge.jobs.memory import ModelShape, choose_strategy
 
 __all__ = [
@@ -97,19 +99,26 @@ def build_model(
     activation_checkpointing: bool = False,
     cpu_offload: bool = False,
     load_weights: bool = True,
+    lora: LoRA | None = None,
 ) -> Any:
     """The model ready to train. ``load_weights=False`` leaves the (sharded) weights for a
-    checkpoint to fill; DDP then still loads them, as it needs the structure anyway."""
+    checkpoint to fill; DDP then still loads them, as it needs the structure anyway.
+    ``lora``: adapter layers on a frozen base (``thinkforge.jobs.lora``), added before
+    the model is wrapped or sharded."""
     if strategy == "ddp":
         import ray.train.torch
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         model.config.use_cache = False
+        if lora is not None:
+            model = apply_lora(model, lora)
         if activation_checkpointing:
             apply_activation_checkpointing(model)
         return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
     model = _meta_model(model_dir)
+    if lora is not None:
+        model = apply_lora(model, lora)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     apply_fsdp(model, device=device, world=world, param_dtype=param_dtype, cpu_offload=cpu_offload)
@@ -117,6 +126,8 @@ def build_model(
     _init_buffers(model)
     if load_weights:
         load_sharded_weights(model, model_dir)
+        if lora is not None:
+            init_lora_weights(model)
     return model
 
 
@@ -157,7 +168,7 @@ def apply_fsdp(
         kwargs["offload_policy"] = CPUOffloadPolicy()
     # Every unit reshards after forward (the default): a forward without backward, as in
     # validation, then leaves no unsharded parameters behind for the optimizer to miss.
-    units = [*model.model.layers, model]
+    units = [*_decoder_layers(model), model]
     for unit in units:
         fully_shard(unit, **kwargs)
     if device.type == "cpu":
@@ -230,6 +241,12 @@ class _ReduceScatterByAllReduce:
         return None
 
 
+def _decoder_layers(model: Any) -> Any:
+    """The decoder layers, inside a ``PeftModel`` too."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model.layers
+
+
 def _init_buffers(model: Any) -> None:
     """Buffers computed at construction (rotary frequencies) are garbage after
     ``to_empty``; the model's own initializer recomputes them. Only parameter-free
@@ -266,7 +283,8 @@ def load_sharded_weights(model: Any, model_dir: str) -> None:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     files = _weight_files(model_dir)
-    params = dict(model.named_parameters())
+    # A LoRA model's base weights under their names in the files; its adapter is not there.
+    params = {hf_name(n): p for n, p in model.named_parameters() if ".lora_" not in n}
     missing = sorted(set(params) - set(files))
     if missing:
         raise ValueError(f"{model_dir} has no weights for {', '.join(missing[:5])}")

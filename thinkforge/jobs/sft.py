@@ -36,7 +36,13 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from thinkforge.contract import DATA_METRIC_PREFIX, EXPERTS_PLOT, TRAINED_TOKENS, emit_event
+from thinkforge.contract import (
+    DATA_METRIC_PREFIX,
+    EXPERTS_PLOT,
+    LORA_METRIC_PREFIX,
+    TRAINED_TOKENS,
+    emit_event,
+)
 from thinkforge.jobs.checkpointing import CheckpointManager, export_hf
 from thinkforge.jobs.checkpoints import (
     STATE_FILE,
@@ -53,6 +59,7 @@ from thinkforge.jobs.data import (
     ensure_pad_token,
     load_examples,
 )
+from thinkforge.jobs.lora import export_adapter, trainable_counts
 from thinkforge.jobs.moe import (
     RouterSpec,
     RouterStats,
@@ -191,6 +198,7 @@ class _Worker:
     data_stats: dict[str, int] | None = None  # what tokenization kept, cut and dropped
     trained_tokens: int = 0  # tokens the loss was computed on, all ranks, whole job
     router: RouterSpec | None = None  # an MoE base: thinkforge adds the router loss
+    lora_stats: dict[str, float] | None = None  # LoRA: trainable and total parameters
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -218,6 +226,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if logger is not None and worker.data_stats is not None:
         # Step 0 holds the dataset's figures; the control plane turns them into an event.
         logger.log({DATA_METRIC_PREFIX + k: v for k, v in worker.data_stats.items()}, step=0)
+        if worker.lora_stats is not None:
+            logger.log({LORA_METRIC_PREFIX + k: v for k, v in worker.lora_stats.items()}, step=0)
         logger.flush()
     if rank == 0:
         emit_event("training_started", step=worker.step, **asdict(worker.plan))
@@ -271,7 +281,11 @@ def _build_worker(
     )
     device = ray.train.torch.get_device()
     dtype = _autocast_dtype(cfg.mixed_precision, device)
-    strategy, model = _parallel_model(cfg, source, device, world, dtype, resume=bool(ckpt_dir))
+    # A LoRA checkpoint exports the adapter alone: the base always comes from model_path.
+    model_source = model_path if cfg.lora else source
+    strategy, model = _parallel_model(
+        cfg, model_source, device, world, dtype, resume=bool(ckpt_dir)
+    )
     sharded = strategy == "fsdp"
     router = _router(cfg, _unwrap(model))
     optimizer = _optimizer(model, cfg)
@@ -314,6 +328,15 @@ def _build_worker(
         worker.validation_size = len(examples[rank::world])
     if ckpt_dir:
         worker.step = worker.checkpoints.load(ckpt_dir)
+    if cfg.lora is not None:
+        trainable, total = trainable_counts(model)
+        worker.lora_stats = {
+            "trainable_params": float(trainable),
+            "total_params": float(total),
+            "trainable_fraction": trainable / total,
+        }
+        if rank == 0:
+            emit_event("lora", **worker.lora_stats)
     if rank == 0:
         emit_event("parallel", strategy=strategy, world_size=world)
     return worker
@@ -350,6 +373,7 @@ def _parallel_model(
         activation_checkpointing=cfg.gradient_checkpointing,
         cpu_offload=cfg.resources.cpu_offload,
         load_weights=not resume,  # a checkpoint's DCP state fills them
+        lora=cfg.lora,
     )
     return strategy, model
 
@@ -467,7 +491,8 @@ def _router(cfg: SFTConfig, model: Any) -> RouterSpec | None:
             raise ValueError(f"moe: the base model {cfg.model!r} is dense (no experts)")
         return None
     spec = router_spec(model.config)
-    model.router_aux_loss_coef = 0.0
+    base = model.get_base_model() if cfg.lora is not None else model  # under peft's wrapper
+    base.router_aux_loss_coef = 0.0
     return spec
 
 
@@ -634,13 +659,19 @@ def _save_checkpoint(worker: _Worker, metrics: dict[str, float]) -> None:
     with tempfile.TemporaryDirectory(prefix="thinkforge-ckpt-") as tmp:
         out = Path(tmp)
         layout = worker.checkpoints.save(out, step=worker.step)
-        export_hf(
-            worker.model,
-            out,
-            dtype=worker.export_dtype,
-            rank=worker.rank,
-            max_shard_bytes=worker.cfg.export_shard_mb * 1_000_000,
-        )
+        if worker.cfg.lora is not None:
+            export_adapter(
+                worker.model, out, lora=worker.cfg.lora, base_model=worker.cfg.model,
+                dtype=worker.export_dtype, rank=worker.rank,
+            )  # fmt: skip
+        else:
+            export_hf(
+                worker.model,
+                out,
+                dtype=worker.export_dtype,
+                rank=worker.rank,
+                max_shard_bytes=worker.cfg.export_shard_mb * 1_000_000,
+            )
         files = _file_sizes(out)
         if worker.plan.world_size > 1:  # the state file lists every rank's shards
             every: list[Any] = [None] * worker.plan.world_size

@@ -161,10 +161,11 @@ def register_model(
     base_model: str,
     dataset_sha256: str,
     template: str = "s1",
+    tags: dict[str, str] | None = None,
 ) -> str:
     """Log the HF directory under ``model/`` as an MLflow pyfunc model (an ``MLmodel``
     beside the files naming ``thinkforge.serve.pyfunc`` as its loader) with a manifest of every file, and
-    register it: "name/N".
+    register it: "name/N". ``tags``: more version tags (a LoRA job's ``LORA_TAG``).
 
     Idempotent per run: a restarted job that already registered gets the same version.
     """
@@ -197,6 +198,7 @@ def register_model(
         BASE_MODEL_TAG: base_model,
         DATASET_SHA_TAG: dataset_sha256,
         MANIFEST_SHA_TAG: manifest_sha,
+        **(tags or {}),
     }
     version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
     return f"{name}/{version.version}"

@@ -27,6 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from thinkforge.contract import LORA_TAG
 from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound, first_error_location
 from thinkforge.platform.models import Deployment, new_id, utcnow
 from thinkforge.platform.registry import ModelRegistry, parse_ref
@@ -34,14 +35,14 @@ from thinkforge.platform.serving import ServeClient
 from thinkforge.platform.settings import Settings
 from thinkforge.platform.status import DeploymentStatus, moves
 from thinkforge.platform.trust import intended_alias, stored_pin
-from thinkforge.serve.config import ModelServeConfig
+from thinkforge.serve.config import LORA_ENGINE_HELP, ModelServeConfig
 
 log = logging.getLogger(__name__)
 FRONT_DOOR = "thinkforge"
 SERVE_OPTIONS = (
     "engine", "template", "device", "dtype", "num_gpus", "autoscaling", "max_ongoing_requests",
     "max_queued_requests", "request_timeout_s", "max_batch_size", "max_completion_tokens",
-    "default_thinking", "reasoning_effort", "engine_args",
+    "default_thinking", "reasoning_effort", "engine_args", "adapters",
 )  # fmt: skip
 
 
@@ -69,6 +70,7 @@ def create_deployment(
 ) -> Deployment:  # fmt: skip
     clean = validate_options(name, model, options)
     registry.resolve(model)  # 404 now, not a failed rollout later; before the first read
+    check_lora(registry, model, clean)
     if session.scalar(select(Deployment.id).where(Deployment.name == name)) is not None:
         raise name_taken(name)
     row = Deployment(
@@ -82,6 +84,42 @@ def create_deployment(
     except IntegrityError:  # another request took the name since the check above
         raise name_taken(name) from None
     return row
+
+
+def check_lora(registry: ModelRegistry, model: str, options: dict[str, Any]) -> None:
+    """Every ``adapters`` entry is a LoRA adapter version; the vllm engine serves none
+    (``LORA_ENGINE_HELP``). Whether the adapters share the model's base is checked by the
+    replica, which reads it from the adapters' files."""
+    adapters = options.get("adapters") or {}
+    for key, ref in adapters.items():
+        param = f"adapters.{key}"
+        try:
+            reg_name, version = registry.resolve(ref)
+        except (InvalidRequest, NotFound) as exc:
+            raise type(exc)(exc.message, param=param) from None
+        if registry.get_version(reg_name, version).tags.get(LORA_TAG) != "adapter":
+            raise InvalidRequest(
+                f"{param}: {reg_name}/{version} is not a LoRA adapter version (a job with "
+                "method.supervised.lora and merge: false registers one)",
+                param=param,
+            )
+    if options.get("engine") == "vllm":
+        reg_name, version = registry.resolve(model)
+        if registry.get_version(reg_name, version).tags.get(LORA_TAG) == "adapter":
+            raise InvalidRequest(f"model {model}: {LORA_ENGINE_HELP}", param="engine")
+
+
+def _pinned(session: Session, registry: ModelRegistry, adapters: dict[str, str]) -> dict[str, str]:
+    """Adapter references pinned to versions, as the model's own is: a promotion rolls."""
+    pinned = {}
+    for key, ref in adapters.items():
+        try:
+            reg_name, version = _resolve(session, registry, ref)
+            pinned[key] = f"models:/{reg_name}/{version}"
+        except Exception as exc:  # the replica resolves it then (and fails if it must)
+            log.warning("adapter %s: %s not pinned: %s", key, ref, exc)
+            pinned[key] = ref
+    return pinned
 
 
 def name_taken(name: str) -> Conflict:
@@ -111,6 +149,7 @@ def update_deployment(
     merged = {**row.config, **options}
     new_model = model or row.model
     row.config = validate_options(name, new_model, merged)
+    check_lora(registry, new_model, row.config)
     if model is not None:
         row.model = model
     row.engine = str(row.config.get("engine", row.engine))
@@ -165,6 +204,8 @@ def desired_config(
             "name": row.name, "model_uri": f"models:/{reg_name}/{version}",
             **row.config, "num_cpus": settings.serve_replica_cpus,
         }  # fmt: skip
+        if row.config.get("adapters"):
+            model["adapters"] = _pinned(session, registry, row.config["adapters"])
         apps.append(
             _app(
                 app_name(row.name),

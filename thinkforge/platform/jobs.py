@@ -19,9 +19,9 @@ from pydantic import ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from thinkforge.contract import EXPERTS_PLOT, default_registered_name
+from thinkforge.contract import EXPERTS_PLOT, TINY_MODEL, TINY_MOE_MODEL, default_registered_name
 from thinkforge.jobs.checkpoints import clear_pause, request_pause
-from thinkforge.jobs.config import MOE_MODEL_TYPES, SFTConfig, moe_kind
+from thinkforge.jobs.config import MOE_MODEL_TYPES, SFTConfig, moe_kind, unknown_targets
 from thinkforge.platform import ownership
 from thinkforge.platform.errors import (
     Conflict,
@@ -176,6 +176,9 @@ def _resolve_config(
         if multiplier is not None:
             choices["learning_rate_multiplier"] = multiplier
         data["hyperparameters"] = {**data.get("hyperparameters", {}), **given}
+    lora = spec.method.supervised.lora if spec.method else None
+    if lora is not None:
+        data["lora"] = lora.model_dump()
     if spec.resources is not None:
         data["resources"] = spec.resources.model_dump()
     if spec.seed is not None:
@@ -188,6 +191,7 @@ def _resolve_config(
         loc, msg = first_error_location(exc)
         raise InvalidRequest(f"{loc}: {msg}", param=_param_for(loc, spec)) from None
     _check_experts(config)
+    _check_lora_targets(config)
     return config, choices
 
 
@@ -251,8 +255,36 @@ def _check_experts(config: SFTConfig) -> None:
         )
 
 
+def _check_lora_targets(config: SFTConfig) -> None:
+    """LoRA target modules against the base's architecture, where the control plane can
+    tell it (the tiny models, a local model's config.json); otherwise the job checks them
+    against the model itself and fails with code invalid_model."""
+    if config.lora is None:
+        return
+    arch = _TINY_ARCHITECTURES.get(config.model)
+    path = Path(config.model) / "config.json"
+    if arch is None and path.is_absolute() and path.is_file():
+        try:
+            arch = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return  # the job reports an unreadable model with its own message
+    unknown = unknown_targets(config.lora.target_modules, arch) if isinstance(arch, dict) else None
+    if unknown:
+        raise InvalidRequest(
+            f"method.supervised.lora.target_modules: the base model {config.model!r} has no "
+            f"module named {', '.join(repr(u) for u in unknown)}",
+            param="method.supervised.lora.target_modules",
+        )
+
+
+_TINY_ARCHITECTURES = {
+    TINY_MODEL: {"model_type": "qwen2"},
+    TINY_MOE_MODEL: {"model_type": "qwen3_moe"},
+}
+
+
 def _param_for(loc: str, spec: JobCreate) -> str:
-    if loc.startswith("hyperparameters") and spec.method is not None:
+    if loc.startswith(("hyperparameters", "lora")) and spec.method is not None:
         return f"method.supervised.{loc}"
     if loc.startswith(("hyperparameters", "resources", "model", "seed")):
         return loc

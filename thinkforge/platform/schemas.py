@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from thinkforge.jobs.config import Hyperparameters, Resources
+from thinkforge.jobs.config import Hyperparameters, LoRA, Resources
 
 
 def _no_nul(value: str) -> str:
@@ -104,6 +104,9 @@ class SupervisedMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hyperparameters: JobHyperparameters = Field(default_factory=JobHyperparameters)
+    lora: LoRA | None = Field(
+        default=None, description="train a LoRA adapter (peft) on a frozen base; None: all weights"
+    )
 
 
 class Method(BaseModel):
@@ -323,6 +326,18 @@ class ServeOptions(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     default_thinking: dict[str, Any] | None = Field(
         default=None, description="max_tokens, min_tokens, num_waits, wait_string, ..."
+    )
+    adapters: (
+        dict[
+            Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")],
+            Annotated[SafeStr, StringConstraints(min_length=1, max_length=300)],
+        ]
+        | None
+    ) = Field(
+        default=None,
+        max_length=64,
+        description="LoRA adapter versions (NAME@ALIAS or NAME/VERSION) served over the same "
+        "base, by name; a request picks one with model 'DEPLOYMENT:NAME' (transformers engine)",
     )
     engine_args: dict[str, Any] | None = Field(
         default=None,

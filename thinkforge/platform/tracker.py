@@ -38,6 +38,7 @@ from thinkforge.contract import (
     DATA_METRIC_PREFIX,
     DATASET_SHA_TAG,
     JOB_TAG,
+    LORA_METRIC_PREFIX,
     MOE_STEP_METRICS,
     RECIPE_TAG,
     STEP_METRICS,
@@ -128,6 +129,7 @@ class RunTracker:
             return
         job.mlflow_run_id = run.info.run_id
         _sync_data_stats(session, job, dict(run.data.metrics))
+        _sync_lora_stats(session, job, dict(run.data.metrics))
         self._sync_metrics(session, job, progress.history, final=progress.final)
         job.estimated_finish = None if progress.final else estimate_finish(progress.history)
         if progress.final:
@@ -295,6 +297,22 @@ def write_result_file(session: Session, job: Job, files_dir: Path) -> File:
 
 def _job(session: Session, job_id: str | None) -> Job | None:
     return None if job_id is None else session.scalar(select(Job).where(Job.id == job_id))
+
+
+def _sync_lora_stats(session: Session, job: Job, metrics: dict[str, float]) -> None:
+    """A LoRA job's one event with what it trains: adapter parameters of all parameters."""
+    stats = {
+        k.removeprefix(LORA_METRIC_PREFIX): v
+        for k, v in metrics.items()
+        if k.startswith(LORA_METRIC_PREFIX)
+    }
+    if "trainable_fraction" not in stats:
+        return
+    message = (
+        f"LoRA: {int(stats.get('trainable_params', 0))} of {int(stats.get('total_params', 0))} "
+        f"parameters trainable ({100 * stats['trainable_fraction']:.3g}%)"
+    )
+    add_event(session, job.id, message, data=stats, dedupe_key="lora")
 
 
 def _sync_data_stats(session: Session, job: Job, metrics: dict[str, float]) -> None:

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from thinkforge.contract import OPENAI_CHECKPOINT_METRICS
-from thinkforge.jobs.config import Resources
+from thinkforge.jobs.config import LoRA, Resources
 from thinkforge.platform.models import (
     ApiKey,
     AuditEntry,
@@ -58,6 +58,11 @@ def file_view(row: File) -> FileObject:
     )
 
 
+def _lora(row: Job) -> LoRA | None:
+    raw = row.config.get("lora")
+    return LoRA.model_validate(raw) if raw is not None else None
+
+
 def job_view(row: Job) -> FineTuningJob:
     """The job as OpenAI shows one: "auto" hyperparameters stay "auto" until the training
     file is validated, then show what they resolved to."""
@@ -81,7 +86,7 @@ def job_view(row: Job) -> FineTuningJob:
         validation_file=row.validation_file,
         training_file=row.training_file,
         hyperparameters=hyper,
-        method=Method(supervised=SupervisedMethod(hyperparameters=hyper)),
+        method=Method(supervised=SupervisedMethod(hyperparameters=hyper, lora=_lora(row))),
         trained_tokens=row.trained_tokens,
         error=JobError.model_validate(row.error) if row.error else None,
         user_provided_suffix=row.suffix,

@@ -24,6 +24,7 @@ redeploying the same args changes the deployment's arguments, and Serve rolls it
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -189,16 +190,26 @@ def _bind_model(served: ServedModel, args: AppArgs) -> tuple[serve.Application, 
     ref = None
     if served.model_uri:
         ref = resolve(served.model_uri, tracking_uri=args.mlflow_tracking_uri)
-    info = {
+    info: dict[str, Any] = {
         "version": str(ref.version) if ref else None,
         "model_uri": ref.model_uri if ref else None,
         "alias": ref.alias if ref else None,
         "template": served.template.value,
     }
+    # Registry adapters are pinned here too; a local directory is passed as it is.
+    adapter_refs = {
+        name: asdict(resolve(uri, tracking_uri=args.mlflow_tracking_uri))
+        for name, uri in served.adapters.items()
+        if not Path(uri).is_absolute()
+    }
+    config = served.serve_config()
+    config["adapters"] = {k: v for k, v in served.adapters.items() if k not in adapter_refs}
+    info["adapters"] = sorted(served.adapters)
     bound = ModelServerDeployment.options(**served.deployment_options()).bind(
-        served.serve_config(),
+        config,
         asdict(ref) if ref else None,
         args.model_cache_dir,
         args.mlflow_tracking_uri,
+        adapter_refs or None,
     )
     return bound, info

@@ -11,9 +11,9 @@ deployments with these models, and the Serve replica reads the same ones.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from thinkforge.jobs.config import TemplateFamily
 
@@ -24,6 +24,8 @@ REPLICA_HEADER = "x-thinkforge-replica"
 
 
 __all__ = [
+    "LORA_ENGINE_HELP",
+    "AdapterName",
     "AutoscalingOptions",
     "EffortBudgets",
     "EngineName",
@@ -133,6 +135,15 @@ class AutoscalingOptions(BaseModel):
         return self
 
 
+AdapterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+# vLLM's LoRA support (enable_lora, LoRARequest) is not wired in yet.
+LORA_ENGINE_HELP = (
+    "adapters: LoRA adapters are served by the transformers engine only (the vllm engine's "
+    "enable_lora is not supported yet); use engine 'transformers', or register the job "
+    "with lora.merge: true and serve the merged model with vllm"
+)
+
+
 class ModelServeConfig(BaseModel):
     """One served model: what to load, how to run it and how to scale it."""
 
@@ -156,11 +167,19 @@ class ModelServeConfig(BaseModel):
     engine_args: VllmEngineArgs | None = Field(
         default=None, description="vLLM engine arguments (engine 'vllm' only)"
     )
+    adapters: dict[AdapterName, str] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="LoRA adapters served over the same base: name -> adapter (a local "
+        "directory or a registry version); a request picks one with model 'DEPLOYMENT:NAME'",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelServeConfig:
         if self.autoscaling.target_ongoing_requests > self.max_ongoing_requests:
             raise ValueError("autoscaling.target_ongoing_requests exceeds max_ongoing_requests")
+        if self.adapters and self.engine is not EngineName.TRANSFORMERS:
+            raise ValueError(LORA_ENGINE_HELP)
         if self.engine is not EngineName.VLLM:
             if self.engine_args is not None:
                 raise ValueError("engine_args: only the vllm engine takes engine arguments")

@@ -96,12 +96,15 @@ class SamplingParams:
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """One sequence to decode. ``thinking=None`` tracks phases but forces nothing."""
+    """One sequence to decode. ``thinking=None`` tracks phases but forces nothing.
+    ``adapter``: the LoRA adapter to decode with, by its name on the deployment (None:
+    the deployment's own model)."""
 
     request_id: str
     prompt_ids: Sequence[int]
     sampling: SamplingParams = SamplingParams()
     thinking: ThinkingParams | None = None
+    adapter: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

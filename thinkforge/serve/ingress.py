@@ -119,6 +119,20 @@ class FrontDoor:
         self.models = models
         self.gate = gate
 
+    def route(self, name: str, caller: Caller | None = None) -> tuple[ModelRoute, str | None]:
+        """The model a request names, and the LoRA adapter it picks: ``DEPLOYMENT:ADAPTER``
+        names an adapter served by a deployment (a model named so itself comes first)."""
+        try:
+            return self.get(name, caller), None
+        except ModelNotFound:
+            deployment, sep, adapter = name.rpartition(":")
+            if not sep or not deployment or not adapter:
+                raise
+        try:
+            return self.get(deployment, caller), adapter
+        except ModelNotFound:
+            raise ModelNotFound(f"the model {name!r} does not exist", param="model") from None
+
     def get(self, name: str, caller: Caller | None = None) -> ModelRoute:
         if self.gate is not None and caller is not None:
             return self._routed(name, caller)
@@ -410,13 +424,13 @@ class _Call:
         self.started = time.monotonic()
 
     async def generate(self, body: GenerationBody, kind: str, shape: Shape, chunks: Chunks) -> Any:
-        model = self.front.get(body.model, self.who)
+        model, adapter = self.front.route(body.model, self.who)
         self.request.state.deployment = model.name
         headers: dict[str, str] = {}
         gate = self.front.gate
         if gate is not None and self.who is not None:
             headers = (await gate.admit(self.who)).headers()
-        payload = body.payload()
+        payload = body.payload() | ({"adapter": adapter} if adapter else {})
         rid = new_id(kind)
         ongoing = self.metrics.ongoing.labels(model.name)
         if not body.stream:
@@ -427,11 +441,11 @@ class _Call:
                 ongoing.dec()
             await self._answered(model.name, final, first_token_at=None)
             headers |= _version_header(final)
-            return JSONResponse(shape(rid, model.name, final), headers=headers)
+            return JSONResponse(shape(rid, body.model, final), headers=headers)
         first, rest = await self.front.stream(model, payload)
         events = self._observed(model.name, rest)
         return StreamingResponse(
-            chunks(rid, model.name, events, body.include_usage),
+            chunks(rid, body.model, events, body.include_usage),
             media_type="text/event-stream",
             headers={**headers, **_version_header(first), "Cache-Control": "no-cache"},
         )

@@ -10,6 +10,11 @@ makes the replica fail to start instead of serving the wrong weights.
 
     ref = resolve("models:/s1-tiny@production", tracking_uri=uri)   # ModelRef, version 3
     path = fetch(ref, cache_dir="/var/cache/thinkforge", tracking_uri=uri)
+    base, adapters, default = lora_setup(path, {"b": other_path}, ref=ref, cache_dir=..., ...)
+
+A LoRA adapter version holds the adapter alone; ``lora_setup`` finds the base it names
+(``thinkforge/tiny``, a registry version, fetched and checked the same way, a path or a
+Hugging Face id) and checks that every adapter of the deployment names the same base.
 
 The chain of trust: the version tag ``manifest_sha256`` (in the registry database) pins
 ``manifest.json``; the manifest pins every file (sha256 and size), and files the manifest
@@ -39,6 +44,7 @@ __all__ = [
     "ModelNotFoundError",
     "ModelRef",
     "fetch",
+    "lora_setup",
     "resolve",
 ]
 
@@ -121,6 +127,67 @@ def _download(ref: ModelRef, root: Path, tracking_uri: str | None) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def lora_setup(
+    model_dir: str | Path,
+    adapters: dict[str, str],
+    *,
+    ref: ModelRef | None,
+    cache_dir: str | Path,
+    tracking_uri: str | None,
+) -> tuple[str, dict[str, str], str | None]:
+    """(the base to load, adapter name -> directory, the default adapter) for a model
+    directory and a deployment's extra adapters. An adapter model is the default adapter,
+    named ""; a full model is the base, and its adapters must have been trained on it."""
+    from thinkforge.jobs.lora import adapter_base, is_adapter
+
+    served: dict[str, str] = {}
+    default = None
+    if is_adapter(model_dir):
+        served[""], default = str(model_dir), ""
+        base, accepted = adapter_base(model_dir), None
+    else:
+        base, accepted = str(model_dir), _names_of(ref)
+    for name, path in adapters.items():
+        if not is_adapter(path):
+            raise LoaderError(f"adapters.{name}: {path} is not a LoRA adapter (no adapter config)")
+        theirs = adapter_base(path)
+        wanted = accepted if accepted is not None else {base}
+        if wanted and theirs not in wanted:
+            raise LoaderError(
+                f"adapters.{name} was trained on {theirs!r}, this deployment serves "
+                f"{' / '.join(sorted(wanted))}: deploy adapters of one base together"
+            )
+        served[name] = str(path)
+    if default == "":
+        base = _base_path(base, cache_dir=cache_dir, tracking_uri=tracking_uri)
+    return base, served, default
+
+
+def _names_of(ref: ModelRef | None) -> set[str]:
+    """What an adapter trained on this full model calls its base (empty: a local model,
+    anything goes)."""
+    if ref is None:
+        return set()
+    names = {ref.model_uri, str(ref)}
+    if ref.version is not None:
+        names |= {f"{ref.name}/{ref.version}"}
+    return names
+
+
+def _base_path(base: str, *, cache_dir: str | Path, tracking_uri: str | None) -> str:
+    """An adapter's base model as a directory or id ``from_pretrained`` loads."""
+    from thinkforge.contract import TINY_MODEL, TINY_MOE_MODEL
+
+    if base in (TINY_MODEL, TINY_MOE_MODEL):
+        from thinkforge.jobs.tiny import ensure_tiny_model  # built from its fixed seed
+
+        return str(ensure_tiny_model(Path(cache_dir) / "bases", name=base))
+    if base.startswith("models:/"):
+        pinned = resolve(base, tracking_uri=tracking_uri)
+        return str(fetch(pinned, cache_dir=cache_dir, tracking_uri=tracking_uri))
+    return base
 
 
 def _safe(name: str) -> str:

@@ -37,7 +37,12 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.deployment import Deployment
 
-from thinkforge.serve.config import ModelServeConfig, ThinkingParams
+from thinkforge.serve.config import (
+    LORA_ENGINE_HELP,
+    EngineName,
+    ModelServeConfig,
+    ThinkingParams,
+)
 from thinkforge.serve.engine import (
     Engine,
     EngineEvent,
@@ -49,7 +54,7 @@ from thinkforge.serve.engine import (
     TokenEvent,
 )
 from thinkforge.serve.engines import create_engine
-from thinkforge.serve.loader import ModelRef, fetch
+from thinkforge.serve.loader import LoaderError, ModelRef, fetch, lora_setup
 
 __all__ = ["DecodeScheduler", "ModelServer", "RequestRejected"]
 
@@ -181,19 +186,32 @@ class ModelServer:
         ref: dict[str, Any] | None = None,
         cache_dir: str | None = None,
         tracking_uri: str | None = None,
+        adapter_refs: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         cfg = ModelServeConfig.model_validate(config)
         model_ref = ModelRef(**ref) if ref else None
+        cache = cache_dir or str(Path.home() / ".cache" / "thinkforge" / "models")
         if model_ref is not None:
-            cache = cache_dir or str(Path.home() / ".cache" / "thinkforge" / "models")
             path = fetch(model_ref, cache_dir=cache, tracking_uri=tracking_uri)
             cfg = cfg.model_copy(update={"model_path": str(path)})
+        # Adapters from the registry are fetched and checked like the model itself.
+        adapters = dict(cfg.adapters)
+        for name, adapter in (adapter_refs or {}).items():
+            fetched = fetch(ModelRef(**adapter), cache_dir=cache, tracking_uri=tracking_uri)
+            adapters[name] = str(fetched)
+        base, adapters, default = lora_setup(
+            cfg.model_path, adapters, ref=model_ref, cache_dir=cache, tracking_uri=tracking_uri
+        )
+        if adapters and cfg.engine is not EngineName.TRANSFORMERS:
+            raise LoaderError(LORA_ENGINE_HELP)
         self.cfg = cfg
         self.version = str(model_ref.version) if model_ref else None
         self.ref = model_ref
-        self.engine: Engine = create_engine(cfg)
+        self.engine: Engine = create_engine(
+            cfg.model_copy(update={"model_path": base}), adapters, default
+        )
         self.engine.load()
-        self.context_limit = context_limit(cfg.model_path, self.engine.tokenizer)
+        self.context_limit = context_limit(base, self.engine.tokenizer)
         try:
             self.replica_id: str | None = serve.get_replica_context().replica_id.unique_id
         except Exception:  # constructed outside Serve (tests)
@@ -274,7 +292,8 @@ class ModelServer:
                 f"the prompt has {len(prompt)} tokens; with max_completion_tokens "
                 f"{sampling.max_completion_tokens} it must fit in {limit} tokens"
             )
-        return GenerationRequest(uuid.uuid4().hex, prompt, sampling, params)
+        adapter = payload.get("adapter") or None
+        return GenerationRequest(uuid.uuid4().hex, prompt, sampling, params, adapter)
 
     def _sampling(self, payload: dict[str, Any]) -> SamplingParams:
         cap = self.cfg.max_completion_tokens

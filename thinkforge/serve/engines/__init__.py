@@ -8,13 +8,21 @@ Imported lazily so that choosing an engine loads only its own heavy dependencies
 
 from __future__ import annotations
 
-from thinkforge.serve.config import EngineName, ModelServeConfig
+from thinkforge.serve.config import LORA_ENGINE_HELP, EngineName, ModelServeConfig
 from thinkforge.serve.engine import Engine
 
 __all__ = ["create_engine"]
 
 
-def create_engine(cfg: ModelServeConfig) -> Engine:
+def create_engine(
+    cfg: ModelServeConfig,
+    adapters: dict[str, str] | None = None,
+    default_adapter: str | None = None,
+) -> Engine:
+    """``adapters``: LoRA adapter name -> directory, over ``cfg.model_path`` as their base
+    (transformers engine only)."""
+    if adapters and cfg.engine is not EngineName.TRANSFORMERS:
+        raise NotImplementedError(LORA_ENGINE_HELP)
     if cfg.engine is EngineName.TRANSFORMERS:
         from thinkforge.serve.engines.transformers import TransformersEngine
 
@@ -24,6 +32,8 @@ def create_engine(cfg: ModelServeConfig) -> Engine:
             device=cfg.device,
             dtype=cfg.dtype,
             max_batch_size=cfg.max_batch_size,
+            adapters=adapters,
+            default_adapter=default_adapter,
         )
     if cfg.engine is EngineName.VLLM:
         from thinkforge.serve.engines.vllm import VllmEngine

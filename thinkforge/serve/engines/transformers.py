@@ -71,8 +71,11 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 class _Batch:
     """The sequences being decoded together: their KV cache, mask, positions, next logits."""
 
-    def __init__(self, model: Any, cache_arg: str, pad_id: int) -> None:
+    def __init__(
+        self, model: Any, cache_arg: str, pad_id: int, adapters: dict[str | None, str] | None
+    ) -> None:
         self.model, self.cache_arg, self.pad_id = model, cache_arg, pad_id
+        self.adapters = adapters  # LoRA: request's adapter -> peft's name for it
         self.device = next(model.parameters()).device
         self.rows: list[Row] = []
         self.cache: Any = None
@@ -89,7 +92,7 @@ class _Batch:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(ids, mask, positions, cache)
+        logits = self._forward(ids, mask, positions, cache, rows)
         if not self.rows:
             self.cache, self.mask = cache, mask
         else:
@@ -134,7 +137,7 @@ class _Batch:
         ids = torch.tensor([[t] for t in next_ids], device=self.device)
         ones = torch.ones(len(next_ids), 1, dtype=torch.long, device=self.device)
         self.mask = torch.cat([self.mask, ones], dim=-1)
-        self.logits = self._forward(ids, self.mask, self.positions[:, None], self.cache)
+        self.logits = self._forward(ids, self.mask, self.positions[:, None], self.cache, self.rows)
         self.positions = self.positions + 1
 
     def rollback(self, i: int, n: int) -> None:
@@ -147,9 +150,16 @@ class _Batch:
 
     @torch.inference_mode()
     def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any,
+        rows: list[Row],
     ) -> torch.Tensor:
-        kwargs = {self.cache_arg: cache}
+        kwargs: dict[str, Any] = {self.cache_arg: cache}
+        if self.adapters is not None:  # peft routes each row through its own adapter
+            kwargs["adapter_names"] = [self.adapters[r.request.adapter] for r in rows]
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -200,7 +210,7 @@ class DecodeLoop:
     def __init__(self, engine: TransformersEngine) -> None:
         self._engine = engine
         self._waiting: deque[Row] = deque()
-        self._batch = _Batch(engine.model, engine._cache_arg, engine._pad_id())
+        self._batch = _Batch(engine.model, engine._cache_arg, engine._pad_id(), engine._peft_names)
 
     @property
     def idle(self) -> bool:
@@ -250,8 +260,18 @@ class TransformersEngine:
         device: str = "auto",
         dtype: str = "auto",
         max_batch_size: int = 8,
+        adapters: dict[str, str] | None = None,
+        default_adapter: str | None = None,
     ) -> None:
+        """``model_path``: the model, or with ``adapters`` (name -> LoRA adapter directory)
+        the base they were trained on; a request's ``adapter`` picks one, None picks
+        ``default_adapter`` (None: the base itself)."""
         self.model_path = model_path
+        self.adapters = dict(adapters or {})
+        if default_adapter is not None and default_adapter not in self.adapters:
+            raise ValueError(f"default_adapter {default_adapter!r} is not among the adapters")
+        self.default_adapter = default_adapter
+        self._peft_names: dict[str | None, str] | None = None
         self.template = TemplateFamily(template)
         self.device = device
         self.dtype = dtype
@@ -267,16 +287,35 @@ class TransformersEngine:
         dtype = self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         model: Any = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
-        self.model = model.to(device).eval()
         # transformers 5.x renamed past_key_values to cache; accept both spellings.
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        if self.adapters:
+            model = self._with_adapters(model)
+        self.model = model.to(device).eval()
         self.spec = delimiters_for(
             self.template,
             self._encode,
             self._stop_ids(),
             atomic_ids=self.tokenizer.added_tokens_decoder.keys(),
         )
+
+    def _with_adapters(self, model: Any) -> Any:
+        """The base wrapped once by peft with every adapter loaded beside the others."""
+        from peft import PeftModel
+
+        names: dict[str | None, str] = {}
+        for i, (name, path) in enumerate(self.adapters.items()):
+            peft_name = f"adapter{i}"  # peft's names must be attribute names
+            if i == 0:
+                model = PeftModel.from_pretrained(model, path, adapter_name=peft_name)
+            else:
+                model.load_adapter(path, adapter_name=peft_name)
+            names[name] = peft_name
+        default = self.default_adapter  # "" is an adapter: the deployment's own
+        names[None] = names[default] if default is not None else "__base__"
+        self._peft_names = names
+        return model
 
     def health(self) -> bool:
         return self.model is not None and self.spec is not None
@@ -304,6 +343,9 @@ class TransformersEngine:
     def _row(self, request: GenerationRequest) -> Row:
         assert self.spec is not None
         spec = self.spec
+        if request.adapter is not None and request.adapter not in self.adapters:
+            served = ", ".join(sorted(self.adapters)) or "none"
+            raise ValueError(f"no adapter {request.adapter!r} here (adapters: {served})")
         opened = prompt_opens_thinking(request.prompt_ids, spec)
         budget = budget_from_params(request.thinking, self._encode)
         generator = None
