@@ -20,14 +20,15 @@ GREEDY = SamplingParams(temperature=0, max_completion_tokens=24)
 
 
 def make_adapter(base: Path, out: Path, seed: int, base_name: str) -> Path:
-    """An adapter over ``base`` whose B matrices are random (a fresh adapter is a no-op)."""
+    """An adapter over ``base`` whose A and B matrices are drawn from ``seed`` (a fresh
+    adapter is a no-op, and peft draws A from the global RNG, which other tests move)."""
     from transformers import AutoModelForCausalLM
 
     model = apply_lora(AutoModelForCausalLM.from_pretrained(base), LoRA(r=4))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
+        for name, param in sorted(model.named_parameters()):
+            if ".lora_A." in name or ".lora_B." in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
     export_adapter(model, out, lora=LoRA(r=4), base_model=base_name, dtype=torch.float32, rank=0)
     return out
@@ -94,11 +95,14 @@ def test_an_adapter_deployment_answers_with_its_own_adapter_by_default(
 
 
 def test_budget_forcing_is_unchanged_under_an_adapter(engine: TransformersEngine) -> None:
-    thinking = ThinkingParams(max_tokens=5, final_answer_prefix="Final Answer:")
+    """Adapter b's model ends its thinking after one token: a minimum forces waits, and
+    the cap then forces the end."""
+    thinking = ThinkingParams(min_tokens=8, max_tokens=8, final_answer_prefix="Final Answer:")
     request = GenerationRequest("r", prompt(engine), GREEDY, thinking, adapter="b")
     result = next(e for e in engine.generate([request]) if isinstance(e, GenerationResult))
-    assert result.thinking.tokens <= 5 and result.thinking.forced_end
-    assert result.usage.reasoning_tokens <= 5
+    assert result.thinking.waits_inserted >= 1
+    assert result.thinking.tokens == 8 and result.thinking.forced_end
+    assert result.usage.reasoning_tokens == 8
 
 
 def test_an_unknown_adapter_is_refused_at_submit(engine: TransformersEngine) -> None:

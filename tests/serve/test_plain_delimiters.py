@@ -211,7 +211,7 @@ def test_a_rollback_leaves_the_cache_as_a_fresh_forward_would(tmp_path: Path) ->
     engine = TransformersEngine(str(tmp_path), template=TemplateFamily.R1)
     engine.load()
     prompts = [[5, 40, 41, 42], [6, 43]]
-    batch = _Batch(engine.model, engine._cache_arg, engine._pad_id())
+    batch = _Batch(engine.model, engine._cache_arg, engine._pad_id(), None)
     batch.add([engine._row(GenerationRequest(str(i), p)) for i, p in enumerate(prompts)])
     batch.feed([30, 50])
     batch.feed([17, 51])
