@@ -70,11 +70,19 @@ def config(workdir: Path) -> SFTConfig:
 @pytest.fixture(scope="module")
 def finished_job(ray_cluster: None, workdir: Path, data_dir: Path, config: SFTConfig) -> Any:
     """One uninterrupted job through the entrypoint, as the control plane runs it."""
-    config_path = workdir / "job.json"
+    return run_entrypoint("job-a", config, workdir, data_dir, prefix="")
+
+
+def run_entrypoint(
+    job_id: str, config: SFTConfig, workdir: Path, data_dir: Path, *, prefix: str
+) -> str:
+    """The job through ``python -m thinkforge.jobs``'s main, its MLflow store (whose URI it
+    returns) and artifacts named by ``prefix`` in ``workdir``."""
+    config_path = workdir / f"{prefix or 'job'}.json"
     config_path.write_text(config.model_dump_json())
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    argv = ["--job-id", "job-a", "--config", str(config_path), "--mlflow-uri", uri]
-    argv += ["--mlflow-artifact-root", str(workdir / "artifacts")]
+    uri = f"sqlite:///{workdir / f'{prefix}mlflow.db'}"
+    argv = ["--job-id", job_id, "--config", str(config_path), "--mlflow-uri", uri]
+    argv += ["--mlflow-artifact-root", str(workdir / f"{prefix}artifacts")]
     argv += ["--storage-path", str(workdir / "ckpt"), "--data-dir", str(data_dir)]
     assert main(argv) == 0
     return uri
@@ -395,14 +403,7 @@ def lora_config(fsdp_config: SFTConfig) -> SFTConfig:
 @pytest.fixture(scope="module")
 def lora_job(ray_cluster: None, workdir: Path, data_dir: Path, lora_config: SFTConfig) -> str:
     """A LoRA job through the entrypoint under FSDP2, registered merged."""
-    config_path = workdir / "lora.json"
-    config_path.write_text(lora_config.model_dump_json())
-    uri = f"sqlite:///{workdir / 'lora-mlflow.db'}"
-    argv = ["--job-id", "job-l", "--config", str(config_path), "--mlflow-uri", uri]
-    argv += ["--mlflow-artifact-root", str(workdir / "lora-artifacts")]
-    argv += ["--storage-path", str(workdir / "ckpt"), "--data-dir", str(data_dir)]
-    assert main(argv) == 0
-    return uri
+    return run_entrypoint("job-l", lora_config, workdir, data_dir, prefix="lora-")
 
 
 def test_lora_under_fsdp_trains_the_adapter_alone_and_registers_it_merged(

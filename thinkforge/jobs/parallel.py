@@ -183,12 +183,16 @@ def apply_fsdp(
 # step. On CPU both are done as an all-reduce instead, in the buffers FSDP2 already holds.
 
 
-class _AllGatherByAllReduce:
-    """FSDP2's all-gather as a sum: each rank's shard at its offset, zeros elsewhere.
-    Exact: every element is one rank's value plus zeros."""
+class _PlainBuffers:
+    """FSDP2's custom collectives allocate their buffers here: plain CPU tensors."""
 
     def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
+
+
+class _AllGatherByAllReduce(_PlainBuffers):
+    """FSDP2's all-gather as a sum: each rank's shard at its offset, zeros elsewhere.
+    Exact: every element is one rank's value plus zeros."""
 
     def __call__(
         self,
@@ -209,12 +213,9 @@ class _AllGatherByAllReduce:
         return dist.all_reduce(output_tensor, group=group, async_op=async_op)
 
 
-class _ReduceScatterByAllReduce:
+class _ReduceScatterByAllReduce(_PlainBuffers):
     """FSDP2's reduce-scatter as an all-reduce of the whole gradient buffer, then this
     rank's chunk; ops other than sum and average go to gloo's own reduce-scatter."""
-
-    def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(
         self,
