@@ -292,6 +292,20 @@ def jobs_cancel(job_id: str, api_url: ApiUrl = None, api_key: ApiKey = None) -> 
         _print(tf.cancel_job(job_id))
 
 
+@jobs_app.command("pause")
+def jobs_pause(job_id: str, api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
+    """Checkpoint a running job and stop it (status pausing, then paused)."""
+    with Client(api_url, api_key) as tf:
+        _print(tf.pause_job(job_id))
+
+
+@jobs_app.command("resume")
+def jobs_resume(job_id: str, api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
+    """Continue a paused job from the checkpoint it paused at."""
+    with Client(api_url, api_key) as tf:
+        _print(tf.resume_job(job_id))
+
+
 @jobs_app.command("events")
 def jobs_events(
     job_id: str,

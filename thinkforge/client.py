@@ -94,6 +94,12 @@ class Client:
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
 
+    def pause_job(self, job_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/fine_tuning/jobs/{job_id}/pause")  # type: ignore[no-any-return]
+
+    def resume_job(self, job_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/fine_tuning/jobs/{job_id}/resume")  # type: ignore[no-any-return]
+
     def list_events(self, job_id: str, **params: Any) -> dict[str, Any]:
         return self.request("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params=params)  # type: ignore[no-any-return]
 

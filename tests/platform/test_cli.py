@@ -66,6 +66,15 @@ def test_up_keys_files_jobs(tmp_path: Path) -> None:
         assert job["id"] in listed.stdout
         bad = runner.invoke(app, ["jobs", "get", "ftjob-missing"], env=cli_env)
         assert bad.exit_code != 0
+        # Not running (no reconciler here): pause is a 409 (main() prints APIError and
+        # exits 1), cancel ends it, and a cancelled job cannot be resumed (409).
+        paused = runner.invoke(app, ["jobs", "pause", job["id"]], env=cli_env)
+        assert "409 conflict_error" in str(paused.exception), paused.output
+        cancelled = runner.invoke(app, ["jobs", "cancel", job["id"]], env=cli_env)
+        assert cancelled.exit_code == 0, cancelled.output
+        assert json.loads(cancelled.stdout)["status"] in {"cancelling", "cancelled"}
+        resumed = runner.invoke(app, ["jobs", "resume", job["id"]], env=cli_env)
+        assert "409 conflict_error" in str(resumed.exception), resumed.output
         with httpx.Client(base_url=url) as anon:
             assert anon.get("/v1/fine_tuning/jobs").status_code == 401
     finally:
