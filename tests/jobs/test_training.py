@@ -448,5 +448,5 @@ def test_lora_fsdp_resume_after_a_killed_worker_is_exact(
     """Frozen base and adapter both come back from DCP; the base from the model path."""
     assert_resume_is_exact(
         lora_config.model_copy(update={"registered_model_name": None}),
-        "job-m", "job-l", workdir / "ckpt", data_dir,
+        "job-m", "job-l", workdir / "ckpt", data_dir, killed_after=4,
     )  # fmt: skip

@@ -1,12 +1,13 @@
 """SQLite under load: slow work (validating an upload, reading a running job's progress from
 MLflow) happens outside write transactions, so 20 clients listing and getting meanwhile
-see no 5xx and a list p99 under a second. CI-sized; bench/sqlite_load.py runs the 200 MB
-version."""
+see no 5xx, SQLite's write lock stays free during a slow read, and no list waits out the
+upload. CI-sized; bench/sqlite_load.py runs the 200 MB version."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -26,13 +27,27 @@ SLOW_S = 1.5  # what one read of MLflow and the checkpoint store takes here
 
 
 class SlowTracker:
-    """A tracker whose reads of the outside systems take SLOW_S (as a busy MLflow does)."""
+    """A tracker whose reads of the outside systems take SLOW_S (as a busy MLflow does).
+    With ``db_path`` each read also tries to take SQLite's write lock meanwhile: it gets it
+    unless the caller holds a write transaction across the read (then the read cannot
+    end, the lock is never freed, and the try times out)."""
 
-    def __init__(self) -> None:
+    def __init__(self, db_path: Path | None = None) -> None:
         self.reads = 0
+        self.db_path = db_path
+        self.lock_errors: list[str] = []
 
     def fetch(self, job: Any, *, final: bool) -> object:
         time.sleep(SLOW_S)
+        if self.db_path is not None:
+            probe = sqlite3.connect(self.db_path, timeout=10, isolation_level=None)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                probe.execute("ROLLBACK")
+            except sqlite3.OperationalError as exc:
+                self.lock_errors.append(str(exc))
+            finally:
+                probe.close()
         self.reads += 1
         return object()
 
@@ -80,7 +95,7 @@ def measure(tmp_path: Path, *, upload_bytes: int, thinking: int = 0) -> dict[str
     """The scenario: a live API on SQLite; 20 clients list and get while one client uploads
     ``upload_bytes`` and the reconciler syncs a running job twice through a slow tracker."""
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'thinkforge.db'}")
-    launcher, tracker = FakeLauncher(), SlowTracker()
+    launcher, tracker = FakeLauncher(), SlowTracker(tmp_path / "thinkforge.db")
     app = create_app(settings, launcher=launcher, serve=FakeServe())
     ctx = app.state.ctx
     headers = {"Authorization": f"Bearer {BOOTSTRAP_KEY}"}
@@ -120,6 +135,7 @@ def measure(tmp_path: Path, *, upload_bytes: int, thinking: int = 0) -> dict[str
     return {
         "upload_status": uploaded.status_code, "upload_text": uploaded.text[:300],
         "upload_s": upload_s, "tracker_reads": tracker.reads, "lists": len(lists),
+        "write_lock_held_across_a_read": tracker.lock_errors,
         "list_p50_s": sorted(lists)[len(lists) // 2], "list_p99_s": p99(lists),
         "list_max_s": max(lists), "server_errors": [c for c in result["codes"] if c >= 500],
     }  # fmt: skip
@@ -131,4 +147,7 @@ def test_slow_work_holds_no_write_transaction(tmp_path: Path) -> None:
     assert m["upload_status"] == 200, m["upload_text"]
     assert m["tracker_reads"] == 2
     assert m["server_errors"] == []
-    assert m["list_p99_s"] < 1.0, m
+    assert m["write_lock_held_across_a_read"] == [], m
+    # No list waited out the upload's validation (latency itself is bench/sqlite_load.py's:
+    # 20 clients share the server's process, and its GIL, with the validation).
+    assert m["list_p99_s"] < m["upload_s"], m
