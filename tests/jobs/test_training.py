@@ -440,13 +440,3 @@ def test_lora_under_fsdp_trains_the_adapter_alone_and_registers_it_merged(
     adapted = [k for k in base if "_proj.weight" in k]
     assert adapted and all(not torch.equal(merged[k], base[k]) for k in adapted)
     assert all(torch.equal(merged[k], base[k]) for k in base if "_proj" not in k)
-
-
-def test_lora_fsdp_resume_after_a_killed_worker_is_exact(
-    lora_job: str, workdir: Path, data_dir: Path, lora_config: SFTConfig
-) -> None:
-    """Frozen base and adapter both come back from DCP; the base from the model path."""
-    assert_resume_is_exact(
-        lora_config.model_copy(update={"registered_model_name": None}),
-        "job-m", "job-l", workdir / "ckpt", data_dir, killed_after=4,
-    )  # fmt: skip
