@@ -386,9 +386,8 @@ def iter_jsonl(
 # ---------------------------------------------------------------- dataset files
 #
 # A dataset is a JSONL file, a parquet file, or a folder written by the ``datasets``
-# library's ``save_to_disk`` (Arrow IPC streams listed in ``state.json``; a
-# ``DatasetDict`` folder is read through its ``train`` split). Tables are read with
-# pyarrow alone, imported only when a table is read.
+# library's ``save_to_disk`` (read back by its ``load_from_disk``; a ``DatasetDict`` folder
+# through its ``train`` split). pyarrow and datasets are imported only when a table is read.
 
 
 class DatasetKind(StrEnum):
@@ -415,20 +414,21 @@ def is_saved_dataset(path: str | Path) -> bool:
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
-def _arrow_files(folder: Path) -> list[Path]:
-    if (folder / "dataset_dict.json").is_file():
-        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
-        if "train" not in splits:
+def _saved_train_split(folder: Path) -> Any:
+    """The ``datasets.Dataset`` a save_to_disk folder holds (a DatasetDict's ``train``)."""
+    import datasets
+
+    if not is_saved_dataset(folder):
+        raise RecordError(f"{folder} is not a datasets.save_to_disk folder (no state.json)")
+    saved = datasets.load_from_disk(str(folder))
+    if isinstance(saved, datasets.DatasetDict):
+        if "train" not in saved:
             raise RecordError(
-                f"{folder} is a DatasetDict without a 'train' split (splits: {splits}); "
+                f"{folder} is a DatasetDict without a 'train' split (splits: {list(saved)}); "
                 "give the path of the split's folder"
             )
-        folder = folder / "train"
-    state = folder / "state.json"
-    if not state.is_file():
-        raise RecordError(f"{folder} is not a datasets.save_to_disk folder (no state.json)")
-    files = json.loads(state.read_text()).get("_data_files", [])
-    return [folder / entry["filename"] for entry in files]
+        saved = saved["train"]
+    return saved
 
 
 def iter_table_rows(
@@ -443,9 +443,7 @@ def iter_table_rows(
 
     def batches() -> Iterator[Any]:
         if path.is_dir():
-            for arrow in _arrow_files(path):
-                with pa.memory_map(str(arrow)) as source:
-                    yield from pa.ipc.open_stream(source)
+            yield from _saved_train_split(path).with_format("arrow").iter(batch_rows)
         else:
             yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
 
