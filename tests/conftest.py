@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +22,35 @@ import pytest
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 PG_ADMIN_URL = os.environ.get("THINKFORGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@functools.cache
+def _mlflow_template() -> Path:
+    """A new MLflow SQLite store, migrated once per session (made in a folder of its own,
+    removed at exit)."""
+    from mlflow.tracking import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="tf-mlflow-template-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.search_experiments(max_results=1)
+    client.search_registered_models(max_results=1)
+    return folder / "mlflow.db"
+
+
+def seed_mlflow_store(db: Path) -> Path:
+    """Lay a freshly migrated, empty MLflow SQLite store at ``db`` (unless one is there).
+
+    MLflow migrates a new store on first open: ~70 Alembic revisions, 3-10 s on the CI
+    machine, paid by every test that opens a store of its own. A copy of one store migrated
+    at the start of the session is the same empty store. A control plane opening a store
+    that is not there yet (the migration under its lock) is still tested: the embedded-mode
+    tests and the demo start from empty data directories."""
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_mlflow_template(), db)
+    return db
 
 
 def free_port() -> int:

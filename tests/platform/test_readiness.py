@@ -9,7 +9,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer, free_port, seed_mlflow_store
 from tests.platform.conftest import BOOTSTRAP_KEY, make_settings
 from thinkforge.platform.app import create_app
 from thinkforge.platform.mlflow_server import MlflowServer
@@ -47,7 +47,7 @@ def test_readyz_names_mlflow_when_its_server_is_down_without_showing_its_uri(
 def test_readyz_names_ray_then_mlflow_then_the_database(tmp_path: Path, pg_database: str) -> None:
     """Ray is not there; a real `mlflow server` stops; then the real PostgreSQL database
     is dropped. Each time /readyz names what is down."""
-    mlflow_db = f"sqlite:///{tmp_path / 'mlflow-server.db'}"
+    mlflow_db = f"sqlite:///{seed_mlflow_store(tmp_path / 'mlflow-server.db')}"
     server = MlflowServer(mlflow_db, str(tmp_path / "mlartifacts"), port=free_port())
     settings = make_settings(tmp_path, pg_database, ray_address=f"http://127.0.0.1:{free_port()}")
     settings.mlflow_tracking_uri = server.url

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import free_port
+from tests.conftest import free_port, seed_mlflow_store
 from thinkforge.contract import ModelRef
 from thinkforge.jobs.config import SFTConfig
 from thinkforge.jobs.tracking import MetricLogger, open_job_run, register_model
@@ -74,7 +74,7 @@ def register_job(
 def test_a_retried_job_logs_each_step_once(tmp_path: Path) -> None:
     """A retry trains the steps after its checkpoint again (the same values: resume is
     exact); its logger skips the steps the job's run holds already."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{seed_mlflow_store(tmp_path / 'mlflow.db')}"
     config = SFTConfig(model="thinkforge/tiny", dataset="train.jsonl")
 
     def attempt(steps: range) -> str:
@@ -105,7 +105,7 @@ def stored_file(artifacts: Path, version_dir_marker: str, rel: str) -> Path:
 @pytest.fixture
 def local_store(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A SQLite tracking/registry store with file artifacts, both in tmp_path."""
-    yield f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts"
+    yield f"sqlite:///{seed_mlflow_store(tmp_path / 'mlflow.db')}", tmp_path / "artifacts"
 
 
 def test_parse_ref_forms() -> None:

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.conftest import seed_mlflow_store
 from tests.platform.conftest import add_job, memory_database
 from thinkforge.contract import TRAINED_TOKENS
 from thinkforge.jobs.config import SFTConfig
@@ -29,7 +30,7 @@ def job_with_a_run(
     sessions: sessionmaker[Session], tmp_path: Path, config: dict[str, Any] | None = None
 ) -> tuple[str, str, str]:
     """A running job and its MLflow run in a local store: (tracking uri, job id, run id)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{seed_mlflow_store(tmp_path / 'mlflow.db')}"
     job_id = new_id("ftjob")
     sft = SFTConfig(model="thinkforge/tiny", dataset="train.jsonl")
     run_id = open_job_run(tracking_uri=uri, job_id=job_id, config=sft, dataset_sha256="d" * 64)

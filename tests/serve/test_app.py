@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, seed_mlflow_store
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -233,7 +233,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     from thinkforge.jobs.tracking import register_model
 
     root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = f"sqlite:///{seed_mlflow_store(root / 'mlflow.db')}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.create_experiment("serve", artifact_location=str(root / "artifacts"))
     refs = []
