@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import seed_mlflow_store
 from tests.integration.conftest import API_KEY, ControlPlane
 from tests.integration.test_serving_e2e import register
 from thinkforge.jobs.tiny import ensure_tiny_model
@@ -116,14 +116,15 @@ def sse(lines: Iterator[str]) -> Iterator[dict[str, Any] | str]:
 
 
 @pytest.fixture(scope="module")
-def door(ray_cluster: LocalRayCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Door]:
+def door(
+    ray_cluster: LocalRayCluster, serve_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Door]:
     tmp = tmp_path_factory.mktemp("frontdoor")
     data = tmp / "data"
-    uri, artifacts = f"sqlite:///{data / 'mlflow.db'}", str(data / "mlartifacts")
+    uri, artifacts = f"sqlite:///{seed_mlflow_store(data / 'mlflow.db')}", str(data / "mlartifacts")
     tiny = ensure_tiny_model(tmp / "models")
     for i in (1, 2):
         assert register(uri, artifacts, tiny, f"ftjob-{i}") == f"{NAME}/{i}"
-    serve_port = free_port()
     plane = ControlPlane(
         data, ray_cluster,
         THINKFORGE_SERVE_PORT=str(serve_port), THINKFORGE_SERVE_REPLICA_CPUS="0.5",

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import seed_mlflow_store
 from tests.integration.conftest import API_KEY, serving_plane
 from thinkforge.jobs.config import SFTConfig
 from thinkforge.jobs.tiny import ensure_tiny_model
@@ -72,20 +72,14 @@ def wait_status(client: httpx.Client, status: str, timeout: float = 300) -> dict
         time.sleep(1)
 
 
-@pytest.fixture(scope="module")
-def serve_port() -> int:
-    """The module's one Serve HTTP port: Serve keeps the port of its first start."""
-    return free_port()
-
-
 def test_deploy_roll_refuse_and_delete(
     ray_cluster: LocalRayCluster, tmp_path: Path, serve_port: int
 ) -> None:
     data = tmp_path / "data"
-    uri, artifacts = f"sqlite:///{data / 'mlflow.db'}", str(data / "mlartifacts")
+    uri, artifacts = f"sqlite:///{seed_mlflow_store(data / 'mlflow.db')}", str(data / "mlartifacts")
     tiny = ensure_tiny_model(tmp_path / "models")
-    # Registered before the control plane opens the same SQLite MLflow store (whose first
-    # opening migrates it; two processes doing that at once collide).
+    # Registered before the control plane opens the same SQLite MLflow store (the first
+    # opening of a new store migrates it; two processes doing that at once collide).
     for i in (1, 2, 3):
         assert register(uri, artifacts, tiny, f"ftjob-{i}") == f"{NAME}/{i}"
     plane, _ = serving_plane(data, ray_cluster, serve_port)
@@ -265,7 +259,7 @@ def test_lora_job_adapter_deploys_and_two_adapters_answer_differently(
     from thinkforge.contract import LORA_TAG
 
     data = tmp_path / "data"
-    uri, artifacts = f"sqlite:///{data / 'mlflow.db'}", str(data / "mlartifacts")
+    uri, artifacts = f"sqlite:///{seed_mlflow_store(data / 'mlflow.db')}", str(data / "mlartifacts")
     tiny = ensure_tiny_model(tmp_path / "models")
     other = make_adapter(tiny, tmp_path / "other", 2, "thinkforge/tiny")
     config = SFTConfig(model="thinkforge/tiny", dataset="x.jsonl", lora={"r": 8})
