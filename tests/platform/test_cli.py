@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 from typer.testing import CliRunner
 
-from tests.conftest import free_port
+from tests.conftest import free_port, seed_mlflow_store
 from tests.platform.conftest import BOOTSTRAP_KEY, Api
 from tests.platform.data import S1K, jsonl
 from tests.platform.test_api_evals import finish
@@ -27,6 +27,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 def test_up_keys_files_jobs(tmp_path: Path) -> None:
     port = free_port()
+    seed_mlflow_store(tmp_path / "data" / "mlflow.db")
     env = {
         **os.environ,
         "THINKFORGE_DATA_DIR": str(tmp_path / "data"),
