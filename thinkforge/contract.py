@@ -108,6 +108,7 @@ TINY_MOE_MODEL = "thinkforge/tiny-moe"  # the same, as a Qwen3-MoE (4 experts, t
 RESULTS_FILE = "results.json"
 PLOT_FILE = "plot.png"
 EVAL_TAG = "eval_id"
+DISTILL_TAG = "distill_id"  # the distillation job's MLflow run
 
 # -- MLflow tags (run and version) ------------------------------------------------------
 
