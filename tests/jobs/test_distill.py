@@ -13,23 +13,27 @@ import pytest
 
 from tests.jobs.fake_teacher import FakeTeacher
 from tests.platform.data import parquet
-from thinkforge.jobs.config import DatasetFormat, RecordError, parse_record
+from thinkforge.contract import RESULTS_FILE
+from thinkforge.jobs.config import (
+    Curation,
+    DatasetFormat,
+    DistillConfig,
+    RecordError,
+    TeacherTarget,
+    parse_record,
+    question_of,
+)
 from thinkforge.jobs.distill import (
     CURATED_FILE,
     EVENTS_FILE,
-    RESULTS_FILE,
     TRACES_FILE,
-    Curation,
-    DistillConfig,
     EventLog,
     PoolQuestion,
     Teacher,
     TeacherFailed,
-    TeacherTarget,
     Trace,
     curate,
     load_pool,
-    question_of,
     run_distill,
 )
 

@@ -44,11 +44,28 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError
 
-from thinkforge.contract import DISTILL_TAG, emit_error, event_line
+from thinkforge.contract import (
+    DATASET_SHA_TAG,
+    DISTILL_CURATED_FILE,
+    DISTILL_EVENTS_FILE,
+    DISTILL_TAG,
+    DISTILL_TRACES_FILE,
+    RESULTS_FILE,
+    emit_error,
+    event_line,
+    sha256_file,
+)
 from thinkforge.jobs.answers import extract_answer, is_correct
-from thinkforge.jobs.config import DatasetKind, RecordError, dataset_kind, iter_table_rows
+from thinkforge.jobs.config import (
+    Curation,
+    DistillConfig,
+    RecordError,
+    TeacherTarget,
+    iter_pool_rows,
+    question_of,
+)
 
 __all__ = [
     "CURATED_FILE",
@@ -62,73 +79,14 @@ __all__ = [
     "TeacherTarget",
     "Trace",
     "curate",
-    "iter_pool_rows",
     "load_pool",
     "main",
-    "question_of",
     "run_distill",
 ]
 
-TRACES_FILE = "traces.jsonl"
-CURATED_FILE = "curated.jsonl"
-EVENTS_FILE = "events.jsonl"
-RESULTS_FILE = "results.json"
-TEACHER_KEY_ENV = "THINKFORGE_TEACHER_API_KEY"
-REFERENCE_FIELDS = ("answer", "solution")
-
-
-# ---------------------------------------------------------------- config
-
-
-class TeacherTarget(BaseModel):
-    """Whom to ask: an OpenAI-compatible ``base_url`` or a registry ``model_uri``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    base_url: str | None = Field(default=None, min_length=1)
-    model_uri: str | None = Field(default=None, pattern=r"^models:/")
-    model: str = Field(min_length=1, description="the request's model name")
-    # The name of the environment variable holding the bearer key, never the key itself:
-    # the config is shown by the API and on the Ray dashboard.
-    api_key_env: str | None = None
-
-    @model_validator(mode="after")
-    def _one_target(self) -> TeacherTarget:
-        if (self.base_url is None) == (self.model_uri is None):
-            raise ValueError("give exactly one of base_url and model_uri")
-        return self
-
-
-class Curation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    min_correct: int = Field(default=1, ge=0, description="right samples a question needs")
-    drop_forced_end: bool = Field(
-        default=True, description="drop traces whose thinking the budget ended, not the model"
-    )
-    weaker: TeacherTarget | None = Field(
-        default=None, description="drop the questions this model answers right"
-    )
-    rank_by_length: bool = True
-    category_field: str | None = Field(default=None, min_length=1, max_length=128)
-    max_examples: int | None = Field(default=None, ge=1)
-
-
-class DistillConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: str = Field(min_length=1, description="JSONL or parquet: question + answer")
-    teacher: TeacherTarget
-    samples: int = Field(default=1, ge=1, le=64)
-    thinking: dict[str, Any] = Field(default_factory=dict, description="budget forcing")
-    temperature: float = Field(default=0.7, ge=0, le=2)
-    seed: int = Field(default=0, ge=0)
-    max_completion_tokens: int = Field(default=1024, ge=1)
-    concurrency: int = Field(default=4, ge=1, le=64, description="requests in flight at once")
-    request_timeout_s: float = Field(default=300, gt=0)
-    max_retries: int = Field(default=3, ge=0, le=10, description="per request")
-    retry_backoff_s: float = Field(default=0.5, ge=0, le=60)
-    curation: Curation = Field(default_factory=Curation)
+TRACES_FILE = DISTILL_TRACES_FILE
+CURATED_FILE = DISTILL_CURATED_FILE
+EVENTS_FILE = DISTILL_EVENTS_FILE
 
 
 # ---------------------------------------------------------------- the question pool
@@ -139,42 +97,6 @@ class PoolQuestion(BaseModel):
     question: str
     reference: str
     category: str = ""
-
-
-def question_of(row: Any) -> tuple[str, str]:
-    """(question, reference answer) of one pool row; RecordError names the field."""
-    if not isinstance(row, dict):
-        raise RecordError(f"a row must be an object, not {type(row).__name__}")
-    question = row.get("question", row.get("problem"))
-    if not isinstance(question, str) or not question.strip():
-        raise RecordError("'question' must be a non-empty string", "question")
-    for key in REFERENCE_FIELDS:
-        value = row.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        if isinstance(value, str) and value.strip():
-            return question, value
-    raise RecordError(
-        "no reference answer: give 'answer' or 'solution' (answers are verified against it)",
-        "answer",
-    )
-
-
-def iter_pool_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """("line N" or "row N", row) of a JSONL or parquet pool; unreadable JSON raises
-    RecordError naming the line."""
-    if dataset_kind(path) is DatasetKind.JSONL:
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"line {lineno}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise RecordError(f"line {lineno}: not valid JSON ({exc.msg})") from None
-    else:
-        for number, row in iter_table_rows(path):
-            yield f"row {number}", row
 
 
 def load_pool(path: str | Path, category_field: str | None = None) -> list[PoolQuestion]:
@@ -649,7 +571,10 @@ def log_to_mlflow(
         if found is not None
         else client.create_experiment("thinkforge-distill", artifact_location=artifact_location)
     )
-    run = client.create_run(experiment_id, run_name=distill_id, tags={DISTILL_TAG: distill_id})
+    # The curated file's hash, as a training run tags the data it trained on: the two
+    # runs meet on it in MLflow (and in the registry lineage the API shows).
+    tags = {DISTILL_TAG: distill_id, DATASET_SHA_TAG: sha256_file(out / CURATED_FILE)}
+    run = client.create_run(experiment_id, run_name=distill_id, tags=tags)
     run_id: str = run.info.run_id
     now = int(time.time() * 1000)
     params = {"teacher": config.teacher.model, "samples": str(config.samples),

@@ -29,14 +29,14 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from thinkforge.jobs.distill import (
-    CURATED_FILE,
-    EVENTS_FILE,
+from thinkforge.contract import (
+    DISTILL_CURATED_FILE,
+    DISTILL_EVENTS_FILE,
+    DISTILL_TRACES_FILE,
     RESULTS_FILE,
     TEACHER_KEY_ENV,
-    TRACES_FILE,
-    DistillConfig,
 )
+from thinkforge.jobs.config import DistillConfig
 from thinkforge.platform.auth import create_derived_key, derived_key
 from thinkforge.platform.deployments import get_deployment
 from thinkforge.platform.errors import InvalidFile, InvalidRequest, NotFound, first_error_location
@@ -364,14 +364,14 @@ def _read_outputs(row: Distillation) -> _Outputs:
     except (OSError, ValueError):
         results = None
     curated, problem = None, None
-    path = out / CURATED_FILE
+    path = out / DISTILL_CURATED_FILE
     if path.is_file() and path.stat().st_size > 0:
         try:
             curated = validate_dataset(path)
         except InvalidFile as exc:  # the job writes what training reads: a bug if not
             problem = f"the curated file is not valid training data: {exc.message}"
     traces = None
-    path = out / TRACES_FILE
+    path = out / DISTILL_TRACES_FILE
     if path.is_file() and path.stat().st_size > 0:
         with open(path, "rb") as fh:
             lines = sum(1 for line in fh if line.strip())
@@ -423,7 +423,7 @@ def _advance(
 
 def _copy_events(session: Session, row: Distillation) -> bool:
     """Copy the run's new events into the row's; True if one says the teacher failed."""
-    path = Path(row.output_dir) / EVENTS_FILE
+    path = Path(row.output_dir) / DISTILL_EVENTS_FILE
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
@@ -473,7 +473,7 @@ def _keep_traces(
 ) -> None:
     if outputs.traces is None or row.traces_file is not None:
         return
-    src = Path(row.output_dir) / TRACES_FILE
+    src = Path(row.output_dir) / DISTILL_TRACES_FILE
     row.traces_file = _register(session, settings, row, src, outputs.traces,
                                 purpose=TRACES_PURPOSE, filename=f"{row.id}-traces.jsonl").id  # fmt: skip
     done = outputs.traces.num_records
@@ -500,7 +500,7 @@ def _finish(session: Session, settings: Settings, row: Distillation, outputs: _O
         )  # fmt: skip
         set_status(row, DistillStatus.FAILED, error={"code": kind.value, "message": message})
         return
-    src = Path(row.output_dir) / CURATED_FILE
+    src = Path(row.output_dir) / DISTILL_CURATED_FILE
     file = _register(session, settings, row, src, outputs.curated, purpose="fine-tune",
                      filename=f"{row.id}.jsonl")  # fmt: skip
     row.output_file, row.output_sha256 = file.id, file.sha256

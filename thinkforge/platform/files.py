@@ -32,10 +32,11 @@ from thinkforge.jobs.config import (
     dataset_sha256,
     detect_format,
     is_saved_dataset,
+    iter_pool_rows,
     iter_table_rows,
     parse_record,
+    question_of,
 )
-from thinkforge.jobs.distill import iter_pool_rows, question_of
 from thinkforge.platform.errors import (
     Conflict,
     InvalidFile,
