@@ -283,3 +283,43 @@ def test_cancel_before_and_after_launch(api: Api, versions: list[str]) -> None:
     assert_error(api.client.post(f"/v1/datasets/distill/{second['id']}/cancel"), 409)
     listed = api.client.get("/v1/datasets/distill").json()["data"]
     assert [d["id"] for d in listed] == [second["id"], first["id"]]
+
+
+def test_distill_command_uploads_waits_and_prints_the_training_file(
+    api: Api, versions: list[str], tmp_path: Path
+) -> None:
+    import threading
+    import time
+
+    from typer.testing import CliRunner
+
+    from thinkforge.cli import app
+
+    deploy(api)
+    pool = tmp_path / "pool.jsonl"
+    pool.write_bytes(jsonl(*QUESTIONS))
+
+    def run_when_created() -> None:
+        deadline = time.monotonic() + 30
+        while not (listed := api.client.get("/v1/datasets/distill").json()["data"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        reconcile(api)
+        with FakeTeacher() as fake:
+            produce(api, listed[0], fake)
+        api.launcher.set(listed[0]["id"], LaunchState.SUCCEEDED)
+        reconcile(api)
+
+    helper = threading.Thread(target=run_when_created)
+    helper.start()
+    env = {"THINKFORGE_API_URL": api.url, "THINKFORGE_API_KEY": BOOTSTRAP_KEY, "COLUMNS": "200"}
+    result = CliRunner().invoke(
+        app, ["distill", str(pool), "--teacher", "teacher", "--samples", "2",
+              "--max-thinking", "64", "--max-examples", "1"], env=env,
+    )  # fmt: skip
+    helper.join()
+    assert result.exit_code == 0, result.output
+    (made,) = api.client.get("/v1/datasets/distill").json()["data"]
+    assert made["curation"]["max_examples"] == 1 and made["thinking"] == {"max_tokens": 64}
+    assert f"training file: {made['output_file']}" in result.stdout
+    assert made["counts"]["kept"] == 1 and "diversity" in result.stdout
