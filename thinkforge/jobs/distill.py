@@ -272,12 +272,13 @@ def ray_generate(
         },
         batch_size=batch,
         batch_format="pandas",
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),  # the bound on requests in flight
         # Asking over HTTP waits on the teacher, not the CPU: no CPU reserved, so the
         # actors never wait behind the teacher's own replicas on a small cluster.
         num_cpus=1 if local else 0,
     )  # fmt: skip
-    yield from ds.iter_rows()
+    for row in ds.iter_rows():  # Arrow rows hold numpy scalars: plain Python for pydantic
+        yield {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
 
 
 Generate = Callable[..., Iterable[dict[str, Any]]]
