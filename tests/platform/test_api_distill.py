@@ -168,6 +168,7 @@ def test_distillation_lifecycle_to_a_training_file(api: Api, versions: list[str]
     assert made["status"] == "queued" and made["object"] == "distillation"
     assert made["teacher"] == {"deployment": "teacher", "model_version": f"{NAME}/1"}
     assert made["samples"] == 2 and made["thinking"] == {"max_tokens": 64} and made["seed"] == 5
+    assert "distillation" in assert_error(api.client.delete(f"/v1/files/{file_id}"), 409)["message"]
     reconcile(api)
     (spec,) = api.launcher.submissions
     key = spec.env["THINKFORGE_API_KEY"]  # the run's own front-door key
