@@ -401,8 +401,12 @@ def curate(
     for q in pool:
         if q.index not in good and per_q[q.index]["dropped_at"] is None:
             drop(q.index, "quality")
-    stages["quality"] = {"malformed": malformed, "missing_end_of_thinking": unfinished,
-                         "duplicate_questions": duplicates, "questions_kept": len(good)}  # fmt: skip
+    stages["quality"] = {
+        "malformed": malformed,
+        "missing_end_of_thinking": unfinished,
+        "duplicate_questions": duplicates,
+        "questions_kept": len(good),
+    }
 
     # Correctness: enough right samples; the trace kept is a right one when there is one.
     kept: dict[int, Trace] = {}
@@ -412,8 +416,11 @@ def curate(
             drop(index, "correctness")
             continue
         kept[index] = max(right or ts, key=lambda t: (t.thinking_tokens, len(t.thinking)))
-    stages["correctness"] = {"min_correct": curation.min_correct,
-                             "dropped": len(good) - len(kept), "questions_kept": len(kept)}  # fmt: skip
+    stages["correctness"] = {
+        "min_correct": curation.min_correct,
+        "dropped": len(good) - len(kept),
+        "questions_kept": len(kept),
+    }
 
     # Difficulty: what the weaker model gets right is too easy; longest thinking first.
     difficulty: dict[str, Any] = {
@@ -439,9 +446,13 @@ def curate(
         if i not in chosen:
             drop(i, "diversity")
     categories = {str(per_q[i]["category"]) for i in chosen}
-    stages["diversity"] = {"category_field": curation.category_field,
-                           "categories": len(categories), "max_examples": curation.max_examples,
-                           "dropped": len(order) - len(chosen), "questions_kept": len(chosen)}  # fmt: skip
+    stages["diversity"] = {
+        "category_field": curation.category_field,
+        "categories": len(categories),
+        "max_examples": curation.max_examples,
+        "dropped": len(order) - len(chosen),
+        "questions_kept": len(chosen),
+    }
     stages["final"] = len(chosen)
 
     rows = []

@@ -451,9 +451,15 @@ def _copy_events(session: Session, row: Distillation) -> bool:
 
 
 def _register(
-    session: Session, settings: Settings, row: Distillation, src: Path, info: DatasetInfo | FileInfo,
-    *, purpose: str, filename: str,
-) -> File:  # fmt: skip
+    session: Session,
+    settings: Settings,
+    row: Distillation,
+    src: Path,
+    info: DatasetInfo | FileInfo,
+    *,
+    purpose: str,
+    filename: str,
+) -> File:
     file_id = new_id("file")
     dest = settings.files_dir / row.project_id / f"{file_id}.jsonl"
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -474,8 +480,10 @@ def _keep_traces(
     if outputs.traces is None or row.traces_file is not None:
         return
     src = Path(row.output_dir) / DISTILL_TRACES_FILE
-    row.traces_file = _register(session, settings, row, src, outputs.traces,
-                                purpose=TRACES_PURPOSE, filename=f"{row.id}-traces.jsonl").id  # fmt: skip
+    name = f"{row.id}-traces.jsonl"
+    file = _register(session, settings, row, src, outputs.traces, purpose=TRACES_PURPOSE,
+                     filename=name)  # fmt: skip
+    row.traces_file = file.id
     done = outputs.traces.num_records
     if row.counts is None:
         row.counts = {"traces": done}
