@@ -464,6 +464,71 @@ def eval_(
         )
 
 
+@app.command("distill")
+def distill(
+    questions: Annotated[
+        str, typer.Argument(help="a question file id, or a local JSONL/parquet file to upload")
+    ],
+    teacher: Annotated[
+        str,
+        typer.Option(
+            help="a deployment, a registry version (NAME/N, NAME@ALIAS) or an "
+            "allowed OpenAI-compatible base URL (https://...)"
+        ),
+    ],
+    teacher_model: Annotated[str | None, typer.Option(help="an external teacher's model")] = None,
+    api_key_secret: Annotated[
+        str | None, typer.Option(help="the name of an external teacher's key in the settings")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="traces per question")] = 1,
+    max_thinking: Annotated[int | None, typer.Option(help="thinking budget (tokens)")] = None,
+    temperature: float = 0.7,
+    seed: int = 0,
+    min_correct: Annotated[int, typer.Option(help="right samples a question needs")] = 1,
+    weaker: Annotated[
+        str | None, typer.Option(help="drop questions this deployment or version answers right")
+    ] = None,
+    category_field: Annotated[str | None, typer.Option(help="diversity: sample across it")] = None,
+    max_examples: Annotated[int | None, typer.Option(help="keep at most this many")] = None,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Distil a teacher's verified, curated traces for a question pool into a training
+    file; prints the counts per curation stage and the file id to fine-tune on."""
+
+    def platform_model(ref: str) -> dict[str, str]:
+        return {"version": ref} if "/" in ref or "@" in ref else {"deployment": ref}
+
+    with Client(api_url, api_key) as tf:
+        if not questions.startswith("file-") and Path(questions).is_file():
+            questions = tf.upload_file(questions, purpose="distill")["id"]
+        who: dict[str, Any] = platform_model(teacher)
+        if teacher.startswith(("http://", "https://")):
+            who = {"base_url": teacher, "model": teacher_model, "api_key_secret": api_key_secret}
+        curation = {"min_correct": min_correct, "category_field": category_field,
+                    "max_examples": max_examples,
+                    "weaker": platform_model(weaker) if weaker else None}  # fmt: skip
+        body = {
+            "question_file": questions, "samples": samples, "temperature": temperature,
+            "seed": seed, "teacher": {k: v for k, v in who.items() if v is not None},
+            "thinking": {"max_tokens": max_thinking} if max_thinking is not None else None,
+            "curation": {k: v for k, v in curation.items() if v is not None},
+        }  # fmt: skip
+        made = tf.distill({k: v for k, v in body.items() if v is not None})
+        with console.status(f"distillation {made['id']}"):
+            done = tf.wait_for_distillation(made["id"])
+        table = Table("stage", "questions kept")
+        for stage, counts in (done.get("stages") or {}).items():
+            if isinstance(counts, dict) and "questions_kept" in counts:
+                table.add_row(stage, str(counts["questions_kept"]))
+        console.print(table)
+        if done["status"] != "succeeded":
+            err_console.print(f"[red]distillation {done['status']}: {done.get('error')}; "
+                              f"traces: {done.get('traces_file')}[/red]")  # fmt: skip
+            raise SystemExit(1)
+        console.print(f"training file: {done['output_file']}  counts: {done['counts']}")
+
+
 @app.command()
 def chat(
     deployment: str,

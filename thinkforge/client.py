@@ -193,6 +193,32 @@ class Client:
     ) -> dict[str, Any]:
         return _wait_until_ended("evaluation", self.get_eval, eval_id, timeout_s, poll_s)
 
+    def distill(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/datasets/distill``: teacher traces for a question file (uploaded with
+        ``purpose="distill"``), verified and curated into a training file."""
+        return self.request("POST", "/v1/datasets/distill", json=body)  # type: ignore[no-any-return]
+
+    def get_distillation(self, distill_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/datasets/distill/{distill_id}")  # type: ignore[no-any-return]
+
+    def list_distillations(self, **params: Any) -> dict[str, Any]:
+        return self.request("GET", "/v1/datasets/distill", params=params)  # type: ignore[no-any-return]
+
+    def cancel_distillation(self, distill_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/datasets/distill/{distill_id}/cancel")  # type: ignore[no-any-return]
+
+    def distillation_events(self, distill_id: str, **params: Any) -> dict[str, Any]:
+        return self.request(  # type: ignore[no-any-return]
+            "GET", f"/v1/datasets/distill/{distill_id}/events", params=params
+        )
+
+    def wait_for_distillation(
+        self, distill_id: str, timeout_s: float = 3600, poll_s: float = 2.0
+    ) -> dict[str, Any]:
+        return _wait_until_ended(
+            "distillation", self.get_distillation, distill_id, timeout_s, poll_s
+        )
+
     def wait_for_deployment(self, name: str, timeout_s: float = 600) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         while True:

@@ -108,6 +108,14 @@ TINY_MOE_MODEL = "thinkforge/tiny-moe"  # the same, as a Qwen3-MoE (4 experts, t
 RESULTS_FILE = "results.json"
 PLOT_FILE = "plot.png"
 EVAL_TAG = "eval_id"
+DISTILL_TAG = "distill_id"  # the distillation job's MLflow run
+# What a distillation run leaves in its output folder (beside RESULTS_FILE): every trace,
+# the curated s1K-1.1 file, and its numbered events, which the control plane copies.
+DISTILL_TRACES_FILE = "traces.jsonl"
+DISTILL_CURATED_FILE = "curated.jsonl"
+DISTILL_EVENTS_FILE = "events.jsonl"
+# The run's environment variable holding an external teacher's key (never its config).
+TEACHER_KEY_ENV = "THINKFORGE_TEACHER_API_KEY"
 
 # -- MLflow tags (run and version) ------------------------------------------------------
 

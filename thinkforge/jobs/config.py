@@ -25,6 +25,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from thinkforge.contract import TINY_MODEL, TINY_MOE_MODEL, sha256_file
@@ -497,3 +498,97 @@ def dataset_sha256(path: str | Path) -> str:
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")
         digest.update(sha256_file(file).encode())
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- distillation
+# The job's config (``thinkforge.jobs.distill``) and its question pools, which the control
+# plane validates uploads and requests with.
+
+REFERENCE_FIELDS = ("answer", "solution")
+
+
+class TeacherTarget(BaseModel):
+    """Whom to ask: an OpenAI-compatible ``base_url`` or a registry ``model_uri``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str | None = Field(default=None, min_length=1)
+    model_uri: str | None = Field(default=None, pattern=r"^models:/")
+    model: str = Field(min_length=1, description="the request's model name")
+    # The name of the environment variable holding the bearer key, never the key itself:
+    # the config is shown by the API and on the Ray dashboard.
+    api_key_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> TeacherTarget:
+        if (self.base_url is None) == (self.model_uri is None):
+            raise ValueError("give exactly one of base_url and model_uri")
+        return self
+
+
+class Curation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_correct: int = Field(default=1, ge=0, description="right samples a question needs")
+    drop_forced_end: bool = Field(
+        default=True, description="drop traces whose thinking the budget ended, not the model"
+    )
+    weaker: TeacherTarget | None = Field(
+        default=None, description="drop the questions this model answers right"
+    )
+    rank_by_length: bool = True
+    category_field: str | None = Field(default=None, min_length=1, max_length=128)
+    max_examples: int | None = Field(default=None, ge=1)
+
+
+class DistillConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(min_length=1, description="JSONL or parquet: question + answer")
+    teacher: TeacherTarget
+    samples: int = Field(default=1, ge=1, le=64)
+    thinking: dict[str, Any] = Field(default_factory=dict, description="budget forcing")
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    seed: int = Field(default=0, ge=0)
+    max_completion_tokens: int = Field(default=1024, ge=1)
+    concurrency: int = Field(default=4, ge=1, le=64, description="requests in flight at once")
+    request_timeout_s: float = Field(default=300, gt=0)
+    max_retries: int = Field(default=3, ge=0, le=10, description="per request")
+    retry_backoff_s: float = Field(default=0.5, ge=0, le=60)
+    curation: Curation = Field(default_factory=Curation)
+
+
+def question_of(row: Any) -> tuple[str, str]:
+    """(question, reference answer) of one pool row; RecordError names the field."""
+    if not isinstance(row, dict):
+        raise RecordError(f"a row must be an object, not {type(row).__name__}")
+    question = row.get("question", row.get("problem"))
+    if not isinstance(question, str) or not question.strip():
+        raise RecordError("'question' must be a non-empty string", "question")
+    for key in REFERENCE_FIELDS:
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if isinstance(value, str) and value.strip():
+            return question, value
+    raise RecordError(
+        "no reference answer: give 'answer' or 'solution' (answers are verified against it)",
+        "answer",
+    )
+
+
+def iter_pool_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """("line N" or "row N", row) of a JSONL or parquet pool; unreadable JSON raises
+    RecordError naming the line."""
+    if dataset_kind(path) is DatasetKind.JSONL:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"line {lineno}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise RecordError(f"line {lineno}: not valid JSON ({exc.msg})") from None
+    else:
+        for number, row in iter_table_rows(path):
+            yield f"row {number}", row

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from thinkforge.platform.auth import ensure_project
 from thinkforge.platform.db import make_engine, make_sessionmaker
 from thinkforge.platform.deps import AppContext
+from thinkforge.platform.distill import reconcile_distills
 from thinkforge.platform.errors import PlatformError, error_body
 from thinkforge.platform.evals import reconcile_evals
 from thinkforge.platform.health import Check, database_check, http_check, mlflow_check, run_checks
@@ -42,7 +43,16 @@ from thinkforge.platform.ray_cluster import (
     free_port,
 )
 from thinkforge.platform.reconciler import Reconciler, every
-from thinkforge.platform.routes import deployments, evals, files, jobs, keys, registry, usage
+from thinkforge.platform.routes import (
+    deployments,
+    distill,
+    evals,
+    files,
+    jobs,
+    keys,
+    registry,
+    usage,
+)
 from thinkforge.platform.schemas import Health
 from thinkforge.platform.serving import RayServeClient, ServeClient
 from thinkforge.platform.settings import Settings
@@ -108,6 +118,7 @@ def create_app(
             interval_s=settings.reconcile_interval_s,
             tasks=[
                 lambda: reconcile_evals(writes, ctx.launcher, settings),
+                lambda: reconcile_distills(writes, ctx.launcher, settings),
                 MirrorRefresher(writes, ctx.registry),
                 every(
                     settings.registry_guard_interval_s,
@@ -173,6 +184,7 @@ def create_app(
     app.include_router(registry.router)
     app.include_router(deployments.router)
     app.include_router(evals.router)
+    app.include_router(distill.router)
     app.include_router(keys.router)
     app.include_router(usage.router)
     app.include_router(usage.internal)

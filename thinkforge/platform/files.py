@@ -32,8 +32,10 @@ from thinkforge.jobs.config import (
     dataset_sha256,
     detect_format,
     is_saved_dataset,
+    iter_pool_rows,
     iter_table_rows,
     parse_record,
+    question_of,
 )
 from thinkforge.platform.errors import (
     Conflict,
@@ -42,12 +44,14 @@ from thinkforge.platform.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from thinkforge.platform.models import Evaluation, File, Job, new_id
+from thinkforge.platform.models import Distillation, Evaluation, File, Job, new_id
 from thinkforge.platform.pagination import page
 from thinkforge.platform.settings import Settings
-from thinkforge.platform.status import EvalStatus, JobStatus
+from thinkforge.platform.status import DistillStatus, EvalStatus, JobStatus
 
-PURPOSES = ("fine-tune",)
+# fine-tune: training data; distill: a question pool for POST /v1/datasets/distill.
+PURPOSES = ("fine-tune", "distill")
+QUESTIONS_FORMAT = "questions"  # a distill file's format: question + reference answer
 UPLOAD_SUFFIXES = {".jsonl": DatasetKind.JSONL, ".parquet": DatasetKind.PARQUET}
 MAX_REPORTED_ERRORS = 10
 CHUNK = 1 << 20
@@ -56,6 +60,16 @@ CHUNK = 1 << 20
 @dataclass(frozen=True)
 class DatasetInfo:
     format: DatasetFormat
+    num_records: int
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A file that is not training data: a question pool, a distillation's traces."""
+
+    format: str
     num_records: int
     sha256: str
     bytes: int
@@ -126,6 +140,36 @@ def _validate_table(path: Path, kind: DatasetKind, fmt: DatasetFormat) -> Datase
     return DatasetInfo(format=seen, num_records=count, sha256=dataset_sha256(path), bytes=size)
 
 
+def validate_questions(path: Path) -> FileInfo:
+    """Check a distillation question pool (JSONL or parquet): every row has a question and
+    a reference answer (``answer`` or ``solution``); errors name the line or row."""
+    errors: list[str] = []
+    first_field: str | None = None
+    count = 0
+    try:
+        for where, row in iter_pool_rows(path):
+            try:
+                question_of(row)
+                count += 1
+            except RecordError as exc:
+                first_field = first_field or exc.field
+                if len(errors) < MAX_REPORTED_ERRORS:
+                    field = f"field '{exc.field}': " if exc.field else ""
+                    errors.append(f"{where}: {field}{exc}")
+    except (RecordError, UnicodeDecodeError) as exc:
+        errors.append(str(exc))
+    if errors:
+        more = "" if len(errors) < MAX_REPORTED_ERRORS else " (further errors not shown)"
+        raise InvalidFile(
+            "invalid question file; fix these rows and upload again: " + "; ".join(errors) + more,
+            param=first_field or "file",
+        )
+    if count == 0:
+        raise InvalidFile("the file has no questions", param="file")
+    return FileInfo(format=QUESTIONS_FORMAT, num_records=count, sha256=dataset_sha256(path),
+                       bytes=path.stat().st_size)  # fmt: skip
+
+
 def _raise_errors(errors: list[str], first_field: str | None, fix: str) -> None:
     if not errors:
         return
@@ -169,7 +213,7 @@ class StagedUpload:
     filename: str
     purpose: str
     path: Path
-    info: DatasetInfo
+    info: DatasetInfo | FileInfo
     kind: DatasetKind = DatasetKind.JSONL
 
     def discard(self) -> None:
@@ -201,7 +245,7 @@ def stage_upload(
                 f"{filename!r} is not a {expected.value} file: its content does not match its name",
                 param="file",
             )
-        info = validate_dataset(tmp)
+        info = validate_questions(tmp) if purpose == "distill" else validate_dataset(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -221,7 +265,7 @@ def record_upload(session: Session, staged: StagedUpload) -> File:
         bytes=staged.info.bytes,
         sha256=staged.info.sha256,
         path=str(dest),
-        format=staged.info.format.value,
+        format=str(staged.info.format),
         num_records=staged.info.num_records,
     )
     session.add(row)
@@ -350,7 +394,16 @@ def delete_file(session: Session, *, project_id: str, file_id: str) -> None:
         )
         .limit(1)
     )
-    for kind, user in (("job", job), ("evaluation", evaluation)):
+    distillation = session.scalar(
+        select(Distillation.id)
+        .where(
+            Distillation.question_file == file_id,
+            Distillation.status.in_([s.value for s in DistillStatus if not s.is_terminal()]),
+        )
+        .limit(1)
+    )
+    users = (("job", job), ("evaluation", evaluation), ("distillation", distillation))
+    for kind, user in users:
         if user is not None:
             raise Conflict(
                 f"file {file_id!r} is in use by {kind} {user}; cancel it or wait", param="file_id"

@@ -255,6 +255,52 @@ class Evaluation(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+class Distillation(Base):
+    """Teacher traces for a question file, verified and curated into a training file."""
+
+    __tablename__ = "distillations"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    question_file: Mapped[str] = mapped_column(String(40))
+    # Whom it asks, as the API shows it (a deployment, a version, or an external URL with
+    # the *name* of its key): never a key.
+    teacher: Mapped[dict[str, Any]] = mapped_column(JSON)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)  # the job's DistillConfig
+    output_dir: Mapped[str] = mapped_column(Text)
+    stages: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    counts: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    output_file: Mapped[str | None] = mapped_column(String(40), default=None)
+    # The curated file's sha256: how a model trained on it finds this lineage.
+    output_sha256: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    traces_file: Mapped[str | None] = mapped_column(String(40), default=None)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    submitted_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class DistillEvent(Base):
+    __tablename__ = "distill_events"
+    __table_args__ = (UniqueConstraint("distill_id", "number"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    distill_id: Mapped[str] = mapped_column(
+        ForeignKey("distillations.id", ondelete="CASCADE"), index=True
+    )
+    # The run numbers its events; the reconciler copies each once, however often it looks.
+    number: Mapped[int] = mapped_column(Integer)
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    type: Mapped[str] = mapped_column(String(32), default="message")
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class IdempotencyKey(Base):
     __tablename__ = "idempotency_keys"
     __table_args__ = (UniqueConstraint("project_id", "key"),)

@@ -13,10 +13,10 @@ from typing import TypeVar
 
 from thinkforge.platform.errors import Conflict
 from thinkforge.platform.launcher import CannotFit, JobLauncher, LaunchSpec
-from thinkforge.platform.status import EvalStatus, JobStatus
+from thinkforge.platform.status import DistillStatus, EvalStatus, JobStatus
 
 log = logging.getLogger(__name__)
-RunStatus = TypeVar("RunStatus", JobStatus, EvalStatus)
+RunStatus = TypeVar("RunStatus", JobStatus, EvalStatus, DistillStatus)
 
 
 def launch_run(

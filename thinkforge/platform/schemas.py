@@ -442,6 +442,121 @@ class EvalObject(BaseModel):
     finished_at: int | None
 
 
+# ---------------------------------------------------------------- distillation
+
+DeploymentName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+RegistryRef = Annotated[SafeStr, StringConstraints(min_length=1, max_length=300)]
+
+
+class ModelIn(BaseModel):
+    """A model of this platform: a deployment (asked through the front door) or a registry
+    version (NAME/VERSION or NAME@ALIAS, loaded by the job itself)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    deployment: DeploymentName | None = None
+    version: RegistryRef | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelIn:
+        if (self.deployment is None) == (self.version is None):
+            raise ValueError("give exactly one of deployment and version")
+        return self
+
+
+class TeacherIn(BaseModel):
+    """The teacher: a deployment, a registry version, or an external OpenAI-compatible
+    ``base_url`` (on the settings' allow-list) with its ``model`` and the name of its key
+    in the settings (``api_key_secret``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    deployment: DeploymentName | None = None
+    version: RegistryRef | None = None
+    base_url: Annotated[SafeStr, StringConstraints(min_length=1, max_length=2048)] | None = None
+    model: Annotated[SafeStr, StringConstraints(min_length=1, max_length=300)] | None = None
+    api_key_secret: Name | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> TeacherIn:
+        given = [x for x in (self.deployment, self.version, self.base_url) if x is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of deployment, version and base_url")
+        if self.base_url is None and (self.model is not None or self.api_key_secret is not None):
+            raise ValueError("model and api_key_secret go with base_url only")
+        if self.base_url is not None and self.model is None:
+            raise ValueError("an external teacher needs the model to ask for")
+        return self
+
+
+class CurationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_correct: int = Field(
+        default=1, ge=0, le=64,
+        description="right samples a question needs to stay (0 keeps unverified traces)",
+    )  # fmt: skip
+    drop_forced_end: bool = Field(
+        default=True, description="drop traces whose thinking the budget ended, not the model"
+    )
+    weaker: ModelIn | None = Field(
+        default=None, description="difficulty: drop questions this weaker model answers right"
+    )
+    rank_by_length: bool = Field(default=True, description="difficulty: longest thinking first")
+    category_field: Annotated[SafeStr, StringConstraints(min_length=1, max_length=128)] | None = (
+        Field(default=None, description="diversity: take from each value of this field in turn")
+    )
+    max_examples: int | None = Field(default=None, ge=1, le=1_000_000)
+
+
+class DistillCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question_file: Annotated[str, StringConstraints(pattern=r"^file-[0-9a-f]{1,64}$")] = Field(
+        description="a file uploaded with purpose=distill: question and answer (or solution)"
+    )
+    teacher: TeacherIn
+    samples: int = Field(default=1, ge=1, le=64, description="traces per question")
+    thinking: BudgetPointIn | None = Field(default=None, description="the budget forcing")
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    max_completion_tokens: int = Field(default=1024, ge=1, le=1_000_000)
+    concurrency: int = Field(default=4, ge=1, le=64, description="requests in flight at once")
+    max_retries: int = Field(default=3, ge=0, le=10, description="per request")
+    curation: CurationIn = Field(default_factory=CurationIn)
+
+
+class DistillObject(BaseModel):
+    id: str
+    object: Literal["distillation"] = "distillation"
+    status: str
+    question_file: str
+    teacher: dict[str, Any]
+    samples: int
+    thinking: dict[str, Any]
+    temperature: float
+    seed: int
+    curation: dict[str, Any]
+    counts: dict[str, Any] | None
+    stages: dict[str, Any] | None
+    output_file: str | None
+    traces_file: str | None
+    mlflow_run_id: str | None
+    error: dict[str, Any] | None
+    created_at: int
+    finished_at: int | None
+
+
+class DistillEventObject(BaseModel):
+    id: str
+    object: Literal["distillation.event"] = "distillation.event"
+    created_at: int
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any] | None = None
+
+
 # ---------------------------------------------------------------- keys, quotas, usage
 
 

@@ -71,6 +71,13 @@ class Settings(BaseSettings):
     promotion_requires_eval: bool = False
     promotion_min_accuracy: float = Field(default=0.0, ge=0, le=1)
 
+    # Distillation teachers outside the cluster: the base URLs a request may name (scheme,
+    # host and port must match one exactly, its path must start with that one's path), and
+    # their keys by name: a request names a key (``api_key_secret``), never carries one.
+    # E.g. THINKFORGE_DISTILL_TEACHER_SECRETS='{"openai": "sk-..."}'.
+    distill_teacher_urls: list[str] = Field(default_factory=list)
+    distill_teacher_secrets: dict[str, SecretStr] = Field(default_factory=dict)
+
     # Auth. API keys are stored as HMAC-SHA256 digests keyed by secret_key.
     secret_key: SecretStr = SecretStr(DEFAULT_SECRET_KEY)
     bootstrap_api_key: SecretStr | None = None

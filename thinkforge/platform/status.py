@@ -1,6 +1,6 @@
 """Every lifecycle's status: an enum with its transitions written down, ``is_terminal()``
 and its failure kinds. Fine-tune jobs first (``jobs.set_status`` moves them), then
-evaluations (``evals.set_status``) and deployments (``deployments.set_status``).
+evaluations (``evals.set_status``), distillations (``distill.set_status``) and deployments (``deployments.set_status``).
 
 ::
 
@@ -154,6 +154,60 @@ class EvalFailureKind(StrEnum):
     EVAL_FAILED = "eval_failed"
 
 
+class DistillStatus(StrEnum):
+    """A distillation's status: the evaluation's machine (one Ray Job, cancellable).
+
+    ::
+
+        queued ──► running ──► succeeded | failed
+           │  │       │
+           │  └───────┼──► succeeded | failed   (Ray finished before we saw it run)
+           ▼          ▼
+        cancelled ◄─ cancelling ──► succeeded | failed   (the run ended before it stopped)
+
+    Succeeded means the curated file exists (``output_file``); a failed run keeps the
+    traces it generated as ``traces_file``.
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def is_terminal(self) -> bool:
+        return self in _DISTILL_TERMINAL
+
+    def can_become(self, target: DistillStatus) -> bool:
+        return target in DISTILL_TRANSITIONS[self]
+
+
+_DISTILL_TERMINAL = frozenset(
+    {DistillStatus.SUCCEEDED, DistillStatus.FAILED, DistillStatus.CANCELLED}
+)
+
+DISTILL_TRANSITIONS: dict[DistillStatus, frozenset[DistillStatus]] = {
+    DistillStatus.QUEUED: _DISTILL_TERMINAL | {DistillStatus.RUNNING, DistillStatus.CANCELLING},
+    DistillStatus.RUNNING: _DISTILL_TERMINAL | {DistillStatus.CANCELLING},
+    DistillStatus.CANCELLING: _DISTILL_TERMINAL,
+    DistillStatus.SUCCEEDED: frozenset(),
+    DistillStatus.FAILED: frozenset(),
+    DistillStatus.CANCELLED: frozenset(),
+}
+
+
+class DistillFailureKind(StrEnum):
+    """Why a distillation failed: the ``error.code`` of a failed one."""
+
+    LAUNCH_FAILED = "launch_failed"
+    # A request to the teacher (or the weaker model) failed past its retries.
+    TEACHER_FAILED = "teacher_failed"
+    # Curation kept nothing: no file to train on (the traces are still kept).
+    NOTHING_KEPT = "nothing_kept"
+    DISTILL_FAILED = "distill_failed"
+
+
 class DeploymentStatus(StrEnum):
     """A deployment's status: the API's desired state (pending, updating, deleting) and
     Ray Serve's view of it, copied back by the reconciler (deploying, running, degraded,
@@ -205,7 +259,7 @@ DEPLOYMENT_TRANSITIONS: dict[DeploymentStatus, frozenset[DeploymentStatus]] = {
 }
 
 
-Status = TypeVar("Status", JobStatus, EvalStatus, DeploymentStatus)
+Status = TypeVar("Status", JobStatus, EvalStatus, DeploymentStatus, DistillStatus)
 
 
 def moves(current: Status, target: Status, *, what: str) -> bool:

@@ -13,6 +13,8 @@ from thinkforge.platform.models import (
     AuditEntry,
     Checkpoint,
     Deployment,
+    Distillation,
+    DistillEvent,
     Evaluation,
     File,
     Job,
@@ -25,6 +27,8 @@ from thinkforge.platform.schemas import (
     AuditObject,
     CheckpointObject,
     DeploymentObject,
+    DistillEventObject,
+    DistillObject,
     EvalObject,
     FileObject,
     FineTuningJob,
@@ -139,6 +143,27 @@ def eval_view(row: Evaluation) -> EvalObject:
         plot_url=f"/v1/evals/{row.id}/plot.png" if succeeded else None,
         error=row.error, config=row.config, created_at=ts(row.created_at) or 0,
         finished_at=ts(row.finished_at),
+    )  # fmt: skip
+
+
+def distill_view(row: Distillation) -> DistillObject:
+    """A distillation: its lineage (teacher, filters, seed) and what each stage kept."""
+    config = row.config
+    return DistillObject(
+        id=row.id, status=row.status, question_file=row.question_file, teacher=row.teacher,
+        samples=config["samples"], thinking=config.get("thinking") or {},
+        temperature=config["temperature"], seed=config["seed"],
+        curation={k: v for k, v in config["curation"].items() if k != "weaker"},
+        counts=row.counts, stages=row.stages, output_file=row.output_file,
+        traces_file=row.traces_file, mlflow_run_id=row.mlflow_run_id, error=row.error,
+        created_at=ts(row.created_at) or 0, finished_at=ts(row.finished_at),
+    )  # fmt: skip
+
+
+def distill_event_view(row: DistillEvent) -> DistillEventObject:
+    return DistillEventObject(
+        id=row.id, created_at=int(row.created_at.timestamp()), level=row.level, type=row.type,
+        message=row.message, data=row.data,
     )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse
 
+from thinkforge.contract import DATASET_SHA_TAG
 from thinkforge.platform import promotions
 from thinkforge.platform.auth import Principal
 from thinkforge.platform.deps import (
@@ -18,6 +19,7 @@ from thinkforge.platform.deps import (
     LimitQuery,
     PrincipalDep,
 )
+from thinkforge.platform.distill import lineage_for
 from thinkforge.platform.idempotency import fingerprint, run_idempotent_action
 from thinkforge.platform.ownership import ScopedRegistry
 from thinkforge.platform.registry import ModelVersionInfo, all_versions
@@ -83,7 +85,14 @@ def get_version(
     version: Annotated[int, Path(ge=1, le=2**31 - 1)],
 ) -> ModelVersionObject:
     registry = ctx.registry_for(principal.project_id)
-    return _version_view(ctx, registry.get_version(name, version))
+    view = _version_view(ctx, registry.get_version(name, version))
+    if view.lineage is not None:  # trained on a distilled file: that distillation too
+        with ctx.sessions() as session:
+            view.lineage |= lineage_for(
+                session, project_id=principal.project_id,
+                dataset_sha256=view.lineage.get(DATASET_SHA_TAG),
+            )  # fmt: skip
+    return view
 
 
 @router.put("/registry/models/{name}/aliases/{alias}", response_model=AliasObject)
