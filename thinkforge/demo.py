@@ -270,9 +270,13 @@ def show_eval(ev: dict[str, Any]) -> None:
     if ev["status"] != "succeeded":
         console.print(f"  [red]evaluation {ev['status']}: {ev.get('error')}[/red]")
         return
-    table = Table("thinking budget", "accuracy", "avg thinking tokens", "waits")
+    # s1's two families: caps cut thinking short; waits extend it past the natural stop.
+    table = Table("family", "thinking budget", "accuracy", "avg thinking tokens", "waits")
     for b in ev["budgets"]:
+        thinking = b.get("thinking") or {}
+        family = "forced waits" if thinking.get("num_waits") else "thinking budget"
         table.add_row(
+            "natural" if not thinking else family,
             b["budget"],
             f"{b['accuracy']:.0%}",
             f"{b['avg_thinking_tokens']:.1f}",

@@ -1,5 +1,6 @@
 """The synthetic running-sum tasks: s1K-format records whose attempts are correct, and
-issue 17's variant whose first pass may slip and whose "Wait" rechecks correct it."""
+issue 17's variant whose one-line first pass may slip and whose "Wait" rechecks add one
+term a step."""
 
 from __future__ import annotations
 
@@ -76,23 +77,23 @@ def test_recheck_traces_repeat_the_sums_after_a_wait() -> None:
     assert all(r["attempt"] == p["attempt"] for r, p in zip(checked, plain, strict=True))
 
 
-def test_recheck_record_pairs_first_then_single_steps() -> None:
+def test_recheck_record_sums_at_once_then_two_terms_a_step() -> None:
     assert make_recheck_record([3, 5, 2, 7]) == {
         "question": "Sum: 3 5 2 7",
-        "thinking_trajectories": ["3+5+2=10\n10+7=17"],
+        "thinking_trajectories": ["3+5+2+7=17"],
         "attempt": "17",
     }
     two = make_recheck_record([3, 5, 2, 7, 4], rechecks=2)["thinking_trajectories"][0]
-    recheck = "3+5=8\n8+2=10\n10+7=17\n17+4=21"
-    assert two == f"3+5+2=10\n10+7+4=21\nWait\n{recheck}\nWait\n{recheck}"
+    recheck = "3+5+2=10\n10+7+4=21\n3+5+2+7+4=21"
+    assert two == f"3+5+2+7+4=21\nWait\n{recheck}\nWait\n{recheck}"
 
 
-def test_a_slip_is_carried_on_and_the_recheck_corrects_it() -> None:
-    rec = make_recheck_record([3, 5, 2, 7, 4], rechecks=1, slip=-1, slip_at=0)
+def test_a_slipped_first_pass_is_corrected_by_the_recheck() -> None:
+    rec = make_recheck_record([3, 5, 2, 7, 4], rechecks=1, slip=-1)
     first, recheck = rec["thinking_trajectories"][0].split("\nWait\n")
-    assert first == "3+5+2=9\n9+7+4=20"
-    assert recheck.endswith("=21") and rec["attempt"] == "21"
-    # never a negative running sum: the slip flips sign instead
+    assert first == "3+5+2+7+4=20"
+    assert recheck.endswith("\n3+5+2+7+4=21") and rec["attempt"] == "21"
+    # never a negative total: the slip flips sign instead
     low = make_recheck_record([0, 0, 1], rechecks=1, slip=-10)
     assert low["thinking_trajectories"][0].startswith("0+0+1=11\n")
     with pytest.raises(ValueError, match="recheck"):
@@ -100,26 +101,29 @@ def test_a_slip_is_carried_on_and_the_recheck_corrects_it() -> None:
 
 
 def test_recheck_split_mixes_waits_and_holds_questions_out() -> None:
-    train, test = recheck_split(n_train=2000, n_test=200, seed=0, slip_rate=0.1)
+    train, test = recheck_split(n_train=2000, n_test=200, seed=0, slip_rate=0.4)
     assert (len(train), len(test)) == (2000, 200)
     assert not {r["question"] for r in test} & {r["question"] for r in train}
-    assert recheck_split(n_train=2000, n_test=200, seed=0, slip_rate=0.1) == (train, test)
+    assert recheck_split(n_train=2000, n_test=200, seed=0, slip_rate=0.4) == (train, test)
     waits = Counter(r["thinking_trajectories"][0].count("\nWait\n") for r in train)
     assert set(waits) == {0, 1, 2}
-    assert waits[0] > 1000 and waits[1] > 400 and waits[2] > 250  # 0 waits is the mode
+    assert waits[0] > 1100  # 0 waits is the mode: unforced, the model stops after one pass
+    assert waits[1] > 150 and waits[2] > 350
     slipped = 0
     for rec in train:
         example = parse_record(rec, DatasetFormat.AUTO)
         passes = example.thinking.split("\nWait\n")
         assert passes[-1].endswith(f"={rec['attempt']}")  # the last pass is right
-        slipped += not passes[0].endswith(f"={rec['attempt']}")
-    assert 120 < slipped < 280  # slip_rate 0.1
+        wrong = not passes[0].endswith(f"={rec['attempt']}")
+        assert not wrong or len(passes) > 1  # only a rechecked first pass slips
+        slipped += wrong
+    rechecked = waits[1] + waits[2]
+    assert 0.3 * rechecked < slipped < 0.5 * rechecked  # slip_rate 0.4
     for rec in test:  # drawn like the training questions, graded on the attempt only
         terms = [int(t) for t in rec["question"].removeprefix("Sum: ").split()]
         assert 3 <= len(terms) <= 5 and rec["attempt"] == str(sum(terms))
-        assert "Wait" not in rec["thinking_trajectories"][0]
-    plain, _ = recheck_split(n_train=500, n_test=50, seed=0)  # the default: no slips
-    assert all(r["thinking_trajectories"][0].split("\n")[0].count("+") == 2 for r in plain)
+        assert rec["thinking_trajectories"] == ["+".join(map(str, terms)) + f"={sum(terms)}"]
+    plain, _ = recheck_split(n_train=500, n_test=50, seed=0, slip_rate=0)
     assert all(p.endswith(f"={r['attempt']}") for r in plain for p in _passes(r))
 
 

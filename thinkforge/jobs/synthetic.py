@@ -18,16 +18,17 @@ when budget forcing cuts thinking short: the effect the demo and issue 6 measure
     extract_answer("Answer: 17")  # -> "17"
 
 Issue 17, a task where a forced "Wait" fixes mistakes (s1's sequential scaling): the
-first pass adds two digits per step ("3+5+2=10"), a larger table than one digit per step
-that a tiny model learns less reliably, so its first pass sometimes errs; a recheck
-("Wait") redoes the sum one digit per step, meant to be the easier form (measured, the
-tiny model's rechecks still err more than its first pass: bench/README.md). Training
-traces carry 0, 1 or 2 rechecks, and with ``slip_rate`` some first passes hold a slip (a
-wrong running sum) that the recheck corrects; the attempt is always the true total:
+first pass writes the terms and their total in one line ("3+5+2+7=17"), a one-shot sum
+the tiny model often gets wrong; a recheck ("Wait") adds them two terms a step and writes
+the terms again with that total, so each recheck reads the line just above it and the
+next one starts from the same kind of line. Training traces carry 0, 1 or 2 rechecks
+(``RECHECK_MIX``: unforced, the model stops after its first pass), and ``slip_rate`` of
+the rechecked rows have a wrong first total that the recheck corrects, so the model
+learns to compute the recheck, not copy the first pass; the attempt is the true total:
 
     train, test = recheck_split(n_train=2000, n_test=200, seed=0)
     make_recheck_record([3, 5, 2, 7], rechecks=1)["thinking_trajectories"][0]
-    # -> "3+5+2=10\n10+7=17\nWait\n3+5=8\n8+2=10\n10+7=17"
+    # -> "3+5+2+7=17\nWait\n3+5+2=10\n10+7=17\n3+5+2+7=17"
 
 A second domain with another token distribution (words, no digits), for the MoE demo and
 bench/moe_balance.py: reverse a list of words, one word per thinking line. Records carry
@@ -162,38 +163,36 @@ def _disjoint_split(
     return train, list(test.values())
 
 
-def _pair_steps(terms: list[int], slip: int = 0, slip_at: int = 0) -> list[str]:
-    """The first pass: two terms per step; ``slip`` is added to step ``slip_at``'s sum,
-    and the later steps carry the wrong total on, as a person who slipped would."""
+def _pair_steps(terms: list[int]) -> list[str]:
+    """Running sums two terms a step: ``3+5+2=10``, ``10+7+4=21``."""
     total, steps, rest = terms[0], [], terms[1:]
     for i in range(0, len(rest), 2):
         chunk = rest[i : i + 2]
-        off = slip if i // 2 == slip_at else 0
-        new = total + sum(chunk) + (off if total + sum(chunk) + off >= 0 else -off)
-        steps.append("+".join(str(t) for t in [total, *chunk]) + f"={new}")
-        total = new
+        steps.append("+".join(str(t) for t in [total, *chunk]) + f"={total + sum(chunk)}")
+        total += sum(chunk)
     return steps
 
 
-def make_recheck_record(
-    terms: list[int], *, rechecks: int = 0, slip: int = 0, slip_at: int = 0
-) -> Record:
-    """Issue 17's row: a two-terms-per-step first pass (off by ``slip`` at step ``slip_at``
-    when ``slip`` is not 0), then ``rechecks`` times "Wait" and the one-term-per-step sums."""
-    if len(terms) < 3:
-        raise ValueError("a sum needs at least three terms")
+def make_recheck_record(terms: list[int], *, rechecks: int = 0, slip: int = 0) -> Record:
+    """Issue 17's row: a first pass that writes the terms and their total in one line (off
+    by ``slip`` when it is not 0), then ``rechecks`` times "Wait", the running sums two
+    terms a step, and the terms again with the total those steps gave."""
+    if len(terms) < 2:
+        raise ValueError("a sum needs at least two terms")
     if slip and not rechecks:
         raise ValueError("a slipped first pass needs a recheck to correct it")
-    single = make_record(terms)
-    passes = ["\n".join(_pair_steps(terms, slip, slip_at))]
-    passes += single["thinking_trajectories"] * rechecks
-    return {**single, "thinking_trajectories": ["\nWait\n".join(passes)]}
+    total, head = sum(terms), "+".join(str(t) for t in terms)
+    guess = total + slip if total + slip >= 0 else total - slip  # never a negative sum
+    recheck = "\n".join([*_pair_steps(terms), f"{head}={total}"])
+    passes = [f"{head}={guess}", *[recheck] * rechecks]
+    return {**make_record(terms), "thinking_trajectories": ["\nWait\n".join(passes)]}
 
 
 # Rechecks per training row: mostly none, so that unforced the model ends thinking after
 # its first pass; one and two often enough that a first and a second forced "Wait" are in
-# distribution. Slipped rows always recheck (their first pass is wrong).
-RECHECK_MIX = (0.6, 0.25, 0.15)
+# distribution. A recheck's first pass slips (a wrong total) at ``slip_rate``, so the
+# model learns to compute the recheck's total, not to copy the first pass's.
+RECHECK_MIX = (0.6, 0.15, 0.25)
 SLIPS = (-10, -2, -1, 1, 2, 10)
 
 
@@ -205,28 +204,22 @@ def recheck_split(
     min_terms: int = 3,
     max_terms: int = 5,
     max_digit: int = 9,
-    slip_rate: float = 0.0,
+    slip_rate: float = 0.4,
 ) -> tuple[list[Record], list[Record]]:
     """Training rows in issue 17's format and held-out questions, disjoint.
 
     Held-out questions are drawn exactly as training ones (the same RNG and ranges) and
     never trained on; their traces are the plain first pass (only the attempt is graded).
-    ``slip_rate`` defaults to 0: measured (bench/README.md), slipped first passes teach
-    the tiny model that a recheck changes the total, and its rechecks then err more.
+    ``slip_rate``: the share of rechecked rows whose first pass is wrong.
     """
     if not 0 <= slip_rate <= 1:
         raise ValueError("slip_rate must be in [0, 1]")
-    if min_terms < 3:
-        raise ValueError("the recheck task needs at least three terms")
     rng = random.Random(f"recheck-task-{seed}")
 
     def trained(terms: list[int]) -> Record:
-        if rng.random() < slip_rate:
-            rechecks, slip = rng.choice((1, 1, 2)), rng.choice(SLIPS)
-        else:
-            rechecks, slip = rng.choices((0, 1, 2), weights=RECHECK_MIX)[0], 0
-        slip_at = rng.randrange(len(terms) // 2)  # the first pass has len(terms) // 2 steps
-        return make_recheck_record(terms, rechecks=rechecks, slip=slip, slip_at=slip_at)
+        rechecks = rng.choices((0, 1, 2), weights=RECHECK_MIX)[0]
+        slip = rng.choice(SLIPS) if rechecks and rng.random() < slip_rate else 0
+        return make_recheck_record(terms, rechecks=rechecks, slip=slip)
 
     return _disjoint_split(
         n_train,
