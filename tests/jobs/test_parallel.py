@@ -71,7 +71,7 @@ def _fsdp_worker(rank: int, world: int, port: int, tiny: str, out: str) -> None:
         )
         logits = model(input_ids=INPUT).logits.detach()
         # The same training over torch's own gloo collectives, which apply_fsdp replaces
-        # on CPU by all-reduces: it must end in the same model.
+        # on CPU by point-to-point exchanges: it must end in the same model.
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
             DefaultAllGather,
@@ -116,7 +116,7 @@ def test_each_rank_loads_only_its_shard_and_matches_the_full_model(
         torch.testing.assert_close(before["logits_loaded"], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_collectives_by_all_reduce_train_as_torchs_own(fsdp_run: Path) -> None:
+def test_cpu_collectives_by_exchange_train_as_torchs_own(fsdp_run: Path) -> None:
     for rank in (0, 1):
         after = torch.load(fsdp_run / f"rank{rank}-after.pt")
         torch.testing.assert_close(
@@ -184,3 +184,44 @@ def test_a_checkpoint_of_another_shape_is_refused_with_a_code(
     _, shallower = _single_worker(AutoModelForCausalLM.from_config(config))
     with pytest.raises(CheckpointError, match="architecture"):
         shallower.load(fsdp_run / "ckpt")
+
+
+def _collectives_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One of 3 ranks: the CPU collectives against gloo's own on the same inputs."""
+    import torch.distributed as dist
+
+    from thinkforge.jobs.parallel import _AllGatherByExchange, _ReduceScatterByExchange
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        group = dist.group.WORLD
+        shard = torch.randn(5, generator=torch.Generator().manual_seed(rank))
+        gathered, expected = torch.empty(5 * world), torch.empty(5 * world)
+        _AllGatherByExchange()(gathered, shard, group)
+        dist.all_gather_into_tensor(expected, shard)
+        results = {"gathered": (gathered, expected)}
+        for op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
+            grads = torch.randn(4 * world, generator=torch.Generator().manual_seed(10 + rank))
+            mine, theirs = torch.empty(4), torch.empty(4)
+            dist.reduce_scatter_tensor(theirs, grads.clone(), op=dist.ReduceOp.SUM)
+            if op == dist.ReduceOp.AVG:
+                theirs /= world  # gloo has no AVG
+            _ReduceScatterByExchange()(mine, grads, group, op)
+            results[str(op)] = (mine, theirs)
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cpu_collectives_match_gloos_on_three_ranks(tmp_path: Path) -> None:
+    """More than 2 ranks: the all-gather exchanges with every peer, the reduce-scatter
+    runs a ring of several steps."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_collectives_worker, args=(3, free_port(), str(tmp_path)), nprocs=3, join=True)
+    for rank in range(3):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        assert len(results) == 3
+        for got, expected in results.values():
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

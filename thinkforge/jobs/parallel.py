@@ -166,21 +166,29 @@ def apply_fsdp(
         )
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    # Every unit reshards after forward (the default): a forward without backward, as in
-    # validation, then leaves no unsharded parameters behind for the optimizer to miss.
-    units = [*_decoder_layers(model), model]
+    # Every decoder layer but the last reshards after forward (the default): a forward
+    # without backward, as in validation, then leaves little unsharded behind, and
+    # ``reshard`` puts back the rest. The last layer and the root (FSDP2 keeps the root
+    # gathered by itself) keep their parameters: backward starts with them, so resharding
+    # would only gather them again at once (torchtitan does the same). One more layer held
+    # through the head and loss, one all-gather fewer per step.
+    layers = list(_decoder_layers(model))
+    units = [*layers, model]
     for unit in units:
-        fully_shard(unit, **kwargs)
+        fully_shard(unit, reshard_after_forward=unit is not layers[-1], **kwargs)
     if device.type == "cpu":
         for unit in units:
-            unit.set_custom_all_gather(_AllGatherByAllReduce())
-            unit.set_custom_reduce_scatter(_ReduceScatterByAllReduce())
+            unit.set_custom_all_gather(_AllGatherByExchange())
+            unit.set_custom_reduce_scatter(_ReduceScatterByExchange())
 
 
-# gloo's all-gather and reduce-scatter are several times slower than its all-reduce (2
-# processes, 124 MB per rank, loaded machine: 1.1-3.2 s and 0.8-2.8 s, against 0.3-0.7 s
-# for these all-reduce versions; bench/README.md), and FSDP2 runs one of each per unit and
-# step. On CPU both are done as an all-reduce instead, in the buffers FSDP2 already holds.
+# gloo's all-gather and reduce-scatter are several times slower than point-to-point
+# transfers of the same bytes (2 processes, 124 MB per rank, loaded machine: 1.1-3.2 s and
+# 0.8-2.8 s, against 0.3-0.7 s for an all-reduce of twice the bytes; bench/README.md), and
+# FSDP2 runs one of each per unit and step. On CPU both are done as gloo sends and
+# receives straight between the buffers FSDP2 already holds: no zero-filled halves, no
+# extra summing, and each rank sends its share once (an all-reduce sends the whole
+# buffer, twice the bytes of an all-gather or reduce-scatter).
 
 
 class _PlainBuffers:
@@ -190,9 +198,9 @@ class _PlainBuffers:
         return torch.empty(*size, dtype=dtype, device=device)
 
 
-class _AllGatherByAllReduce(_PlainBuffers):
-    """FSDP2's all-gather as a sum: each rank's shard at its offset, zeros elsewhere.
-    Exact: every element is one rank's value plus zeros."""
+class _AllGatherByExchange(_PlainBuffers):
+    """FSDP2's all-gather: each rank sends its shard to every other rank and receives
+    theirs into their slots of the output. Exact: only copies."""
 
     def __call__(
         self,
@@ -203,19 +211,25 @@ class _AllGatherByAllReduce(_PlainBuffers):
     ) -> Any:
         import torch.distributed as dist
 
-        rank, n = dist.get_rank(group), input_tensor.numel()
-        out = output_tensor.view(-1)
-        mine = out[rank * n : (rank + 1) * n]
-        if mine.data_ptr() != input_tensor.data_ptr():  # FSDP2 copies it in place already
-            mine.copy_(input_tensor.view(-1))
-        out[: rank * n].zero_()
-        out[(rank + 1) * n :].zero_()
-        return dist.all_reduce(output_tensor, group=group, async_op=async_op)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        slots = output_tensor.view(world, -1)
+        if slots[rank].data_ptr() != input_tensor.data_ptr():  # FSDP2 copies it in already
+            slots[rank].copy_(input_tensor.view(-1))
+        transfers: list[Any] = []  # gloo's Work objects (None only off the group)
+        for peer in range(world):
+            if peer != rank:
+                transfers.append(dist.isend(slots[rank], group=group, group_dst=peer))
+                transfers.append(dist.irecv(slots[peer], group=group, group_src=peer))
+        for transfer in transfers:
+            transfer.wait()
+        return None  # done: FSDP2 then copies out at once
 
 
-class _ReduceScatterByAllReduce(_PlainBuffers):
-    """FSDP2's reduce-scatter as an all-reduce of the whole gradient buffer, then this
-    rank's chunk; ops other than sum and average go to gloo's own reduce-scatter."""
+class _ReduceScatterByExchange(_PlainBuffers):
+    """FSDP2's reduce-scatter as a ring over the gradient buffer FSDP2 holds: at each of
+    ``world - 1`` steps a rank sends one partial chunk on and adds the one it receives,
+    in the output, which ends as this rank's chunk summed over all ranks. No memory
+    beyond FSDP2's buffers. Ops other than sum and average go to gloo's own."""
 
     def __call__(
         self,
@@ -233,12 +247,20 @@ class _ReduceScatterByAllReduce(_PlainBuffers):
                 output_tensor, input_tensor, op=op, group=group, async_op=async_op
             )
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        dist.all_reduce(input_tensor, group=group)
-        chunk = input_tensor.view(world, -1)[rank].view_as(output_tensor)
+        chunks, out = input_tensor.view(world, -1), output_tensor.view(-1)
+        right, left = (rank + 1) % world, (rank - 1) % world
+        for step in range(world - 1):
+            # Sends the partial sum of chunk rank-step-1, receives chunk rank-step-2's;
+            # the last one received is this rank's own chunk.
+            sent: Any = dist.isend(chunks[(rank - step - 1) % world], group=group, group_dst=right)
+            received: Any = dist.irecv(out, group=group, group_src=left)
+            received.wait()
+            sent.wait()
+            if step < world - 2:
+                chunks[(rank - step - 2) % world].add_(out)
+        out.add_(chunks[rank])
         if op == ReduceOp.AVG:
-            torch.div(chunk, world, out=output_tensor)
-        else:
-            output_tensor.copy_(chunk)
+            out.div_(world)
         return None
 
 
