@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import free_port, seed_mlflow_store
+from tests.conftest import free_port
 from tests.integration.conftest import API_KEY, ControlPlane
 from tests.integration.test_training_e2e import (
     TERMINAL,
@@ -181,7 +181,6 @@ def test_a_run_lost_with_its_ray_head_resumes_from_its_last_checkpoint(
     resumes from the last checkpoint on storage instead of ending as job_lost, and MLflow
     holds each step once."""
     env, steps = embedded_env(data_dir), 48
-    seed_mlflow_store(data_dir / "mlflow.db")  # the test above opens a new one
     first = ControlPlane(data_dir, None, **env).start(timeout_s=240)
     try:
         with first.client() as client:
