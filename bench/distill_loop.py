@@ -14,6 +14,7 @@
 
     .venv/bin/python bench/distill_loop.py                    # ~10 min on 2 quiet cores
     .venv/bin/python bench/distill_loop.py --keep 400 --pool 800
+    .venv/bin/python bench/distill_loop.py --teacher DIR --student-epochs 40   # reuse a teacher
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipe", default=str(ROOT / "recipes" / "tiny-cpu.yaml"))
     p.add_argument("--n-teacher", type=int, default=2000, help="teacher training problems")
     p.add_argument("--teacher-epochs", type=int, default=2)
+    p.add_argument("--teacher", help="a trained teacher model directory: skip training one")
     p.add_argument("--pool", type=int, default=600, help="fresh questions to distil")
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -156,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     pool = [PoolQuestion(index=i, question=r["question"], reference=r["attempt"])
             for i, r in enumerate(fresh[: args.pool])]  # fmt: skip
 
-    teacher = train(args.recipe, write_records(work / "teacher.jsonl", teacher_rows), work,
-                    "teacher", args.teacher_epochs)  # fmt: skip
+    teacher = Path(args.teacher) if args.teacher else train(
+        args.recipe, write_records(work / "teacher.jsonl", teacher_rows), work, "teacher",
+        args.teacher_epochs,
+    )  # fmt: skip
     from scaling import load_engine
 
     traces = distil(load_engine(teacher), pool, args.samples, args.temperature, args.seed)
