@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 MARKER = ".thinkforge-demo"
 # Both of s1's families in one evaluation: budgets cut thinking short, forced waits
 # extend it past where the model would stop (the full budget is 0 waits).
-SWEEP = [{"max_tokens": 0}, {"max_tokens": 4}, {"max_tokens": 8}, {}]
+# The natural first pass is about 12 thinking tokens, so max_tokens=3 is a quarter of it.
+SWEEP = [{"max_tokens": 0}, {"max_tokens": 3}, {"max_tokens": 6}, {}]
 WAITS = [{"num_waits": 1}, {"num_waits": 2}, {"num_waits": 4}]
 
 
@@ -113,8 +114,8 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], data_dir: Path) -> None
 
 
 def make_data(data_dir: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
-    # Issue 17's task: a fallible two-digits-a-step first pass, then 0-2 "Wait" rechecks
-    # one digit a step, so a forced wait can fix a mistake (bench/scaling.py measures it).
+    # Issue 17's task: a fallible one-shot first pass, then 0-2 "Wait" rechecks two terms
+    # a step, so a forced wait can fix a mistake (bench/scaling.py measures it).
     train, held_out = recheck_split(n_train, n_eval, seed=0)
     return (
         write_records(data_dir / "datasets" / "sums-train.jsonl", train),

@@ -108,7 +108,7 @@ def test_recheck_split_mixes_waits_and_holds_questions_out() -> None:
     waits = Counter(r["thinking_trajectories"][0].count("\nWait\n") for r in train)
     assert set(waits) == {0, 1, 2}
     assert waits[0] > 1100  # 0 waits is the mode: unforced, the model stops after one pass
-    assert waits[1] > 150 and waits[2] > 350
+    assert waits[1] > 400 and waits[2] > 200  # a second wait: in distribution, not the mode
     slipped = 0
     for rec in train:
         example = parse_record(rec, DatasetFormat.AUTO)
