@@ -43,7 +43,6 @@ from thinkforge.platform.errors import InvalidFile, InvalidRequest, NotFound, fi
 from thinkforge.platform.files import DatasetInfo, FileInfo, get_file, validate_dataset
 from thinkforge.platform.launcher import JobLauncher, LaunchState, ModuleLaunch
 from thinkforge.platform.models import (
-    ApiKey,
     Distillation,
     DistillEvent,
     File,
@@ -52,7 +51,7 @@ from thinkforge.platform.models import (
 )
 from thinkforge.platform.pagination import page
 from thinkforge.platform.ray_launcher import job_error_line
-from thinkforge.platform.runs import cancel_target, is_cancelled, launch_run
+from thinkforge.platform.runs import cancel_target, is_cancelled, launch_run, reconcile_rows
 from thinkforge.platform.schemas import DistillCreate, ModelIn, TeacherIn
 from thinkforge.platform.settings import Settings
 from thinkforge.platform.status import DistillFailureKind, DistillStatus, moves
@@ -323,28 +322,10 @@ def launch_spec(row: Distillation, settings: Settings) -> ModuleLaunch:
 def reconcile_distills(
     sessions: sessionmaker[Session], launcher: JobLauncher, settings: Settings
 ) -> None:
-    with sessions() as session:
-        pending = list(
-            session.scalars(select(Distillation).where(Distillation.status.not_in(TERMINAL)))
-        )
-    for row in pending:
-        try:
-            _advance(sessions, launcher, settings, row)
-        except Exception:  # one distillation must not stop the others
-            log.exception("reconciling distillation %s failed", row.id)
-    with sessions.begin() as session:
-        _revoke_ended_run_keys(session)
-
-
-def _revoke_ended_run_keys(session: Session) -> None:
-    keys = session.scalars(
-        select(ApiKey)
-        .join(Distillation, Distillation.id == ApiKey.name)
-        .where(ApiKey.revoked_at.is_(None), Distillation.status.in_(TERMINAL))
-    )
-    for key in keys:
-        if key.id == _run_key_id(key.name):
-            key.revoked_at = utcnow()
+    reconcile_rows(
+        sessions, Distillation, terminal=TERMINAL, run_key_id=_run_key_id,
+        advance=lambda row: _advance(sessions, launcher, settings, row),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

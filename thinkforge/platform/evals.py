@@ -29,10 +29,10 @@ from thinkforge.platform.deployments import get_deployment
 from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound, first_error_location
 from thinkforge.platform.files import resolve_dataset
 from thinkforge.platform.launcher import JobLauncher, LaunchState, ModuleLaunch
-from thinkforge.platform.models import ApiKey, Evaluation, new_id, utcnow
+from thinkforge.platform.models import Evaluation, new_id, utcnow
 from thinkforge.platform.pagination import page
 from thinkforge.platform.ray_launcher import job_error_line
-from thinkforge.platform.runs import cancel_target, is_cancelled, launch_run
+from thinkforge.platform.runs import cancel_target, is_cancelled, launch_run, reconcile_rows
 from thinkforge.platform.schemas import EvalCreate
 from thinkforge.platform.settings import Settings
 from thinkforge.platform.status import EvalFailureKind, EvalStatus, moves
@@ -180,29 +180,10 @@ def launch_spec(row: Evaluation, settings: Settings) -> ModuleLaunch:
 def reconcile_evals(
     sessions: sessionmaker[Session], launcher: JobLauncher, settings: Settings
 ) -> None:
-    with sessions() as session:
-        pending = list(
-            session.scalars(select(Evaluation).where(Evaluation.status.not_in(TERMINAL)))
-        )
-    for row in pending:
-        try:
-            _advance(sessions, launcher, settings, row)
-        except Exception:  # one evaluation must not stop the others
-            log.exception("reconciling evaluation %s failed", row.id)
-    with sessions.begin() as session:
-        _revoke_ended_run_keys(session)
-
-
-def _revoke_ended_run_keys(session: Session) -> None:
-    """An ended evaluation's run needs its front-door key no more."""
-    keys = session.scalars(
-        select(ApiKey)
-        .join(Evaluation, Evaluation.id == ApiKey.name)
-        .where(ApiKey.revoked_at.is_(None), Evaluation.status.in_(TERMINAL))
-    )
-    for key in keys:
-        if key.id == _eval_key_id(key.name):
-            key.revoked_at = utcnow()
+    reconcile_rows(
+        sessions, Evaluation, terminal=TERMINAL, run_key_id=_eval_key_id,
+        advance=lambda row: _advance(sessions, launcher, settings, row),
+    )  # fmt: skip
 
 
 def _advance(

@@ -1,8 +1,9 @@
-"""What fine-tune jobs and evaluations share: each is one Ray Job whose submission id is
-the row's id, launched and cancelled by the same steps.
+"""What fine-tune jobs, evaluations and distillations share: each is one Ray Job whose
+submission id is the row's id, launched and cancelled by the same steps.
 
     launch_run(launcher, spec, failed=..., launched=...)   # from the reconciler or a request
     target = cancel_target(status, launched=..., what="job ftjob-1", param=...)
+    reconcile_rows(sessions, Evaluation, terminal=..., advance=..., run_key_id=...)
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
 from thinkforge.platform.errors import Conflict
 from thinkforge.platform.launcher import CannotFit, JobLauncher, LaunchSpec
+from thinkforge.platform.models import ApiKey, Distillation, Evaluation, utcnow
 from thinkforge.platform.status import DistillStatus, EvalStatus, JobStatus
 
 log = logging.getLogger(__name__)
 RunStatus = TypeVar("RunStatus", JobStatus, EvalStatus, DistillStatus)
+KeyedRun = TypeVar("KeyedRun", Evaluation, Distillation)
 
 
 def launch_run(
@@ -62,3 +68,33 @@ def cancel_target(
 def is_cancelled(status: str) -> bool:
     """A row cancelled (or being cancelled) by the time its submission returned."""
     return status in (JobStatus.CANCELLING.value, JobStatus.CANCELLED.value)
+
+
+def reconcile_rows(
+    sessions: sessionmaker[Session],
+    model: type[KeyedRun],
+    *,
+    terminal: tuple[str, ...],
+    advance: Callable[[KeyedRun], None],
+    run_key_id: Callable[[str], str],
+) -> None:
+    """One reconciler pass over the runs of ``model`` that have not ended: ``advance``
+    each (one failing must not stop the others), then revoke the front-door keys derived
+    for the runs that ended (``run_key_id``: the key id of a run id), which they need no
+    more."""
+    with sessions() as session:
+        pending = list(session.scalars(select(model).where(model.status.not_in(terminal))))
+    for row in pending:
+        try:
+            advance(row)
+        except Exception:
+            log.exception("reconciling %s failed", row.id)
+    with sessions.begin() as session:
+        keys = session.scalars(
+            select(ApiKey)
+            .join(model, model.id == ApiKey.name)
+            .where(ApiKey.revoked_at.is_(None), model.status.in_(terminal))
+        )
+        for key in keys:
+            if key.id == run_key_id(key.name):
+                key.revoked_at = utcnow()
