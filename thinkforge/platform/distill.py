@@ -51,7 +51,7 @@ from thinkforge.platform.models import (
 )
 from thinkforge.platform.pagination import page
 from thinkforge.platform.ray_launcher import job_error_line
-from thinkforge.platform.runs import cancel_target, is_cancelled, launch_run, reconcile_rows
+from thinkforge.platform.runs import cancel_target, reconcile_rows, submit_row
 from thinkforge.platform.schemas import DistillCreate, ModelIn, TeacherIn
 from thinkforge.platform.settings import Settings
 from thinkforge.platform.status import DistillFailureKind, DistillStatus, moves
@@ -500,28 +500,11 @@ def _submit(
     sessions: sessionmaker[Session], launcher: JobLauncher, settings: Settings,
     row: Distillation,
 ) -> None:  # fmt: skip
-    def locked(session: Session) -> Distillation | None:
-        stmt = select(Distillation).where(Distillation.seq == row.seq).with_for_update()
-        return session.scalar(stmt)
+    def fail(current: Distillation, message: str) -> None:
+        error = {"code": DistillFailureKind.LAUNCH_FAILED.value, "message": message}
+        set_status(current, DistillStatus.FAILED, error=error)
 
-    def failed(message: str) -> None:
-        with sessions.begin() as session:
-            current = locked(session)
-            if current is not None and not is_cancelled(current.status):
-                error = {"code": DistillFailureKind.LAUNCH_FAILED.value, "message": message}
-                set_status(current, DistillStatus.FAILED, error=error)
-
-    def launched() -> bool:
-        with sessions.begin() as session:
-            current = locked(session)
-            if current is None:
-                return False
-            current.submitted_at = utcnow()
-            return is_cancelled(current.status)
-
-    try:
-        spec = launch_spec(row, settings)
-    except ValueError as exc:
-        failed(str(exc))
-        return
-    launch_run(launcher, spec, failed=failed, launched=launched)
+    submit_row(
+        sessions, launcher, Distillation, row.seq,
+        build_spec=lambda: launch_spec(row, settings), fail=fail,
+    )  # fmt: skip

@@ -32,7 +32,7 @@ from thinkforge.platform.launcher import JobLauncher, LaunchState, ModuleLaunch
 from thinkforge.platform.models import Evaluation, new_id, utcnow
 from thinkforge.platform.pagination import page
 from thinkforge.platform.ray_launcher import job_error_line
-from thinkforge.platform.runs import cancel_target, is_cancelled, launch_run, reconcile_rows
+from thinkforge.platform.runs import cancel_target, reconcile_rows, submit_row
 from thinkforge.platform.schemas import EvalCreate
 from thinkforge.platform.settings import Settings
 from thinkforge.platform.status import EvalFailureKind, EvalStatus, moves
@@ -228,28 +228,14 @@ def _advance(
 def _submit(
     sessions: sessionmaker[Session], launcher: JobLauncher, settings: Settings, row: Evaluation
 ) -> None:
-    """Launch as jobs do; the row counts as submitted only once the launcher took it."""
+    def fail(current: Evaluation, message: str) -> None:
+        error = {"code": EvalFailureKind.LAUNCH_FAILED.value, "message": message}
+        set_status(current, EvalStatus.FAILED, error=error)
 
-    def locked(session: Session) -> Evaluation | None:
-        stmt = select(Evaluation).where(Evaluation.seq == row.seq).with_for_update()
-        return session.scalar(stmt)
-
-    def failed(message: str) -> None:
-        with sessions.begin() as session:
-            current = locked(session)
-            if current is not None and not is_cancelled(current.status):
-                error = {"code": EvalFailureKind.LAUNCH_FAILED.value, "message": message}
-                set_status(current, EvalStatus.FAILED, error=error)
-
-    def launched() -> bool:
-        with sessions.begin() as session:
-            current = locked(session)
-            if current is None:
-                return False
-            current.submitted_at = utcnow()
-            return is_cancelled(current.status)
-
-    launch_run(launcher, launch_spec(row, settings), failed=failed, launched=launched)
+    submit_row(
+        sessions, launcher, Evaluation, row.seq,
+        build_spec=lambda: launch_spec(row, settings), fail=fail,
+    )  # fmt: skip
 
 
 def _fetch_from_mlflow(row: Evaluation, tracking_uri: str, run_id: str | None) -> bool:

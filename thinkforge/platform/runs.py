@@ -4,6 +4,7 @@ submission id is the row's id, launched and cancelled by the same steps.
     launch_run(launcher, spec, failed=..., launched=...)   # from the reconciler or a request
     target = cancel_target(status, launched=..., what="job ftjob-1", param=...)
     reconcile_rows(sessions, Evaluation, terminal=..., advance=..., run_key_id=...)
+    submit_row(sessions, launcher, Evaluation, row.seq, build_spec=..., fail=...)
 """
 
 from __future__ import annotations
@@ -98,3 +99,42 @@ def reconcile_rows(
         for key in keys:
             if key.id == run_key_id(key.name):
                 key.revoked_at = utcnow()
+
+
+def submit_row(
+    sessions: sessionmaker[Session],
+    launcher: JobLauncher,
+    model: type[KeyedRun],
+    seq: int,
+    *,
+    build_spec: Callable[[], LaunchSpec],
+    fail: Callable[[KeyedRun, str], None],
+) -> None:
+    """Launch the run of row ``seq`` as jobs do: the row counts as submitted only once
+    the launcher took it. A spec that cannot be built (``ValueError``: say, a secret gone
+    from the settings) or a launch that fails goes to ``fail`` with the row locked,
+    unless the row was cancelled meanwhile."""
+
+    def locked(session: Session) -> KeyedRun | None:
+        return session.scalar(select(model).where(model.seq == seq).with_for_update())
+
+    def failed(message: str) -> None:
+        with sessions.begin() as session:
+            current = locked(session)
+            if current is not None and not is_cancelled(current.status):
+                fail(current, message)
+
+    def launched() -> bool:
+        with sessions.begin() as session:
+            current = locked(session)
+            if current is None:
+                return False
+            current.submitted_at = utcnow()
+            return is_cancelled(current.status)
+
+    try:
+        spec = build_spec()
+    except ValueError as exc:
+        failed(str(exc))
+        return
+    launch_run(launcher, spec, failed=failed, launched=launched)
