@@ -44,6 +44,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--keep", type=int, default=300, help="training examples per student")
     p.add_argument("--student-epochs", type=int, default=8)
+    p.add_argument(
+        "--diversity-by-terms", action="store_true",
+        help="give each question its number of terms as its category, so the diversity "
+        "stage spreads the kept traces across sum lengths (s1 samples across domains)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-length-rank",
+        action="store_true",
+        help="curation keeps right answers in a seeded order instead of longest thinking first",
+    )
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="default: a temp dir")
@@ -118,6 +128,11 @@ def distil(engine: Any, pool: list[Any], samples: int, temperature: float, seed:
     return traces
 
 
+def _terms(question: str) -> str:
+    """The number of terms of a running-sum question ("Sum: 3 5 2" -> "3")."""
+    return str(len(question.split()) - 1)
+
+
 def s1k_row(q: Any, t: Any) -> dict[str, Any]:
     return {"question": q.question, "thinking_trajectories": [t.thinking or " "],
             "attempt": t.attempt or " "}  # fmt: skip
@@ -155,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     seen: set[str] = set()
     fresh = [r for r in fresh if not (r["question"] in seen or seen.add(r["question"]))]  # type: ignore[func-returns-value]
-    pool = [PoolQuestion(index=i, question=r["question"], reference=r["attempt"])
+    pool = [PoolQuestion(index=i, question=r["question"], reference=r["attempt"],
+                         category=_terms(r["question"]) if args.diversity_by_terms else "")
             for i, r in enumerate(fresh[: args.pool])]  # fmt: skip
 
     teacher = Path(args.teacher) if args.teacher else train(
@@ -169,7 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"teacher: {len(traces)} traces, {100 * teacher_acc:.1f}% right", flush=True)
 
     curated, stages, _ = curate(
-        pool, traces, Curation(min_correct=1, max_examples=args.keep), seed=args.seed
+        pool,
+        traces,
+        Curation(
+            min_correct=1,
+            max_examples=args.keep,
+            category_field="terms" if args.diversity_by_terms else None,
+            rank_by_length=not args.no_length_rank,
+        ),
+        seed=args.seed,
     )
     by_q = {q.index: q for q in pool}
     rng = random.Random(args.seed)
