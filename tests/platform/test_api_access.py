@@ -114,6 +114,8 @@ class ProjectA:
     member: str  # a member key of project A
     outsider: str  # an admin key of project "b"
     member_id: str  # the member key's id
+    questions: str  # a purpose=distill question file
+    distill: str
 
     def fill(self, path: str) -> str:
         """``path`` with project A's objects; a new path parameter fails here until added."""
@@ -121,7 +123,7 @@ class ProjectA:
         values = {
             "file_id": self.file, "job_id": self.job, "eval_id": self.eval, "version": "1",
             "alias": "production", "name": self.deployment if deployment_route else OWNED,
-            "key_id": self.member_id,
+            "key_id": self.member_id, "distill_id": self.distill,
         }  # fmt: skip
         return path.format(**values)
 
@@ -133,6 +135,7 @@ class ProjectA:
             ("POST", "/v1/deployments"): {"name": "b-deploy", "model": f"{OWNED}@production"},
             ("PATCH", "/v1/deployments/{name}"): {"model": f"{OWNED}/1"},
             ("POST", "/v1/evals"): {"deployment": self.deployment, "dataset": self.file, "budgets": [{}]},
+            ("POST", "/v1/datasets/distill"): {"question_file": self.questions, "teacher": {"deployment": self.deployment}},
         }  # fmt: skip
         return bodies.get((method, path))
 
@@ -157,7 +160,7 @@ def snapshot(a: ProjectA) -> dict[str, Any]:
     admin = {"Authorization": f"Bearer {BOOTSTRAP_KEY}"}
     paths = [
         "/v1/files", "/v1/fine_tuning/jobs", "/v1/evals", "/v1/deployments", "/v1/audit",
-        "/v1/keys", "/v1/quotas",
+        "/v1/keys", "/v1/quotas", "/v1/datasets/distill",
         f"/v1/registry/models/{OWNED}", f"/v1/registry/models/{OWNED}/versions",
     ]  # fmt: skip
     return {p: a.http.get(p, headers=admin).json() for p in paths}
@@ -194,6 +197,16 @@ def project_a(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProjectA]:
             "/v1/evals", json={"deployment": "a-deploy", "dataset": file_id, "budgets": [{}]}
         )
         assert ev.status_code == 200, ev.text
+        questions = client.post(
+            "/v1/files",
+            files={"file": ("q.jsonl", jsonl({"question": "Sum: 1 2", "answer": "3"}))},
+            data={"purpose": "distill"},
+        ).json()["id"]
+        distill = client.post(
+            "/v1/datasets/distill",
+            json={"question_file": questions, "teacher": {"deployment": "a-deploy"}},
+        )
+        assert distill.status_code == 200, distill.text
         secret = settings.secret_key.get_secret_value()
         with sessions.begin() as session:
             row, member = create_key_row(session, secret, project_id="default", role="member")
@@ -201,7 +214,7 @@ def project_a(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProjectA]:
             outsider = create_key(session, secret, project_id="b", role="admin")
         yield ProjectA(
             server.url, http, file_id, job, ev.json()["id"], "a-deploy", member, outsider,
-            member_id,
+            member_id, questions, distill.json()["id"],
         )  # fmt: skip
 
 
@@ -217,7 +230,8 @@ def test_every_operation_needs_a_key(project_a: ProjectA) -> None:
 
 def test_another_project_finds_none_of_this_projects_objects(project_a: ProjectA) -> None:
     before = snapshot(project_a)
-    mine = [project_a.file, project_a.job, project_a.eval, project_a.deployment, OWNED]
+    mine = [project_a.file, project_a.job, project_a.eval, project_a.deployment, OWNED,
+            project_a.questions, project_a.distill]  # fmt: skip
     for method, path in operations(project_a.url):
         resp = call(project_a, project_a.outsider, method, path)
         if "{" in path:  # an object of project A by id or name: as if it did not exist
