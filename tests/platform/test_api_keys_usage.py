@@ -115,6 +115,11 @@ def test_front_door_directory_and_usage_batches(api: Api) -> None:
     bad = api.client.get("/v1/usage", params={"group_by": "model"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "group_by"
     assert api.client.get("/v1/usage", params={"start": 10, "end": 5}).status_code == 400
+    # past datetime's last second (year 9999) a bound is a 400, not a 500 from fromtimestamp
+    far = api.client.get("/v1/usage", params={"start": 0, "end": 2**40})
+    assert far.status_code == 400 and far.json()["error"]["param"] == "end", far.text
+    last = 253402300799  # 9999-12-31T23:59:59Z
+    assert api.client.get("/v1/usage", params={"start": 0, "end": last}).status_code == 200
 
 
 def test_metrics_has_request_histograms(api: Api) -> None:

@@ -16,7 +16,9 @@ from thinkforge.platform.schemas import FrontDoorDirectory, UsageBatch, UsageRep
 router = APIRouter(prefix="/v1", tags=["usage"], route_class=KeyFirstRoute)
 # Not in the public schema: only the front door calls these, with its derived token.
 internal = APIRouter(prefix="/v1/internal", include_in_schema=False)
-Seconds = Annotated[int | None, Query(ge=0, le=2**40, description="unix seconds")]
+# Up to datetime's last second (9999-12-31T23:59:59Z): beyond it fromtimestamp raises.
+LAST_SECOND = 253402300799
+Seconds = Annotated[int | None, Query(ge=0, le=LAST_SECOND, description="unix seconds")]
 
 
 @router.get("/usage", response_model=UsageReport)
