@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -31,6 +32,16 @@ def create(api: Api, file_id: str, **fields: object) -> httpx.Response:
 def reconcile(api: Api) -> None:
     ctx = api.app.state.ctx  # type: ignore[attr-defined]
     reconcile_once(ctx.sessions, ctx.launcher)
+
+
+def validated(api: Api, job_id: str, timeout_s: float = 30) -> None:
+    """Wait for the create's background task to validate the training file: until then a
+    reconcile pass has nothing to submit (the cause of this module's flaky failures under
+    load, where the pass ran first and the job was read back ``queued``)."""
+    deadline = time.monotonic() + timeout_s
+    while api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "validating_files":
+        assert time.monotonic() < deadline, f"job {job_id} still validating its file"
+        time.sleep(0.05)
 
 
 def test_create_get_and_defaults(api: Api, file_id: str) -> None:
@@ -186,6 +197,7 @@ def test_a_job_waiting_for_workers_stays_queued_and_says_why(api: Api, file_id: 
 def test_a_job_larger_than_the_cluster_fails_at_once(api: Api, file_id: str) -> None:
     api.launcher.fail_submit = CannotFit("the job asks for 3 workers with 1 CPU each")
     job_id = create(api, file_id).json()["id"]
+    validated(api, job_id)
     reconcile(api)
     job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"] == {
@@ -198,6 +210,7 @@ def test_a_job_larger_than_the_cluster_fails_at_once(api: Api, file_id: str) -> 
 def test_launch_failure_fails_the_job(api: Api, file_id: str) -> None:
     api.launcher.fail_submit = RuntimeError("cluster unreachable")
     job_id = create(api, file_id).json()["id"]
+    validated(api, job_id)
     reconcile(api)
     job = api.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "launch_failed"
