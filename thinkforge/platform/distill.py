@@ -47,14 +47,13 @@ from thinkforge.platform.models import (
     DistillEvent,
     File,
     new_id,
-    utcnow,
 )
 from thinkforge.platform.pagination import page
 from thinkforge.platform.ray_launcher import job_error_line
-from thinkforge.platform.runs import cancel_target, reconcile_rows, submit_row
+from thinkforge.platform.runs import cancel_target, move_run, reconcile_rows, submit_row
 from thinkforge.platform.schemas import DistillCreate, ModelIn, TeacherIn
 from thinkforge.platform.settings import Settings
-from thinkforge.platform.status import DistillFailureKind, DistillStatus, moves
+from thinkforge.platform.status import DistillFailureKind, DistillStatus
 
 log = logging.getLogger(__name__)
 TERMINAL = tuple(s.value for s in DistillStatus if s.is_terminal())
@@ -259,15 +258,7 @@ def cancel_distillation(
 def set_status(
     row: Distillation, target: DistillStatus, *, error: dict[str, Any] | None = None
 ) -> bool:
-    """Move ``row`` to ``target`` if the status machine allows it; returns whether it moved."""
-    if not moves(DistillStatus(row.status), target, what=f"distillation {row.id}"):
-        return False
-    row.status = target.value
-    if error is not None:
-        row.error = error
-    if target.is_terminal():
-        row.finished_at = utcnow()
-    return True
+    return move_run(row, target, what="distillation", error=error)
 
 
 def lineage_for(session: Session, *, project_id: str, dataset_sha256: str | None) -> dict[str, str]:

@@ -29,13 +29,13 @@ from thinkforge.platform.deployments import get_deployment
 from thinkforge.platform.errors import Conflict, InvalidRequest, NotFound, first_error_location
 from thinkforge.platform.files import resolve_dataset
 from thinkforge.platform.launcher import JobLauncher, LaunchState, ModuleLaunch
-from thinkforge.platform.models import Evaluation, new_id, utcnow
+from thinkforge.platform.models import Evaluation, new_id
 from thinkforge.platform.pagination import page
 from thinkforge.platform.ray_launcher import job_error_line
-from thinkforge.platform.runs import cancel_target, reconcile_rows, submit_row
+from thinkforge.platform.runs import cancel_target, move_run, reconcile_rows, submit_row
 from thinkforge.platform.schemas import EvalCreate
 from thinkforge.platform.settings import Settings
-from thinkforge.platform.status import EvalFailureKind, EvalStatus, moves
+from thinkforge.platform.status import EvalFailureKind, EvalStatus
 
 log = logging.getLogger(__name__)
 TERMINAL = tuple(s.value for s in EvalStatus if s.is_terminal())
@@ -145,16 +145,7 @@ def cancel_eval(session: Session, *, project_id: str, eval_id: str) -> tuple[Eva
 
 
 def set_status(row: Evaluation, target: EvalStatus, *, error: dict[str, Any] | None = None) -> bool:
-    """Move ``row`` to ``target`` if the status machine allows it; returns whether it moved.
-    An ``error`` is kept with any status (a stopped run's reason, a mixed-version note)."""
-    if not moves(EvalStatus(row.status), target, what=f"evaluation {row.id}"):
-        return False
-    row.status = target.value
-    if error is not None:
-        row.error = error
-    if target.is_terminal():
-        row.finished_at = utcnow()
-    return True
+    return move_run(row, target, what="evaluation", error=error)
 
 
 def plot_path(row: Evaluation) -> Path:

@@ -5,13 +5,14 @@ submission id is the row's id, launched and cancelled by the same steps.
     target = cancel_target(status, launched=..., what="job ftjob-1", param=...)
     reconcile_rows(sessions, Evaluation, terminal=..., advance=..., run_key_id=...)
     submit_row(sessions, launcher, Evaluation, row.seq, build_spec=..., fail=...)
+    move_run(row, EvalStatus.RUNNING, what="evaluation")
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from thinkforge.platform.errors import Conflict
 from thinkforge.platform.launcher import CannotFit, JobLauncher, LaunchSpec
 from thinkforge.platform.models import ApiKey, Distillation, Evaluation, utcnow
-from thinkforge.platform.status import DistillStatus, EvalStatus, JobStatus
+from thinkforge.platform.status import DistillStatus, EvalStatus, JobStatus, moves
 
 log = logging.getLogger(__name__)
 RunStatus = TypeVar("RunStatus", JobStatus, EvalStatus, DistillStatus)
@@ -69,6 +70,22 @@ def cancel_target(
 def is_cancelled(status: str) -> bool:
     """A row cancelled (or being cancelled) by the time its submission returned."""
     return status in (JobStatus.CANCELLING.value, JobStatus.CANCELLED.value)
+
+
+def move_run(
+    row: KeyedRun, target: RunStatus, *, what: str, error: dict[str, Any] | None = None
+) -> bool:
+    """Move an evaluation's or a distillation's ``row`` to ``target`` if its status
+    machine allows it; returns whether it moved. An ``error`` is kept with any status (a
+    stopped run's reason, a mixed-version note); a terminal status stamps ``finished_at``."""
+    if not moves(type(target)(row.status), target, what=f"{what} {row.id}"):
+        return False
+    row.status = target.value
+    if error is not None:
+        row.error = error
+    if target.is_terminal():
+        row.finished_at = utcnow()
+    return True
 
 
 def reconcile_rows(
