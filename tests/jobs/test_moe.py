@@ -5,15 +5,13 @@ under FSDP2 (each decoder layer, experts included, sharded by ``apply_fsdp``).""
 from __future__ import annotations
 
 import functools
-import os
-import socket
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.jobs.ranks import spawn_ranks
 from thinkforge.jobs import moe
 
 WORLD, ACCUM, ROWS, SEQ, VOCAB = 2, 2, 2, 8, 64
@@ -94,43 +92,32 @@ def _step_loss(
     return torch.stack([loss for _, loss in forwards]).sum() / len(forwards) + step.loss, step
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out: str, strategy: str, lm: bool) -> None:
+def _worker(rank: int, world: int, out: str, strategy: str, lm: bool) -> None:
     """One rank of a training step as thinkforge.jobs.sft runs it for an MoE base."""
     from thinkforge.jobs.parallel import apply_fsdp, gradient_sync
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        inner = _model()
-        if strategy == "ddp":
-            # The router loss alone leaves the LM head without a gradient (as an expert no
-            # token chose always is): DDP must be told, or it waits and never all-reduces.
-            model = torch.nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
-        else:
-            apply_fsdp(inner, device=torch.device("cpu"), world=WORLD)
-            model = inner
-        spec = moe.router_spec(inner.config)
-        ids, mask = _global_batch()
-        per_rank = ACCUM * ROWS
-        forwards = []
-        for i in range(ACCUM):  # every forward first; under DDP the last one arms the hooks
-            lo = rank * per_rank + i * ROWS
-            with gradient_sync(model, i == ACCUM - 1):
-                forwards.append(_forward(model, spec, ids[lo : lo + ROWS], mask[lo : lo + ROWS]))
-        loss, step = _step_loss(forwards, spec, WORLD, lm)
-        loss.backward()
-        aux = step.aux.clone()
-        dist.all_reduce(aux)
-        torch.save((float(aux) / WORLD, _router_grads(inner), step.counts), f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    inner = _model()
+    if strategy == "ddp":
+        # The router loss alone leaves the LM head without a gradient (as an expert no
+        # token chose always is): DDP must be told, or it waits and never all-reduces.
+        model = torch.nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
+    else:
+        apply_fsdp(inner, device=torch.device("cpu"), world=world)
+        model = inner
+    spec = moe.router_spec(inner.config)
+    ids, mask = _global_batch()
+    per_rank = ACCUM * ROWS
+    forwards = []
+    for i in range(ACCUM):  # every forward first; under DDP the last one arms the hooks
+        lo = rank * per_rank + i * ROWS
+        with gradient_sync(model, i == ACCUM - 1):
+            forwards.append(_forward(model, spec, ids[lo : lo + ROWS], mask[lo : lo + ROWS]))
+    loss, step = _step_loss(forwards, spec, world, lm)
+    loss.backward()
+    aux = step.aux.clone()
+    dist.all_reduce(aux)
+    torch.save((float(aux) / world, _router_grads(inner), step.counts), f"{out}.{rank}")
 
 
 @functools.cache
@@ -156,9 +143,7 @@ def test_global_balance_is_exact_across_ranks_and_micro_batches(
 ) -> None:
     ref_aux, ref_grads, ref_counts = _reference(lm)
     out = str(tmp_path / "rank")
-    mp.start_processes(
-        _worker, args=(_free_port(), out, strategy, lm), nprocs=WORLD, start_method="spawn"
-    )
+    spawn_ranks(_worker, WORLD, out, strategy, lm)
     assert len(ref_grads) == 2  # one router per layer
     for rank in range(WORLD):
         aux, grads, counts = torch.load(f"{out}.{rank}")

@@ -5,14 +5,13 @@ the export and the checkpoint read back the way another job would."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.conftest import free_port
+from tests.jobs.ranks import spawn_ranks
 from thinkforge.jobs.checkpointing import CheckpointError, CheckpointManager, export_hf
 
 pytestmark = pytest.mark.slow
@@ -36,70 +35,61 @@ def _train(model: Any, optimizer: torch.optim.Optimizer, steps: int) -> None:
         optimizer.zero_grad()
 
 
-def _fsdp_worker(rank: int, world: int, port: int, tiny: str, out: str) -> None:
+def _fsdp_worker(rank: int, world: int, tiny: str, out: str) -> None:
     """One rank: shard, check it holds only its share, train, checkpoint, export."""
-    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     from thinkforge.jobs.parallel import build_model, is_sharded
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = build_model(
-            tiny, strategy="fsdp", device=torch.device("cpu"), world=world, load_weights=True
-        )
-        assert is_sharded(model)
-        optimizer = _adamw(model)  # before any forward, as the job does
-        params = list(model.parameters())
-        assert all(isinstance(p, DTensor) for p in params)
-        held = sum(p.to_local().numel() for p in params)
-        total = sum(p.numel() for p in params)
-        torch.save(
-            {"held": held, "total": total, "logits_loaded": model(input_ids=INPUT).logits},
-            Path(out) / f"rank{rank}-before.pt",
-        )
-        _train(model, optimizer, steps=3)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        manager = CheckpointManager(
-            model, optimizer, scheduler, global_batch=4, strategy="fsdp", rank=rank, world=world
-        )
-        manager.save(Path(out) / "ckpt", step=3)
-        # Small shards: the export of this ~1M-parameter model spans several files.
-        export_hf(
-            model, Path(out) / "export", dtype=torch.float32, rank=rank, max_shard_bytes=1 << 20
-        )
-        logits = model(input_ids=INPUT).logits.detach()
-        # The same training over torch's own gloo collectives, which apply_fsdp replaces
-        # on CPU by point-to-point exchanges: it must end in the same model.
-        from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
-            DefaultAllGather,
-            DefaultReduceScatter,
-        )
+    model = build_model(
+        tiny, strategy="fsdp", device=torch.device("cpu"), world=world, load_weights=True
+    )
+    assert is_sharded(model)
+    optimizer = _adamw(model)  # before any forward, as the job does
+    params = list(model.parameters())
+    assert all(isinstance(p, DTensor) for p in params)
+    held = sum(p.to_local().numel() for p in params)
+    total = sum(p.numel() for p in params)
+    torch.save(
+        {"held": held, "total": total, "logits_loaded": model(input_ids=INPUT).logits},
+        Path(out) / f"rank{rank}-before.pt",
+    )
+    _train(model, optimizer, steps=3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    manager = CheckpointManager(
+        model, optimizer, scheduler, global_batch=4, strategy="fsdp", rank=rank, world=world
+    )
+    manager.save(Path(out) / "ckpt", step=3)
+    # Small shards: the export of this ~1M-parameter model spans several files.
+    export_hf(model, Path(out) / "export", dtype=torch.float32, rank=rank, max_shard_bytes=1 << 20)
+    logits = model(input_ids=INPUT).logits.detach()
+    # The same training over torch's own gloo collectives, which apply_fsdp replaces
+    # on CPU by point-to-point exchanges: it must end in the same model.
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
+        DefaultAllGather,
+        DefaultReduceScatter,
+    )
 
-        reference = build_model(
-            tiny, strategy="fsdp", device=torch.device("cpu"), world=world, load_weights=True
-        )
-        for unit in reference.modules():
-            if isinstance(unit, FSDPModule):
-                unit.set_custom_all_gather(DefaultAllGather())
-                unit.set_custom_reduce_scatter(DefaultReduceScatter())
-        _train(reference, _adamw(reference), steps=3)
-        default = reference(input_ids=INPUT).logits.detach()
-        torch.save(
-            {"logits": logits, "logits_default_comms": default}, Path(out) / f"rank{rank}-after.pt"
-        )
-    finally:
-        dist.destroy_process_group()
+    reference = build_model(
+        tiny, strategy="fsdp", device=torch.device("cpu"), world=world, load_weights=True
+    )
+    for unit in reference.modules():
+        if isinstance(unit, FSDPModule):
+            unit.set_custom_all_gather(DefaultAllGather())
+            unit.set_custom_reduce_scatter(DefaultReduceScatter())
+    _train(reference, _adamw(reference), steps=3)
+    default = reference(input_ids=INPUT).logits.detach()
+    torch.save(
+        {"logits": logits, "logits_default_comms": default}, Path(out) / f"rank{rank}-after.pt"
+    )
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_fsdp_worker, args=(2, free_port(), str(tiny_dir), str(out)), nprocs=2, join=True)
+    spawn_ranks(_fsdp_worker, 2, str(tiny_dir), str(out))
     return out
 
 
@@ -186,40 +176,34 @@ def test_a_checkpoint_of_another_shape_is_refused_with_a_code(
         shallower.load(fsdp_run / "ckpt")
 
 
-def _collectives_worker(rank: int, world: int, port: int, out: str) -> None:
+def _collectives_worker(rank: int, world: int, out: str) -> None:
     """One of 3 ranks: the CPU collectives against gloo's own on the same inputs."""
     import torch.distributed as dist
 
     from thinkforge.jobs.parallel import _AllGatherByExchange, _ReduceScatterByExchange
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        group = dist.group.WORLD
-        shard = torch.randn(5, generator=torch.Generator().manual_seed(rank))
-        gathered, expected = torch.empty(5 * world), torch.empty(5 * world)
-        _AllGatherByExchange()(gathered, shard, group)
-        dist.all_gather_into_tensor(expected, shard)
-        results = {"gathered": (gathered, expected)}
-        for op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
-            grads = torch.randn(4 * world, generator=torch.Generator().manual_seed(10 + rank))
-            mine, theirs = torch.empty(4), torch.empty(4)
-            dist.reduce_scatter_tensor(theirs, grads.clone(), op=dist.ReduceOp.SUM)
-            if op == dist.ReduceOp.AVG:
-                theirs /= world  # gloo has no AVG
-            _ReduceScatterByExchange()(mine, grads, group, op)
-            results[str(op)] = (mine, theirs)
-        torch.save(results, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    group = dist.group.WORLD
+    shard = torch.randn(5, generator=torch.Generator().manual_seed(rank))
+    gathered, expected = torch.empty(5 * world), torch.empty(5 * world)
+    _AllGatherByExchange()(gathered, shard, group)
+    dist.all_gather_into_tensor(expected, shard)
+    results = {"gathered": (gathered, expected)}
+    for op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
+        grads = torch.randn(4 * world, generator=torch.Generator().manual_seed(10 + rank))
+        mine, theirs = torch.empty(4), torch.empty(4)
+        dist.reduce_scatter_tensor(theirs, grads.clone(), op=dist.ReduceOp.SUM)
+        if op == dist.ReduceOp.AVG:
+            theirs /= world  # gloo has no AVG
+        _ReduceScatterByExchange()(mine, grads, group, op)
+        results[str(op)] = (mine, theirs)
+    torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
 def test_cpu_collectives_match_gloos_on_three_ranks(tmp_path: Path) -> None:
     """More than 2 ranks: the all-gather exchanges with every peer, the reduce-scatter
     runs a ring of several steps."""
-    import torch.multiprocessing as mp
 
-    mp.spawn(_collectives_worker, args=(3, free_port(), str(tmp_path)), nprocs=3, join=True)
+    spawn_ranks(_collectives_worker, 3, str(tmp_path))
     for rank in range(3):
         results = torch.load(tmp_path / f"rank{rank}.pt")
         assert len(results) == 3
