@@ -167,8 +167,8 @@ def apply_fsdp(
     """``fully_shard`` the decoder layers, ``layers_per_unit`` consecutive layers to a
     unit (one all-gather and one reduce-scatter each), then the root (embeddings, norm,
     head). Larger units mean fewer, larger collectives, which gloo runs synchronously
-    (bench/README.md: 2 layers a unit took FSDP2 on 2 CPU workers from 0.74x to 0.84x of
-    DDP's tokens/s), at the cost of holding a whole unit gathered at a time."""
+    (bench/README.md: 2 layers a unit took FSDP2 from 0.74x to 0.84x of DDP's tokens/s
+    in a 2-process CPU run), at the cost of holding a whole unit gathered at a time."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
