@@ -16,6 +16,11 @@ seconds per step (``time.process_time``, all its threads) give a second ratio, t
 CPU second, which a loaded machine disturbs much less than wall time.
 
     PYTHONPATH=$PWD .venv/bin/python bench/train_throughput.py [--rounds 8] [--steps 1]
+        [--fsdp-layers-per-unit 2]
+
+FSDP2 runs with ``resources.fsdp_layers_per_unit`` 2 by default here (two decoder layers
+per ``fully_shard`` unit: half the collectives, each twice as large); the job's default,
+under which ``bench/train_memory.py`` measures the memory goal, is 1.
 
 The model is ``bench/train_memory.py``'s random Qwen2 (Qwen2-0.5B's width, vocabulary
 32000), with 4 layers by default (62M parameters): the memory bench's 16 layers made no
@@ -99,7 +104,9 @@ def _with_options(out: Path, rounds: int, steps: int) -> Any:
     return loop
 
 
-def run(model_dir: Path, data: Path, work: Path, rounds: int, steps: int) -> list[Any]:
+def run(
+    model_dir: Path, data: Path, work: Path, rounds: int, steps: int, layers_per_unit: int
+) -> list[Any]:
     from thinkforge.jobs import sft
     from thinkforge.jobs.config import SFTConfig
 
@@ -110,7 +117,11 @@ def run(model_dir: Path, data: Path, work: Path, rounds: int, steps: int) -> lis
             "block_size": 256,
             "seed": 0,
             "hyperparameters": {"learning_rate": 1e-4, "batch_size": 8, "micro_batch_size": 4},
-            "resources": {"num_workers": 2, "strategy": "ddp"},
+            "resources": {
+                "num_workers": 2,
+                "strategy": "ddp",
+                "fsdp_layers_per_unit": layers_per_unit,
+            },
         }
     )
     out = work / "rounds.json"
@@ -156,6 +167,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps per strategy")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument(
+        "--fsdp-layers-per-unit",
+        type=int,
+        default=2,
+        help="resources.fsdp_layers_per_unit of the FSDP2 side (the job's default is 1)",
+    )
     args = parser.parse_args()
 
     import ray
@@ -169,11 +186,14 @@ def main() -> None:
         data = write_jsonl(work / "sums.jsonl", n=256, seed=0)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            rows = run(work / "model", data, work, args.rounds, args.steps)
+            rows = run(
+                work / "model", data, work, args.rounds, args.steps, args.fsdp_layers_per_unit
+            )
         finally:
             ray.shutdown()
     print(f"model: random Qwen2, {n_params / 1e6:.0f}M parameters (fp32), 2 CPU workers, gloo;")
-    print(f"{args.rounds} rounds of {args.steps} steps per strategy, global batch 8")
+    print(f"{args.rounds} rounds of {args.steps} steps per strategy, global batch 8,")
+    print(f"FSDP2 with {args.fsdp_layers_per_unit} decoder layers per unit")
     summary = report(rows)
     summary["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(summary))

@@ -80,8 +80,24 @@ def _fsdp_worker(rank: int, world: int, tiny: str, out: str) -> None:
             unit.set_custom_reduce_scatter(DefaultReduceScatter())
     _train(reference, _adamw(reference), steps=3)
     default = reference(input_ids=INPUT).logits.detach()
+    # Two decoder layers to a unit (resources.fsdp_layers_per_unit): fewer, larger
+    # collectives, the same training.
+    paired = build_model(
+        tiny,
+        strategy="fsdp",
+        device=torch.device("cpu"),
+        world=world,
+        layers_per_unit=2,
+        load_weights=True,
+    )
+    _train(paired, _adamw(paired), steps=3)
     torch.save(
-        {"logits": logits, "logits_default_comms": default}, Path(out) / f"rank{rank}-after.pt"
+        {
+            "logits": logits,
+            "logits_default_comms": default,
+            "logits_two_layers_per_unit": paired(input_ids=INPUT).logits.detach(),
+        },
+        Path(out) / f"rank{rank}-after.pt",
     )
 
 
@@ -111,6 +127,14 @@ def test_cpu_collectives_by_exchange_train_as_torchs_own(fsdp_run: Path) -> None
         after = torch.load(fsdp_run / f"rank{rank}-after.pt")
         torch.testing.assert_close(
             after["logits"], after["logits_default_comms"], rtol=1e-5, atol=1e-5
+        )
+
+
+def test_two_layers_per_fsdp_unit_train_as_one(fsdp_run: Path) -> None:
+    for rank in (0, 1):
+        after = torch.load(fsdp_run / f"rank{rank}-after.pt")
+        torch.testing.assert_close(
+            after["logits"], after["logits_two_layers_per_unit"], rtol=1e-5, atol=1e-5
         )
 
 

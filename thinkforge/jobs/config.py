@@ -85,6 +85,13 @@ class Resources(BaseModel):
     cpu_offload: bool = Field(
         default=False, description="fsdp: keep sharded weights and optimizer state in host memory"
     )
+    fsdp_layers_per_unit: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="fsdp: consecutive decoder layers sharded as one unit; more means fewer, "
+        "larger collectives (faster over gloo on CPU) and more memory held gathered",
+    )
 
 
 # MoE architectures whose router thinkforge knows: model_type -> (experts, top-k) fields.

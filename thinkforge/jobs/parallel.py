@@ -22,6 +22,7 @@ DDP: every rank loads the whole model (``from_pretrained``) and Ray Train wraps 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -98,6 +99,7 @@ def build_model(
     param_dtype: torch.dtype | None = None,
     activation_checkpointing: bool = False,
     cpu_offload: bool = False,
+    layers_per_unit: int = 1,
     load_weights: bool = True,
     lora: LoRA | None = None,
 ) -> Any:
@@ -121,7 +123,14 @@ def build_model(
         model = apply_lora(model, lora)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
-    apply_fsdp(model, device=device, world=world, param_dtype=param_dtype, cpu_offload=cpu_offload)
+    apply_fsdp(
+        model,
+        device=device,
+        world=world,
+        param_dtype=param_dtype,
+        cpu_offload=cpu_offload,
+        layers_per_unit=layers_per_unit,
+    )
     model.to_empty(device="cpu" if cpu_offload else device)
     _init_buffers(model)
     if load_weights:
@@ -153,8 +162,13 @@ def apply_fsdp(
     world: int,
     param_dtype: torch.dtype | None = None,
     cpu_offload: bool = False,
+    layers_per_unit: int = 1,
 ) -> None:
-    """``fully_shard`` each decoder layer, then the root (embeddings, norm, head)."""
+    """``fully_shard`` the decoder layers, ``layers_per_unit`` consecutive layers to a
+    unit (one all-gather and one reduce-scatter each), then the root (embeddings, norm,
+    head). Larger units mean fewer, larger collectives, which gloo runs synchronously
+    (bench/README.md: 2 layers a unit took FSDP2 from 0.74x to 0.84x of DDP's tokens/s
+    in a 2-process CPU run), at the cost of holding a whole unit gathered at a time."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -166,20 +180,35 @@ def apply_fsdp(
         )
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    # Every decoder layer but the last reshards after forward (the default): a forward
-    # without backward, as in validation, then leaves little unsharded behind, and
-    # ``reshard`` puts back the rest. The last layer and the root (FSDP2 keeps the root
-    # gathered by itself) keep their parameters: backward starts with them, so resharding
-    # would only gather them again at once (torchtitan does the same). One more layer held
-    # through the head and loss, one all-gather fewer per step.
     layers = list(_decoder_layers(model))
-    units = [*layers, model]
-    for unit in units:
-        fully_shard(unit, reshard_after_forward=unit is not layers[-1], **kwargs)
+    groups = [layers[i : i + layers_per_unit] for i in range(0, len(layers), layers_per_unit)]
+    # Every unit but the last reshards after forward (the default): a forward without
+    # backward, as in validation, then leaves little unsharded behind, and ``reshard``
+    # puts back the rest. The last unit and the root (FSDP2 keeps the root gathered by
+    # itself) keep their parameters: backward starts with them, so resharding would only
+    # gather them again at once (torchtitan does the same). One more unit held through
+    # the head and loss, one all-gather fewer per step.
+    for group in groups:
+        # A list of modules is one unit: one state and one parameter group for them all.
+        fully_shard(
+            group[0] if len(group) == 1 else group,
+            reshard_after_forward=group is not groups[-1],
+            **kwargs,
+        )
+    fully_shard(model, **kwargs)
     if device.type == "cpu":
+        units = [model] + [group[0] for group in groups]
         for unit in units:
             unit.set_custom_all_gather(_AllGatherByExchange())
             unit.set_custom_reduce_scatter(_ReduceScatterByExchange())
+        # On CPU FSDP2 has no streams to overlap with: its all-gathers run where they are
+        # issued and block. Issued asynchronously instead (gloo moves the bytes on its
+        # own threads), each unit's forward starts the next unit's all-gather, and
+        # backward's default prefetch of the previous unit no longer blocks. One more
+        # unit is held gathered in forward, as backward's prefetch already does.
+        model._set_unshard_async_op(True)
+        for unit, following in itertools.pairwise(units):
+            unit.set_modules_to_forward_prefetch([following])
 
 
 # gloo's all-gather and reduce-scatter are several times slower than point-to-point
@@ -198,9 +227,28 @@ class _PlainBuffers:
         return torch.empty(*size, dtype=dtype, device=device)
 
 
+class _Transfers(torch.distributed.Work):
+    """Sends and receives in flight, as the one ``Work`` FSDP2 waits on."""
+
+    def __init__(self, transfers: list[Any]) -> None:
+        super().__init__()
+        self._transfers = transfers
+
+    def wait(self, timeout: Any = None) -> bool:
+        for transfer in self._transfers:
+            transfer.wait()
+        self._transfers = []
+        return True
+
+
+# Distinct tags keep an all-gather in flight apart from a reduce-scatter on the same pair.
+_ALL_GATHER_TAG, _REDUCE_SCATTER_TAG = 1, 2
+
+
 class _AllGatherByExchange(_PlainBuffers):
     """FSDP2's all-gather: each rank sends its shard to every other rank and receives
-    theirs into their slots of the output. Exact: only copies."""
+    theirs into their slots of the output. Exact: only copies. With ``async_op`` the
+    transfers are left in flight for FSDP2 to wait on before it copies out."""
 
     def __call__(
         self,
@@ -218,10 +266,16 @@ class _AllGatherByExchange(_PlainBuffers):
         transfers: list[Any] = []  # gloo's Work objects (None only off the group)
         for peer in range(world):
             if peer != rank:
-                transfers.append(dist.isend(slots[rank], group=group, group_dst=peer))
-                transfers.append(dist.irecv(slots[peer], group=group, group_src=peer))
-        for transfer in transfers:
-            transfer.wait()
+                transfers.append(
+                    dist.isend(slots[rank], group=group, group_dst=peer, tag=_ALL_GATHER_TAG)
+                )
+                transfers.append(
+                    dist.irecv(slots[peer], group=group, group_src=peer, tag=_ALL_GATHER_TAG)
+                )
+        work = _Transfers(transfers)
+        if async_op:
+            return work
+        work.wait()
         return None  # done: FSDP2 then copies out at once
 
 
@@ -252,8 +306,13 @@ class _ReduceScatterByExchange(_PlainBuffers):
         for step in range(world - 1):
             # Sends the partial sum of chunk rank-step-1, receives chunk rank-step-2's;
             # the last one received is this rank's own chunk.
-            sent: Any = dist.isend(chunks[(rank - step - 1) % world], group=group, group_dst=right)
-            received: Any = dist.irecv(out, group=group, group_src=left)
+            sent: Any = dist.isend(
+                chunks[(rank - step - 1) % world],
+                group=group,
+                group_dst=right,
+                tag=_REDUCE_SCATTER_TAG,
+            )
+            received: Any = dist.irecv(out, group=group, group_src=left, tag=_REDUCE_SCATTER_TAG)
             received.wait()
             sent.wait()
             if step < world - 2:

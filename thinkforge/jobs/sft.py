@@ -372,6 +372,7 @@ def _parallel_model(
         param_dtype=dtype if strategy == "fsdp" else None,  # FSDP computes in it; DDP autocasts
         activation_checkpointing=cfg.gradient_checkpointing,
         cpu_offload=cfg.resources.cpu_offload,
+        layers_per_unit=cfg.resources.fsdp_layers_per_unit,
         load_weights=not resume,  # a checkpoint's DCP state fills them
         lora=cfg.lora,
     )
