@@ -77,22 +77,27 @@ def test_recheck_traces_repeat_the_sums_after_a_wait() -> None:
     assert all(r["attempt"] == p["attempt"] for r, p in zip(checked, plain, strict=True))
 
 
-def test_recheck_record_sums_at_once_then_two_terms_a_step() -> None:
+def test_recheck_record_sums_at_once_then_running_sums_then_confirms() -> None:
     assert make_recheck_record([3, 5, 2, 7]) == {
         "question": "Sum: 3 5 2 7",
         "thinking_trajectories": ["3+5+2+7=17"],
         "attempt": "17",
     }
+    one = make_recheck_record([3, 5, 2, 7, 4], rechecks=1)["thinking_trajectories"][0]
+    running = "3+5=8\n8+2=10\n10+7=17\n17+4=21"
+    assert one == f"3+5+2+7+4=21\nWait\n{running}"
+    assert running == make_record([3, 5, 2, 7, 4])["thinking_trajectories"][0]  # the plain trace
     two = make_recheck_record([3, 5, 2, 7, 4], rechecks=2)["thinking_trajectories"][0]
-    recheck = "3+5+2=10\n10+7+4=21\n3+5+2+7+4=21"
-    assert two == f"3+5+2+7+4=21\nWait\n{recheck}\nWait\n{recheck}"
+    assert two == f"{one}\nWait\nSo the total is 21"
+    three = make_recheck_record([3, 5, 2, 7, 4], rechecks=3)["thinking_trajectories"][0]
+    assert three == f"{two}\nWait\nSo the total is 21"
 
 
 def test_a_slipped_first_pass_is_corrected_by_the_recheck() -> None:
     rec = make_recheck_record([3, 5, 2, 7, 4], rechecks=1, slip=-1)
     first, recheck = rec["thinking_trajectories"][0].split("\nWait\n")
     assert first == "3+5+2+7+4=20"
-    assert recheck.endswith("\n3+5+2+7+4=21") and rec["attempt"] == "21"
+    assert recheck.endswith("\n17+4=21") and rec["attempt"] == "21"
     # never a negative total: the slip flips sign instead
     low = make_recheck_record([0, 0, 1], rechecks=1, slip=-10)
     assert low["thinking_trajectories"][0].startswith("0+0+1=11\n")
@@ -105,26 +110,40 @@ def test_recheck_split_mixes_waits_and_holds_questions_out() -> None:
     assert (len(train), len(test)) == (2000, 200)
     assert not {r["question"] for r in test} & {r["question"] for r in train}
     assert recheck_split(n_train=2000, n_test=200, seed=0, slip_rate=0.4) == (train, test)
-    waits = Counter(r["thinking_trajectories"][0].count("\nWait\n") for r in train)
-    assert set(waits) == {0, 1, 2}
-    assert waits[0] > 1100  # 0 waits is the mode: unforced, the model stops after one pass
-    assert waits[1] > 400 and waits[2] > 200  # a second wait: in distribution, not the mode
+    plain = [r for r in train if "+" not in _passes(r)[0].split("=")[0][2:]]
+    assert 500 < len(plain) < 700  # plain_rate 0.3: the running sums alone
+    for rec in plain:
+        assert rec == make_record(_terms(rec))
+    oneshot = [r for r in train if r not in plain]
+    waits = Counter(r["thinking_trajectories"][0].count("\nWait\n") for r in oneshot)
+    assert set(waits) == {0, 1, 2, 3}
+    # after each pass, ending is more frequent than another recheck: unforced, the model
+    # stops after its first pass; forced, after the pass the waits asked for
+    for k in range(3):
+        assert waits[k] > sum(n for j, n in waits.items() if j > k)
+    assert waits[2] > 80 and waits[3] > 30  # a second and third wait: in distribution
     slipped = 0
-    for rec in train:
+    for rec in oneshot:
         example = parse_record(rec, DatasetFormat.AUTO)
         passes = example.thinking.split("\nWait\n")
-        assert passes[-1].endswith(f"={rec['attempt']}")  # the last pass is right
+        assert passes[-1].endswith(f"{rec['attempt']}")  # the last pass is right
         wrong = not passes[0].endswith(f"={rec['attempt']}")
         assert not wrong or len(passes) > 1  # only a rechecked first pass slips
         slipped += wrong
     rechecked = waits[1] + waits[2]
     assert 0.3 * rechecked < slipped < 0.5 * rechecked  # slip_rate 0.4
     for rec in test:  # drawn like the training questions, graded on the attempt only
-        terms = [int(t) for t in rec["question"].removeprefix("Sum: ").split()]
-        assert 3 <= len(terms) <= 5 and rec["attempt"] == str(sum(terms))
+        terms = _terms(rec)
+        assert 3 <= len(terms) <= 6 and rec["attempt"] == str(sum(terms))
         assert rec["thinking_trajectories"] == ["+".join(map(str, terms)) + f"={sum(terms)}"]
-    plain, _ = recheck_split(n_train=500, n_test=50, seed=0, slip_rate=0)
-    assert all(p.endswith(f"={r['attempt']}") for r in plain for p in _passes(r))
+    unslipped, _ = recheck_split(n_train=500, n_test=50, seed=0, slip_rate=0)
+    assert all(p.endswith(r["attempt"]) for r in unslipped for p in _passes(r))
+    with pytest.raises(ValueError, match="plain_rate"):
+        recheck_split(10, 5, plain_rate=1)
+
+
+def _terms(rec: dict[str, str | list[str]]) -> list[int]:
+    return [int(t) for t in str(rec["question"]).removeprefix("Sum: ").split()]
 
 
 def _passes(rec: dict[str, str | list[str]]) -> list[str]:

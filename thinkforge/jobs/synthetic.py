@@ -19,16 +19,17 @@ when budget forcing cuts thinking short: the effect the demo and issue 6 measure
 
 Issue 17, a task where a forced "Wait" fixes mistakes (s1's sequential scaling): the
 first pass writes the terms and their total in one line ("3+5+2+7=17"), a one-shot sum
-the tiny model often gets wrong; a recheck ("Wait") adds them two terms a step and writes
-the terms again with that total, so each recheck reads the line just above it and the
-next one starts from the same kind of line. Training traces carry 0, 1 or 2 rechecks
-(``RECHECK_MIX``: unforced, the model stops after its first pass), and ``slip_rate`` of
-the rechecked rows have a wrong first total that the recheck corrects, so the model
-learns to compute the recheck, not copy the first pass; the attempt is the true total:
+the tiny model often gets wrong; a first recheck ("Wait") redoes the running sums one
+term a step, which it gets right; a second recheck confirms the total the running sums
+gave. Training traces carry 0, 1 or 2 rechecks (``RECHECK_MIX``: unforced, the model
+stops after its first pass), ``slip_rate`` of the rechecked rows have a wrong first total
+that the recheck corrects (so the model learns to compute the recheck, not copy the first
+pass), and ``plain_rate`` of the rows are the running sums alone; the attempt is the true
+total:
 
     train, test = recheck_split(n_train=2000, n_test=200, seed=0)
-    make_recheck_record([3, 5, 2, 7], rechecks=1)["thinking_trajectories"][0]
-    # -> "3+5+2+7=17\nWait\n3+5+2=10\n10+7=17\n3+5+2+7=17"
+    make_recheck_record([3, 5, 2, 7], rechecks=2)["thinking_trajectories"][0]
+    # -> "3+5+2+7=17\\nWait\\n3+5=8\\n8+2=10\\n10+7=17\\nWait\\nSo the total is 17"
 
 A second domain with another token distribution (words, no digits), for the MoE demo and
 bench/moe_balance.py: reverse a list of words, one word per thinking line. Records carry
@@ -163,38 +164,37 @@ def _disjoint_split(
     return train, list(test.values())
 
 
-def _pair_steps(terms: list[int]) -> list[str]:
-    """Running sums two terms a step: ``3+5+2=10``, ``10+7+4=21``."""
-    total, steps, rest = terms[0], [], terms[1:]
-    for i in range(0, len(rest), 2):
-        chunk = rest[i : i + 2]
-        steps.append("+".join(str(t) for t in [total, *chunk]) + f"={total + sum(chunk)}")
-        total += sum(chunk)
-    return steps
+def _running_sums(terms: list[int]) -> str:
+    """The plain task's trace: one running sum a line, ``3+5=8\n8+2=10\n10+7=17``."""
+    return str(make_record(terms)["thinking_trajectories"][0])
 
 
 def make_recheck_record(terms: list[int], *, rechecks: int = 0, slip: int = 0) -> Record:
     """Issue 17's row: a first pass that writes the terms and their total in one line (off
-    by ``slip`` when it is not 0), then ``rechecks`` times "Wait", the running sums two
-    terms a step, and the terms again with the total those steps gave."""
+    by ``slip`` when it is not 0); a first recheck, "Wait" and the running sums one term a
+    step (the plain task's trace), whose last line gives the total; then each further
+    recheck "Wait" and a confirmation of that total (``So the total is 17``)."""
     if len(terms) < 2:
         raise ValueError("a sum needs at least two terms")
     if slip and not rechecks:
         raise ValueError("a slipped first pass needs a recheck to correct it")
-    total, head = sum(terms), "+".join(str(t) for t in terms)
+    total = sum(terms)
     guess = total + slip if total + slip >= 0 else total - slip  # never a negative sum
-    recheck = "\n".join([*_pair_steps(terms), f"{head}={total}"])
-    passes = [f"{head}={guess}", *[recheck] * rechecks]
+    passes = ["+".join(str(t) for t in terms) + f"={guess}"]
+    if rechecks:
+        passes += [_running_sums(terms), *[f"So the total is {total}"] * (rechecks - 1)]
     return {**make_record(terms), "thinking_trajectories": ["\nWait\n".join(passes)]}
 
 
 # Rechecks per training row: mostly none, so that unforced the model ends thinking after
-# its first pass; one and two often enough that a first and a second forced "Wait" are in
-# distribution, and after one recheck, too, mostly none (measured with 0.25 for two
-# rechecks: after one forced wait the model went on to a second by itself, and two forced
-# waits led it to a third pass it had never seen: 21%). A recheck's first pass slips (a wrong total) at ``slip_rate``, so the
-# model learns to compute the recheck's total, not to copy the first pass's.
-RECHECK_MIX = (0.6, 0.25, 0.15)
+# its first pass; after each recheck, too, ending is more frequent than going on, so that
+# forced waits, not the model, decide how many there are. Rows with two and three
+# rechecks put a second wait and more (a confirmation after the running sums, and again
+# after a confirmation) in distribution: with none past two, a model that rechecked once
+# by itself was pushed by two forced waits into a pass it had never seen. A rechecked
+# first pass slips (a wrong total) at ``slip_rate``, so the model learns to compute the
+# recheck, not to copy the first pass's total.
+RECHECK_MIX = (0.6, 0.28, 0.08, 0.04)
 SLIPS = (-10, -2, -1, 1, 2, 10)
 
 
@@ -204,22 +204,27 @@ def recheck_split(
     seed: int = 0,
     *,
     min_terms: int = 3,
-    max_terms: int = 5,
+    max_terms: int = 6,
     max_digit: int = 9,
     slip_rate: float = 0.4,
+    plain_rate: float = 0.3,
 ) -> tuple[list[Record], list[Record]]:
     """Training rows in issue 17's format and held-out questions, disjoint.
 
     Held-out questions are drawn exactly as training ones (the same RNG and ranges) and
     never trained on; their traces are the plain first pass (only the attempt is graded).
-    ``slip_rate``: the share of rechecked rows whose first pass is wrong.
+    ``slip_rate``: the share of rechecked rows whose first pass is wrong. ``plain_rate``:
+    the share of rows that are the plain task's trace alone (no one-shot first pass),
+    which teaches the recheck's running sums in a short context.
     """
-    if not 0 <= slip_rate <= 1:
-        raise ValueError("slip_rate must be in [0, 1]")
+    if not 0 <= slip_rate <= 1 or not 0 <= plain_rate < 1:
+        raise ValueError("slip_rate must be in [0, 1] and plain_rate in [0, 1)")
     rng = random.Random(f"recheck-task-{seed}")
 
     def trained(terms: list[int]) -> Record:
-        rechecks = rng.choices((0, 1, 2), weights=RECHECK_MIX)[0]
+        if rng.random() < plain_rate:
+            return make_record(terms)
+        rechecks = rng.choices(range(len(RECHECK_MIX)), weights=RECHECK_MIX)[0]
         slip = rng.choice(SLIPS) if rechecks and rng.random() < slip_rate else 0
         return make_recheck_record(terms, rechecks=rechecks, slip=slip)
 
