@@ -114,8 +114,9 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], data_dir: Path) -> None
 
 
 def make_data(data_dir: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
-    # Issue 17's task: a fallible one-shot first pass, then 0-2 "Wait" rechecks two terms
-    # a step, so a forced wait can fix a mistake (bench/scaling.py measures it).
+    # Issue 17's task: a fallible one-shot first pass, then 0-2 "Wait" rechecks (the
+    # running sums, then a confirmation), so a forced wait can fix a mistake
+    # (bench/scaling.py measures it).
     train, held_out = recheck_split(n_train, n_eval, seed=0)
     return (
         write_records(data_dir / "datasets" / "sums-train.jsonl", train),
@@ -244,7 +245,7 @@ def run(args: argparse.Namespace) -> DemoResult:
         probes = [
             (held_out[0], {"max_tokens": 64}),
             (held_out[0], {"max_tokens": 2}),
-            (held_out[1], {"max_tokens": 128, "num_waits": 2}),
+            (held_out[0], {"max_tokens": 128, "num_waits": 2}),  # the same question, rechecked
         ]
         for question, thinking in probes:
             answer = ask(addresses["serve"], key, name, question, thinking)
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=2000, help="training problems")
     parser.add_argument("--eval", type=int, default=200, help="held-out problems")
     parser.add_argument(
-        "--epochs", type=int, default=8, help="8: enough for the scaling curve (recipe: 2)"
+        "--epochs", type=int, default=16, help="16: enough for the scaling curve (recipe: 2)"
     )
     parser.add_argument("--max-steps", type=int, default=None, help="stop training early")
     run(parser.parse_args(argv))
