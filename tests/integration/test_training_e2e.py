@@ -139,7 +139,7 @@ def check_finished_job(client: httpx.Client, job_id: str, done: dict[str, Any]) 
     messages = [e["message"] for e in events(client, job_id)]
     assert any("Registered model version sums-e2e/1" in m for m in messages)
     (data,) = [e["data"] for e in events(client, job_id) if e["message"].startswith("Dataset:")]
-    assert 0 < data["kept"] <= data["records"] and data["block_size"] == 128  # tiny-cpu's
+    assert 0 < data["kept"] <= data["records"] and data["block_size"] == 192  # tiny-cpu's
     version = client.get("/v1/registry/models/sums-e2e/versions/1").json()
     assert version["lineage"]["job_id"] == job_id and version["lineage"]["recipe"] == "tiny-cpu"
     assert (
