@@ -6,8 +6,8 @@ cluster, the recipe ``recipes/tiny-cpu.yaml``), then answers held-out questions
 (``synthetic.recheck_split``) with ``TransformersEngine`` at a sweep of thinking budgets
 and forced waits (greedy, one evaluation) and prints budget -> accuracy and average
 thinking tokens. The training data are 2000 problems (the demo's default): most rows'
-first pass writes the terms and their total in one line, followed by 0-2 "Wait" rechecks
-(the running sums one term a step, then a confirmation of their total); ``--slip-rate``
+first pass writes the terms and their total in one line, followed by 0-3 "Wait" rechecks
+(the running sums one term a step, then confirmations of their total); ``--slip-rate``
 is the share of rechecked rows whose first total is wrong, ``--plain-rate`` the share of
 rows that are the running sums alone.
 Answers are graded with ``thinkforge.jobs.answers.is_correct``; ``--output`` also writes

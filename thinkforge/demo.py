@@ -114,8 +114,8 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], data_dir: Path) -> None
 
 
 def make_data(data_dir: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
-    # Issue 17's task: a fallible one-shot first pass, then 0-2 "Wait" rechecks (the
-    # running sums, then a confirmation), so a forced wait can fix a mistake
+    # Issue 17's task: a fallible one-shot first pass, then 0-3 "Wait" rechecks (the
+    # running sums, then confirmations), so a forced wait can fix a mistake
     # (bench/scaling.py measures it).
     train, held_out = recheck_split(n_train, n_eval, seed=0)
     return (

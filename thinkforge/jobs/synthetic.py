@@ -20,12 +20,12 @@ when budget forcing cuts thinking short: the effect the demo and issue 6 measure
 Issue 17, a task where a forced "Wait" fixes mistakes (s1's sequential scaling): the
 first pass writes the terms and their total in one line ("3+5+2+7=17"), a one-shot sum
 the tiny model often gets wrong; a first recheck ("Wait") redoes the running sums one
-term a step, which it gets right; a second recheck confirms the total the running sums
-gave. Training traces carry 0, 1 or 2 rechecks (``RECHECK_MIX``: unforced, the model
-stops after its first pass), ``slip_rate`` of the rechecked rows have a wrong first total
-that the recheck corrects (so the model learns to compute the recheck, not copy the first
-pass), and ``plain_rate`` of the rows are the running sums alone; the attempt is the true
-total:
+term a step, which it gets right far more often; a second recheck confirms the total the
+running sums gave, and each one after that confirms it again. Training traces carry 0-3
+rechecks (``RECHECK_MIX``: unforced, the model stops after its first pass), ``slip_rate``
+of the rechecked rows have a wrong first total that the recheck corrects (so the model
+learns to compute the recheck, not copy the first pass), and ``plain_rate`` of the rows
+are the running sums alone; the attempt is the true total:
 
     train, test = recheck_split(n_train=2000, n_test=200, seed=0)
     make_recheck_record([3, 5, 2, 7], rechecks=2)["thinking_trajectories"][0]
@@ -164,11 +164,6 @@ def _disjoint_split(
     return train, list(test.values())
 
 
-def _running_sums(terms: list[int]) -> str:
-    """The plain task's trace: one running sum a line, ``3+5=8\n8+2=10\n10+7=17``."""
-    return str(make_record(terms)["thinking_trajectories"][0])
-
-
 def make_recheck_record(terms: list[int], *, rechecks: int = 0, slip: int = 0) -> Record:
     """Issue 17's row: a first pass that writes the terms and their total in one line (off
     by ``slip`` when it is not 0); a first recheck, "Wait" and the running sums one term a
@@ -178,12 +173,13 @@ def make_recheck_record(terms: list[int], *, rechecks: int = 0, slip: int = 0) -
         raise ValueError("a sum needs at least two terms")
     if slip and not rechecks:
         raise ValueError("a slipped first pass needs a recheck to correct it")
-    total = sum(terms)
+    plain, total = make_record(terms), sum(terms)
     guess = total + slip if total + slip >= 0 else total - slip  # never a negative sum
     passes = ["+".join(str(t) for t in terms) + f"={guess}"]
     if rechecks:
-        passes += [_running_sums(terms), *[f"So the total is {total}"] * (rechecks - 1)]
-    return {**make_record(terms), "thinking_trajectories": ["\nWait\n".join(passes)]}
+        running_sums = plain["thinking_trajectories"][0]
+        passes += [running_sums, *[f"So the total is {total}"] * (rechecks - 1)]
+    return {**plain, "thinking_trajectories": ["\nWait\n".join(passes)]}
 
 
 # Rechecks per training row: mostly none, so that unforced the model ends thinking after
