@@ -18,18 +18,22 @@ when budget forcing cuts thinking short: the effect the demo and issue 6 measure
     extract_answer("Answer: 17")  # -> "17"
 
 Issue 17, a task where a forced "Wait" fixes mistakes (s1's sequential scaling): the
-first pass writes the terms and their total in one line ("3+5+2+7=17"), a one-shot sum
-the tiny model often gets wrong; a first recheck ("Wait") redoes the running sums one
-term a step, which it gets right far more often; a second recheck confirms the total the
-running sums gave, and each one after that confirms it again. Training traces carry 0-3
-rechecks (``RECHECK_MIX``: unforced, the model stops after its first pass), ``slip_rate``
-of the rechecked rows have a wrong first total that the recheck corrects (so the model
-learns to compute the recheck, not copy the first pass), and ``plain_rate`` of the rows
-are the running sums alone; the attempt is the true total:
+first pass writes the terms and their total in one line ("3+5+2+7+4+9=30"), a one-shot
+sum the tiny model often gets wrong. Each recheck ("Wait") redoes the last one-shot line
+more carefully: the running sums one term a step for the first half of its additions,
+the rest in a shorter one-shot line ("3+5=8 / 8+2=10 / 10+7=17 / 17+4+9=30"); the next
+recheck does the same to that shorter line ("17+4=21 / 21+9=30"), and once only single
+steps are left a recheck confirms the total. So one wait finishes sums of up to four
+terms and two waits finish all of them (3-6 terms), each reading its terms from the line
+just above. Training traces carry 0-3 rechecks (``RECHECK_MIX``: unforced, the model
+often stops after its first pass), ``slip_rate`` of the rechecked rows have a wrong first
+total, and of the rows with a further recheck a wrong one-shot remainder, that the next
+recheck corrects (so the model learns to compute each recheck, not copy the line above);
+``plain_rate`` of the rows are the running sums alone. The attempt is the true total:
 
     train, test = recheck_split(n_train=2000, n_test=200, seed=0)
-    make_recheck_record([3, 5, 2, 7], rechecks=2)["thinking_trajectories"][0]
-    # -> "3+5+2+7=17\\nWait\\n3+5=8\\n8+2=10\\n10+7=17\\nWait\\nSo the total is 17"
+    make_recheck_record([3, 5, 2, 7, 4], rechecks=2)["thinking_trajectories"][0]
+    # -> "3+5+2+7+4=21\nWait\n3+5=8\n8+2=10\n10+7+4=21\nWait\n10+7=17\n17+4=21"
 
 A second domain with another token distribution (words, no digits), for the MoE demo and
 bench/moe_balance.py: reverse a list of words, one word per thinking line. Records carry
@@ -164,33 +168,90 @@ def _disjoint_split(
     return train, list(test.values())
 
 
-def make_recheck_record(terms: list[int], *, rechecks: int = 0, slip: int = 0) -> Record:
-    """Issue 17's row: a first pass that writes the terms and their total in one line (off
-    by ``slip`` when it is not 0); a first recheck, "Wait" and the running sums one term a
-    step (the plain task's trace), whose last line gives the total; then each further
-    recheck "Wait" and a confirmation of that total (``So the total is 17``)."""
+def _with_slip(total: int, slip: int) -> int:
+    """``total`` off by ``slip``, never negative: the slip flips sign instead."""
+    return total + slip if total + slip >= 0 else total - slip
+
+
+def _one_shot(terms: list[int], slip: int = 0) -> str:
+    """The terms and their total in one line, ``3+5+2+7=17`` (off by ``slip``)."""
+    return "+".join(str(t) for t in terms) + f"={_with_slip(sum(terms), slip)}"
+
+
+def _expanded(additions: int) -> int:
+    """How many of a one-shot line's additions a recheck redoes one term a step: the first
+    half (rounded up), or all of them when at most one would be left."""
+    half = (additions + 1) // 2
+    return additions if half >= additions - 1 else half
+
+
+def _expand(terms: list[int], slip: int = 0) -> tuple[str, list[int]]:
+    """One recheck of the one-shot line over ``terms``: the running sums one term a step
+    for the first ``_expanded`` additions, then the rest as a shorter one-shot line whose
+    first term is the running sum (its total off by ``slip``). Returns the recheck's text
+    and the terms it left to sum at once (``[total]`` once the sum is done)."""
+    n = _expanded(len(terms) - 1)
+    steps, running = [], terms[0]
+    for term in terms[1 : n + 1]:
+        steps.append(f"{running}+{term}={running + term}")
+        running += term
+    rest = [running, *terms[n + 1 :]]
+    if len(rest) > 1:
+        steps.append(_one_shot(rest, slip))
+    elif slip:
+        raise ValueError("a slip needs a one-shot line to put off: this recheck ends the sum")
+    return "\n".join(steps), rest
+
+
+def make_recheck_record(
+    terms: list[int], *, rechecks: int = 0, slips: tuple[int, ...] = ()
+) -> Record:
+    """Issue 17's row: a first pass that writes the terms and their total in one line
+    (``3+5+2+7+4+9=30``); then each recheck, "Wait" and the last one-shot line redone:
+    the running sums one term a step for the first half of its additions, the rest in a
+    shorter one-shot line (``3+5=8 / 8+2=10 / 10+7=17 / 17+4+9=30``). Each recheck
+    halves what is summed at once, so each wait makes the sum more careful, until only
+    single steps are left (one recheck for up to four terms, two for five and six); a
+    recheck after that confirms the total (``So the total is 30``). ``slips[0]`` puts the
+    first pass's total off, ``slips[k]`` the k-th recheck's one-shot line; a slip needs a
+    later recheck to correct it."""
     if len(terms) < 2:
         raise ValueError("a sum needs at least two terms")
-    if slip and not rechecks:
-        raise ValueError("a slipped first pass needs a recheck to correct it")
-    plain, total = make_record(terms), sum(terms)
-    guess = total + slip if total + slip >= 0 else total - slip  # never a negative sum
-    passes = ["+".join(str(t) for t in terms) + f"={guess}"]
-    if rechecks:
-        running_sums = plain["thinking_trajectories"][0]
-        passes += [running_sums, *[f"So the total is {total}"] * (rechecks - 1)]
-    return {**plain, "thinking_trajectories": ["\nWait\n".join(passes)]}
+    if any(slips[rechecks:]):
+        raise ValueError("a slipped pass needs a later recheck to correct it")
+    slips = (*slips, *(0,) * (rechecks + 1 - len(slips)))
+    total, at_once = sum(terms), list(terms)
+    passes = [_one_shot(terms, slips[0])]
+    for slip in slips[1:]:
+        if len(at_once) > 1:
+            text, at_once = _expand(at_once, slip)
+            passes.append(text)
+        elif slip:
+            raise ValueError("a slip needs a one-shot line to put off: the sum is done")
+        else:
+            passes.append(f"So the total is {total}")
+    return {**make_record(terms), "thinking_trajectories": ["\nWait\n".join(passes)]}
 
 
-# Rechecks per training row: mostly none, so that unforced the model ends thinking after
-# its first pass; after each recheck, too, ending is more frequent than going on, so that
-# forced waits, not the model, decide how many there are. Rows with two and three
-# rechecks put a second wait and more (a confirmation after the running sums, and again
-# after a confirmation) in distribution: with none past two, a model that rechecked once
-# by itself was pushed by two forced waits into a pass it had never seen. A rechecked
-# first pass slips (a wrong total) at ``slip_rate``, so the model learns to compute the
-# recheck, not to copy the first pass's total.
-RECHECK_MIX = (0.6, 0.28, 0.08, 0.04)
+def _slippable(terms: list[int], rechecks: int) -> list[bool]:
+    """Which passes of ``make_recheck_record(terms, rechecks=...)`` end in a one-shot
+    line that a slip can put off: the first, and each recheck that leaves a remainder."""
+    out, at_once = [True], len(terms)
+    for _ in range(rechecks):
+        at_once = at_once - _expanded(at_once - 1) if at_once > 1 else 1
+        out.append(at_once > 1)
+    return out
+
+
+# Rechecks per training row: half none, so that unforced the model often ends thinking
+# after its first pass; after each recheck, ending is at least as frequent as going on,
+# so that forced waits, not the model, decide how many there are. Rows with two and
+# three rechecks put a second wait and more in distribution: the second finishes what
+# the first left one-shot (five and six terms), or confirms the total. A first pass slips
+# (a wrong total) in ``slip_rate`` of the rechecked rows, and so does a recheck's one-shot
+# remainder when another recheck follows, so the model learns to compute each recheck,
+# not to copy the line above.
+RECHECK_MIX = (0.5, 0.25, 0.17, 0.08)
 SLIPS = (-10, -2, -1, 1, 2, 10)
 
 
@@ -209,7 +270,8 @@ def recheck_split(
 
     Held-out questions are drawn exactly as training ones (the same RNG and ranges) and
     never trained on; their traces are the plain first pass (only the attempt is graded).
-    ``slip_rate``: the share of rechecked rows whose first pass is wrong. ``plain_rate``:
+    ``slip_rate``: the share of rechecked rows whose first pass is wrong, and of rows with
+    a further recheck whose one-shot remainder is wrong. ``plain_rate``:
     the share of rows that are the plain task's trace alone (no one-shot first pass),
     which teaches the recheck's running sums in a short context.
     """
@@ -221,8 +283,13 @@ def recheck_split(
         if rng.random() < plain_rate:
             return make_record(terms)
         rechecks = rng.choices(range(len(RECHECK_MIX)), weights=RECHECK_MIX)[0]
-        slip = rng.choice(SLIPS) if rechecks and rng.random() < slip_rate else 0
-        return make_recheck_record(terms, rechecks=rechecks, slip=slip)
+        slips = [rng.choice(SLIPS) if rechecks and rng.random() < slip_rate else 0]
+        slips += [rng.choice(SLIPS) if rng.random() < slip_rate else 0 for _ in range(rechecks - 1)]
+        return make_recheck_record(
+            terms,
+            rechecks=rechecks,
+            slips=tuple(s * ok for s, ok in zip(slips, _slippable(terms, rechecks), strict=False)),
+        )
 
     return _disjoint_split(
         n_train,
