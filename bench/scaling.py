@@ -7,9 +7,10 @@ cluster, the recipe ``recipes/tiny-cpu.yaml``), then answers held-out questions
 and forced waits (greedy, one evaluation) and prints budget -> accuracy and average
 thinking tokens. The training data are 2000 problems (the demo's default): most rows'
 first pass writes the terms and their total in one line, followed by 0-3 "Wait" rechecks
-(the running sums one term a step, then confirmations of their total); ``--slip-rate``
-is the share of rechecked rows whose first total is wrong, ``--plain-rate`` the share of
-rows that are the running sums alone.
+(each redoes the last one-shot line: its first half one term a step, the rest in a
+shorter one-shot line; then confirmations); ``--slip-rate`` is the share of rechecked
+rows whose first total is wrong (and of one-shot remainders a later recheck corrects),
+``--plain-rate`` the share of rows that are the running sums alone.
 Answers are graded with ``thinkforge.jobs.answers.is_correct``; ``--output`` also writes
 results.json and the scaling plot in ``thinkforge.jobs.evaluate``'s format.
 

@@ -114,9 +114,9 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], data_dir: Path) -> None
 
 
 def make_data(data_dir: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
-    # Issue 17's task: a fallible one-shot first pass, then 0-3 "Wait" rechecks (the
-    # running sums, then confirmations), so a forced wait can fix a mistake
-    # (bench/scaling.py measures it).
+    # Issue 17's task: a fallible one-shot first pass, then 0-3 "Wait" rechecks, each
+    # redoing the last one-shot line more carefully (half of it one term a step), so each
+    # forced wait can fix a mistake (bench/scaling.py measures it).
     train, held_out = recheck_split(n_train, n_eval, seed=0)
     return (
         write_records(data_dir / "datasets" / "sums-train.jsonl", train),
