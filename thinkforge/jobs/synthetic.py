@@ -33,7 +33,7 @@ recheck corrects (so the model learns to compute each recheck, not copy the line
 
     train, test = recheck_split(n_train=2000, n_test=200, seed=0)
     make_recheck_record([3, 5, 2, 7, 4], rechecks=2)["thinking_trajectories"][0]
-    # -> "3+5+2+7+4=21\nWait\n3+5=8\n8+2=10\n10+7+4=21\nWait\n10+7=17\n17+4=21"
+    # -> "3+5+2+7+4=21\\nWait\\n3+5=8\\n8+2=10\\n10+7+4=21\\nWait\\n10+7=17\\n17+4=21"
 
 A second domain with another token distribution (words, no digits), for the MoE demo and
 bench/moe_balance.py: reverse a list of words, one word per thinking line. Records carry
