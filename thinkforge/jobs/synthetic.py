@@ -236,10 +236,11 @@ def make_recheck_record(
 def _slippable(terms: list[int], rechecks: int) -> list[bool]:
     """Which passes of ``make_recheck_record(terms, rechecks=...)`` end in a one-shot
     line that a slip can put off: the first, and each recheck that leaves a remainder."""
-    out, at_once = [True], len(terms)
+    out, at_once = [True], terms
     for _ in range(rechecks):
-        at_once = at_once - _expanded(at_once - 1) if at_once > 1 else 1
-        out.append(at_once > 1)
+        if len(at_once) > 1:
+            _, at_once = _expand(at_once)
+        out.append(len(at_once) > 1)
     return out
 
 
