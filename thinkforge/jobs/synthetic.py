@@ -185,21 +185,25 @@ def _expanded(additions: int) -> int:
     return additions if half >= additions - 1 else half
 
 
-def _expand(terms: list[int], slip: int = 0) -> tuple[str, list[int]]:
+def _recheck(terms: list[int], slip: int = 0) -> tuple[str, list[int]]:
     """One recheck of the one-shot line over ``terms``: the running sums one term a step
     for the first ``_expanded`` additions, then the rest as a shorter one-shot line whose
-    first term is the running sum (its total off by ``slip``). Returns the recheck's text
-    and the terms it left to sum at once (``[total]`` once the sum is done)."""
-    n = _expanded(len(terms) - 1)
-    steps, running = [], terms[0]
-    for term in terms[1 : n + 1]:
-        steps.append(f"{running}+{term}={running + term}")
-        running += term
-    rest = [running, *terms[n + 1 :]]
+    first term is the running sum (its total off by ``slip``); once the sum is done
+    (``terms == [total]``), a confirmation of the total. Returns the recheck's text and
+    the terms it left to sum at once (``[total]`` once the sum is done)."""
+    if len(terms) == 1:
+        steps, rest = [f"So the total is {terms[0]}"], terms
+    else:
+        n = _expanded(len(terms) - 1)
+        steps, running = [], terms[0]
+        for term in terms[1 : n + 1]:
+            steps.append(f"{running}+{term}={running + term}")
+            running += term
+        rest = [running, *terms[n + 1 :]]
     if len(rest) > 1:
         steps.append(_one_shot(rest, slip))
     elif slip:
-        raise ValueError("a slip needs a one-shot line to put off: this recheck ends the sum")
+        raise ValueError("a slip needs a one-shot line to put off: this recheck leaves none")
     return "\n".join(steps), rest
 
 
@@ -220,16 +224,10 @@ def make_recheck_record(
     if any(slips[rechecks:]):
         raise ValueError("a slipped pass needs a later recheck to correct it")
     slips = (*slips, *(0,) * (rechecks + 1 - len(slips)))
-    total, at_once = sum(terms), list(terms)
-    passes = [_one_shot(terms, slips[0])]
+    passes, at_once = [_one_shot(terms, slips[0])], list(terms)
     for slip in slips[1:]:
-        if len(at_once) > 1:
-            text, at_once = _expand(at_once, slip)
-            passes.append(text)
-        elif slip:
-            raise ValueError("a slip needs a one-shot line to put off: the sum is done")
-        else:
-            passes.append(f"So the total is {total}")
+        text, at_once = _recheck(at_once, slip)
+        passes.append(text)
     return {**make_record(terms), "thinking_trajectories": ["\nWait\n".join(passes)]}
 
 
@@ -238,8 +236,7 @@ def _slippable(terms: list[int], rechecks: int) -> list[bool]:
     line that a slip can put off: the first, and each recheck that leaves a remainder."""
     out, at_once = [True], terms
     for _ in range(rechecks):
-        if len(at_once) > 1:
-            _, at_once = _expand(at_once)
+        _, at_once = _recheck(at_once)
         out.append(len(at_once) > 1)
     return out
 
