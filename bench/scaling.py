@@ -14,7 +14,7 @@ rows whose first total is wrong (and of one-shot remainders a later recheck corr
 Answers are graded with ``thinkforge.jobs.answers.is_correct``; ``--output`` also writes
 results.json and the scaling plot in ``thinkforge.jobs.evaluate``'s format.
 
-    .venv/bin/python bench/scaling.py                        # train (~5-6 min) + evaluate
+    .venv/bin/python bench/scaling.py                        # train (~4 min) + evaluate
     .venv/bin/python bench/scaling.py --model DIR            # evaluate a trained model only
     .venv/bin/python bench/scaling.py --slip-rate 0           # no slipped first passes
     .venv/bin/python bench/scaling.py hyperparameters.n_epochs=2 --n-train 8000
